@@ -1,0 +1,177 @@
+"""Run PaliGemma on an image from the command line: `python inference.py --model_path DIR --prompt "caption en" ...`.
+
+Generation is a handful of small functions, as in gpt-fast: `prefill` runs the vision tower and the whole prompt
+once, `decode_one_token` feeds one token through the KV cache, `generate` loops and `sample` picks the next token.
+stdout carries only the answer; progress and diagnostics go to stderr.
+"""
+
+import json
+import sys
+from dataclasses import dataclass
+
+import fire
+import torch
+
+from modeling_gemma import PaliGemmaForConditionalGeneration, attention_masks
+from processing_paligemma import PaliGemmaProcessor
+from utils import DTYPES, LoadError, load_hf_model, log
+
+
+@dataclass
+class Cache:
+    """Per-sequence bookkeeping beside the model's KV cache."""
+
+    key_valid: torch.Tensor  # (B, T) bool: cache position holds a real token (not left padding)
+    prefix: torch.Tensor  # (B, T) bool: cache position belongs to the bidirectional prefix
+    next_pos: torch.Tensor  # (B,) RoPE position of the next token
+    length: int  # cache positions filled so far
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids: argmax when temperature is 0, else top-p sampling at that temperature."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # Keep the smallest set of most likely tokens whose mass reaches top_p (the first token always stays).
+    outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    choice = torch.multinomial(sorted_probs, num_samples=1, generator=generator)  # (B, 1), renormalised inside
+    return order.gather(-1, choice)[:, 0]
+
+
+def prefill(model: PaliGemmaForConditionalGeneration, inputs: dict, max_len: int,
+            all_logits: bool = False) -> tuple[torch.Tensor, Cache]:
+    """Run the image and the whole prompt; returns the last position's logits (B, V), or every position's
+    (B, L, V) with all_logits, and the filled cache."""
+    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"].bool()
+    B, L = input_ids.shape
+    device = input_ids.device
+    model.setup_caches(B, max_len)
+    key_valid = torch.zeros(B, max_len, dtype=torch.bool, device=device)
+    key_valid[:, :L] = attention_mask
+    prefix = torch.zeros(B, max_len, dtype=torch.bool, device=device)
+    prefix[:, :L] = inputs["token_type_ids"] == 0
+    positions = attention_mask.long().cumsum(-1)  # 1-based, left padding skipped (REFERENCE.md §3.3)
+    masks = attention_masks(model.config.text_config, key_valid, prefix, 0, L)
+    logits = model(input_ids, positions, masks, 0, inputs["pixel_values"], last_only=not all_logits)
+    return (logits if all_logits else logits[:, -1]), Cache(key_valid, prefix, positions[:, -1] + 1, L)
+
+
+def decode_one_token(model: PaliGemmaForConditionalGeneration, token: torch.Tensor, cache: Cache) -> torch.Tensor:
+    """Feed (B,) tokens at the next cache position; returns the logits (B, V) for the token after them."""
+    start = cache.length
+    cache.key_valid[:, start] = True
+    masks = attention_masks(model.config.text_config, cache.key_valid, cache.prefix, start, start + 1)
+    logits = model(token[:, None], cache.next_pos[:, None], masks, start)[:, -1]
+    cache.next_pos += 1
+    cache.length += 1
+    return logits
+
+
+def generate(model, inputs: dict, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             stop_ids: tuple[int, ...] = (1,), generator=None):
+    """Yield (tokens (B,), logprobs (B,)) one step at a time, until every row has stopped or the budget is spent.
+
+    logprobs are natural-log probabilities under the model's own distribution, before temperature and top-p.
+    A row that has stopped keeps producing pad tokens (id 0) until the others finish, as transformers does.
+    """
+    if max_new_tokens <= 0:
+        return
+    logits, cache = prefill(model, inputs, inputs["input_ids"].shape[1] + max_new_tokens)
+    stop = torch.tensor(stop_ids, device=logits.device)
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    for step in range(max_new_tokens):
+        token = sample(logits, temperature, top_p, generator)
+        logprob = torch.log_softmax(logits.float(), dim=-1).gather(-1, token[:, None])[:, 0]
+        token = token.masked_fill(done, 0)
+        yield token, logprob
+        done |= torch.isin(token, stop)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            return
+        logits = decode_one_token(model, token, cache)
+
+
+def choose_device(only_cpu: bool) -> tuple[torch.device, str | None]:
+    """The device to run on, and a note for the user when CUDA was wanted but is not there."""
+    if only_cpu:
+        return torch.device("cpu"), None
+    if torch.cuda.is_available():
+        return torch.device("cuda"), None
+    return torch.device("cpu"), "note: CUDA is not available; running on the CPU"
+
+
+def check_flags(max_tokens_to_generate, temperature, top_p, dtype, output_format):
+    if type(max_tokens_to_generate) is not int or max_tokens_to_generate < 0:
+        raise ValueError(f"--max_tokens_to_generate must be a whole number >= 0, not {max_tokens_to_generate!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"--temperature must be a number >= 0, not {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"--top_p must be a number in (0, 1], not {top_p!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if output_format not in ("text", "json"):
+        raise ValueError(f"--output_format must be text or json, not {output_format!r}")
+
+
+def main(model_path: str, prompt: str = "caption en", image_file_path: str = "test_images/cat.jpg",
+         max_tokens_to_generate: int = 100, temperature: float = 0.8, top_p: float = 0.9, do_sample: bool = False,
+         only_cpu: bool = False, dtype: str = "float16", output_format: str = "text", seed: int | None = None):
+    """Answer PROMPT about the image; prints the answer (text) or one JSON object per line (json)."""
+    from PIL import Image
+
+    check_flags(max_tokens_to_generate, temperature, top_p, dtype, output_format)
+    if do_sample and temperature == 0:
+        log("note: --temperature 0 means greedy decoding")
+    device, note = choose_device(only_cpu)
+    image = Image.open(image_file_path)
+    model, tokenizer = load_hf_model(model_path, device, DTYPES[dtype])
+    if note:
+        log(note)
+    config = model.config
+    processor = PaliGemmaProcessor.from_folder(model_path, tokenizer, config.vision_config.image_size,
+                                               config.num_image_tokens)
+    inputs = {k: v.to(device) for k, v in processor([str(prompt)], [image]).items()}
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    ids, logprobs = [], []
+    with torch.inference_mode():
+        for token, logprob in generate(model, inputs, max_tokens_to_generate, temperature if do_sample else 0.0,
+                                       top_p, (config.eos_token_id,), generator):
+            ids.append(int(token[0]))
+            logprobs.append(float(logprob[0]))
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if output_format == "json":
+        print(json.dumps({"text": text, "token_ids": ids, "logprobs": logprobs}, ensure_ascii=False))
+    elif ids:  # a zero token budget prints nothing
+        print(text)
+
+
+STRING_FLAGS = ("model_path", "prompt", "image_file_path", "dtype", "output_format")
+
+
+def quote_string_flags(argv: list[str]) -> list[str]:
+    """Quote the values of text flags, so that fire keeps a prompt like "1e3" or "[cat]" as the text typed."""
+    out, quote_next = [], False
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if quote_next:
+            arg, quote_next = repr(arg), False
+        elif arg.startswith("--") and name[2:] in STRING_FLAGS:
+            if eq:
+                arg = f"{name}={value!r}"
+            else:
+                quote_next = True
+        out.append(arg)
+    return out
+
+
+def cli():
+    try:
+        fire.Fire(main, command=quote_string_flags(sys.argv[1:]))
+    except (LoadError, ValueError, OSError) as e:
+        log(f"error: {e}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    cli()

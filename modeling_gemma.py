@@ -1,0 +1,388 @@
+"""Gemma and Gemma 2 decoders, the linear projector, and PaliGemma that joins them to the SigLIP tower.
+
+Module and parameter names mirror the published checkpoint keys (`language_model.model.*`,
+`multi_modal_projector.linear.*`, `vision_tower.vision_model.*`), and every rounding point follows
+../shared/REFERENCE.md §3, so that float32 logits match transformers' eager attention.
+"""
+
+import functools
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modeling_siglip import ACTIVATIONS, SiglipVisionConfig, SiglipVisionModel
+
+# Class defaults of transformers' GemmaConfig / Gemma2Config for keys a config.json may omit (REFERENCE.md §1.3).
+GEMMA_DEFAULTS = dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
+                      num_attention_heads=16, num_key_value_heads=16)
+GEMMA2_DEFAULTS = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                       num_attention_heads=8, num_key_value_heads=4, query_pre_attn_scalar=256, sliding_window=4096,
+                       final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
+# What PaliGemmaConfig builds when config.json has no text_config / vision_config at all.
+PALIGEMMA_TEXT_DEFAULTS = dict(model_type="gemma", hidden_size=2048, num_hidden_layers=18, intermediate_size=16384,
+                               num_attention_heads=8, num_key_value_heads=1, vocab_size=257152)
+PALIGEMMA_VISION_DEFAULTS = dict(intermediate_size=4096, hidden_size=1152, patch_size=14, image_size=224,
+                                 num_hidden_layers=27, num_attention_heads=16, vision_use_head=False)
+
+
+@dataclass
+class GemmaConfig:
+    """Shape and numerics of the text decoder; the Gemma 2 fields stay None for Gemma 1."""
+
+    model_type: str = "gemma"
+    vocab_size: int = 256000  # embedding rows; PaliGemma pads its 257153 tokens to 257216
+    hidden_size: int = 3072
+    intermediate_size: int = 24576
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 16  # 1 = multi-query (PaliGemma 1), fewer than heads = grouped-query
+    head_dim: int = 256
+    hidden_act: str = "gelu_pytorch_tanh"
+    max_position_embeddings: int = 8192
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    attention_bias: bool = False
+    query_pre_attn_scalar: float | None = None  # Gemma 2 scales scores by this**-0.5 instead of head_dim**-0.5
+    attn_logit_softcapping: float | None = None  # Gemma 2: scores = cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None
+    sliding_window: int | None = None  # Gemma 2: layers marked "sliding_attention" see this many keys back
+    layer_types: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GemmaConfig":
+        model_type = d.get("model_type", "gemma")
+        if model_type not in ("gemma", "gemma2"):
+            raise ValueError(f"text_config.model_type {model_type!r} is not supported (gemma or gemma2)")
+        kw = dict(GEMMA2_DEFAULTS if model_type == "gemma2" else GEMMA_DEFAULTS)
+        names = {f.name for f in fields(cls)} - {"rope_theta", "hidden_act"}
+        kw.update({k: v for k, v in d.items() if k in names and v is not None})
+        # Gemma 2 reads `hidden_activation`; Gemma 1 reads `hidden_act` and, like transformers, takes a legacy
+        # "gelu" to mean the tanh approximation.
+        act = d.get("hidden_activation" if model_type == "gemma2" else "hidden_act") or "gelu_pytorch_tanh"
+        kw["hidden_act"] = "gelu_pytorch_tanh" if act == "gelu" and model_type == "gemma" else act
+        # transformers 5 writes `rope_parameters`, 4.x writes `rope_theta` (and `rope_scaling`, null here).
+        rope = d.get("rope_parameters") or {"rope_theta": d.get("rope_theta", 10000.0), "rope_type": "default"}
+        if rope.get("rope_type", "default") != "default" or d.get("rope_scaling"):
+            raise ValueError("text_config: only the default RoPE is supported")
+        kw["rope_theta"] = float(rope.get("rope_theta", 10000.0))
+        if model_type == "gemma2" and not kw.get("layer_types"):
+            kw["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                 for i in range(kw["num_hidden_layers"])]
+        return cls(**kw)
+
+    def __post_init__(self):
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"text_config activation {self.hidden_act!r} is not supported")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("text_config.num_attention_heads must be a multiple of num_key_value_heads")
+        if self.layer_types and len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError("text_config.layer_types must name one type per layer")
+        if set(self.layer_types) - {"sliding_attention", "full_attention"}:
+            raise ValueError(f"text_config.layer_types has unknown types: {sorted(set(self.layer_types))}")
+
+    @property
+    def is_gemma2(self) -> bool:
+        return self.model_type == "gemma2"
+
+    def window(self, layer_idx: int) -> int | None:
+        sliding = self.layer_types and self.layer_types[layer_idx] == "sliding_attention"
+        return self.sliding_window if sliding else None
+
+
+@dataclass
+class PaliGemmaConfig:
+    """The two towers, and the token id whose slots receive the image features."""
+
+    text_config: GemmaConfig
+    vision_config: SiglipVisionConfig
+    image_token_index: int = 256000
+    projection_dim: int = 2048
+    pad_token_id: int = 0
+    bos_token_id: int = 2
+    eos_token_id: int = 1
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PaliGemmaConfig":
+        if d.get("model_type") != "paligemma":
+            raise ValueError(f"model_type is {d.get('model_type')!r}, not 'paligemma'")
+        text = d.get("text_config") or PALIGEMMA_TEXT_DEFAULTS
+        vision = d.get("vision_config") or PALIGEMMA_VISION_DEFAULTS
+        if not isinstance(text, dict) or not isinstance(vision, dict):
+            raise ValueError("text_config and vision_config must be JSON objects")
+        config = cls(GemmaConfig.from_dict(text), SiglipVisionConfig.from_dict(vision))
+        for name in ("image_token_index", "projection_dim", "pad_token_id", "bos_token_id", "eos_token_id"):
+            if isinstance(d.get(name), int):
+                setattr(config, name, d[name])
+        if isinstance(d.get("image_token_id"), int):
+            config.image_token_index = d["image_token_id"]
+        if config.projection_dim != config.text_config.hidden_size:
+            raise ValueError(f"projection_dim {config.projection_dim} differs from the text hidden size "
+                             f"{config.text_config.hidden_size}")
+        return config
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision_config.num_patches
+
+
+@functools.cache
+def embed_scale(hidden_size: int, dtype: torch.dtype) -> float:
+    """sqrt(hidden) held in float32 and rounded to the model dtype, as transformers does (REFERENCE.md §3.2)."""
+    return torch.tensor(hidden_size**0.5, dtype=torch.float32).to(dtype).item()
+
+
+class GemmaRMSNorm(nn.Module):
+    """RMSNorm that stores the offset w and scales by (1 + w), all in float32 with one rounding at the end."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class GemmaRotaryEmbedding(nn.Module):
+    """Rotary position angles; inv_freq stays float32 whatever the model dtype (REFERENCE.md §3.4)."""
+
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.head_dim, self.theta = config.head_dim, config.rope_theta
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self, device=None) -> torch.Tensor:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+        return 1.0 / (self.theta**exponents)
+
+    def reset_buffers(self, device):
+        self.inv_freq = self.compute_inv_freq(device)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq  # (B, L, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, L, hd): halves, not interleaved
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos) + (rotated * sin)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, nkv, T, hd) -> (B, nkv * n_rep, T, hd); kv head j serves query heads j*n_rep .. j*n_rep + n_rep - 1."""
+    if n_rep == 1:
+        return x
+    B, n_kv, T, hd = x.shape
+    return x[:, :, None].expand(B, n_kv, n_rep, T, hd).reshape(B, n_kv * n_rep, T, hd)
+
+
+class KVCache(nn.Module):
+    """Keys (after RoPE) and values of one layer, preallocated and written in place at the step's positions."""
+
+    def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k_cache[:, :, start:end] = k
+        self.v_cache[:, :, start:end] = v
+        return self.k_cache[:, :, :end], self.v_cache[:, :, :end]  # (B, nkv, end, hd)
+
+
+class GemmaAttention(nn.Module):
+    """Grouped-query attention with RoPE; Gemma 2 adds a tanh soft-cap on the scores."""
+
+    def __init__(self, config: GemmaConfig, layer_idx: int):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.scale = (config.query_pre_attn_scalar or config.head_dim) ** -0.5
+        self.softcap = config.attn_logit_softcapping
+        bias, hidden = config.attention_bias, config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=bias)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask: torch.Tensor, start: int) -> torch.Tensor:
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, L, hd)
+        k = self.k_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, L, hd)
+        v = self.v_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = self.kv_cache.update(start, k, v)  # (B, nkv, T, hd), T = start + L
+        k, v = repeat_kv(k, self.n_heads // self.n_kv), repeat_kv(v, self.n_heads // self.n_kv)
+        if self.softcap is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        else:  # the cap sits between the product and the mask, which no fused kernel offers
+            scores = torch.matmul(q, k.transpose(2, 3)) * self.scale  # (B, nh, L, T)
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            y = torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))  # (B, L, hidden)
+
+
+class GemmaMLP(nn.Module):
+    """GeGLU feed-forward: down(act(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.act = ACTIVATIONS[config.hidden_act]
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GemmaDecoderLayer(nn.Module):
+    """Gemma: pre-norm residual blocks. Gemma 2: each block's output is normed again before the residual add."""
+
+    def __init__(self, config: GemmaConfig, layer_idx: int):
+        super().__init__()
+        self.window = config.window(layer_idx)
+        self.gemma2 = config.is_gemma2
+        self.input_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = GemmaAttention(config, layer_idx)
+        self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = GemmaMLP(config)
+        if self.gemma2:
+            self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, masks: dict, start: int) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), cos, sin, masks[self.window], start)
+        if not self.gemma2:  # Gemma 1's "post_attention_layernorm" is the norm in front of the MLP
+            x = x + h
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(h)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class GemmaModel(nn.Module):
+    """Token embeddings (scaled by sqrt(hidden)), the decoder layers and the final norm."""
+
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(GemmaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = GemmaRotaryEmbedding(config)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # (B, L, H)
+        return x * embed_scale(self.config.hidden_size, x.dtype)
+
+    def forward(self, x, positions, masks: dict, start: int) -> torch.Tensor:
+        cos, sin = self.rotary_emb(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, masks, start)
+        return self.norm(x)
+
+
+class GemmaForCausalLM(nn.Module):
+    """The decoder plus the output head, which is the embedding matrix itself (tied, unscaled)."""
+
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.config = config
+        self.model = GemmaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self):
+        self.lm_head.weight = self.model.embed_tokens.weight
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(h)  # (B, L, vocab), in the model dtype
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+class PaliGemmaMultiModalProjector(nn.Module):
+    """One linear layer from SigLIP width to the decoder's width."""
+
+    def __init__(self, config: PaliGemmaConfig):
+        super().__init__()
+        self.linear = nn.Linear(config.vision_config.hidden_size, config.projection_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+def attention_masks(config: GemmaConfig, key_valid, prefix, start: int, end: int) -> dict:
+    """Boolean masks (B, 1, end - start, end), True where query q may read key k, one per window size.
+
+    big_vision's prefix-LM rule over absolute positions: a key is readable if it is not padding and either
+    causal (k <= q, and k > q - window in sliding layers) or both q and k lie in the prefix (image, <bos>, prompt,
+    "\\n"), where attention is bidirectional and overrides the window (REFERENCE.md §3.7). For a 2-token prefix
+    and 2 generated tokens (P = prefix, G = generated), full layers get:
+          k: P P G G
+        q=P  1 1 0 0
+        q=P  1 1 0 0
+        q=G  1 1 1 0
+        q=G  1 1 1 1
+    key_valid, prefix: (B, T) booleans over cache positions, T >= end.
+    """
+    q = torch.arange(start, end, device=key_valid.device)[:, None]
+    k = torch.arange(end, device=key_valid.device)[None, :]
+    both_prefix = prefix[:, start:end, None] & prefix[:, None, :end]  # (B, Lq, Lk)
+    valid = key_valid[:, None, :end]
+    windows = {None} | {config.window(i) for i in range(config.num_hidden_layers)}
+    masks = {}
+    for w in windows:
+        causal = (k <= q) if w is None else (k <= q) & (k > q - w)
+        masks[w] = (valid & (causal | both_prefix))[:, None]
+    return masks
+
+
+class PaliGemmaForConditionalGeneration(nn.Module):
+    """SigLIP features, projected, fill the <image> slots of the prompt; the Gemma decoder does the rest."""
+
+    def __init__(self, config: PaliGemmaConfig):
+        super().__init__()
+        self.config = config
+        self.vision_tower = SiglipVisionModel(config.vision_config)
+        self.multi_modal_projector = PaliGemmaMultiModalProjector(config)
+        self.language_model = GemmaForCausalLM(config.text_config)
+
+    def reset_buffers(self):
+        """Tie the head again and compute the non-persistent buffers afresh, after materialising from meta."""
+        self.language_model.tie_weights()
+        self.language_model.model.rotary_emb.reset_buffers(self.language_model.lm_head.weight.device)
+
+    def setup_caches(self, batch_size: int, max_len: int):
+        text, w = self.config.text_config, self.language_model.model.embed_tokens.weight
+        for layer in self.language_model.model.layers:
+            layer.self_attn.kv_cache = KVCache(batch_size, max_len, text.num_key_value_heads, text.head_dim,
+                                               w.dtype, w.device)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the projected image features written into the <image> slots."""
+        lm = self.language_model.model
+        slots = input_ids == self.config.image_token_index
+        ids = input_ids.masked_fill(slots, 0) if self.config.image_token_index >= lm.config.vocab_size else input_ids
+        x = lm.embed(ids)  # (B, L, H)
+        if pixel_values is None:
+            return x
+        features = self.multi_modal_projector(self.vision_tower(pixel_values)).to(x.dtype)  # (B, N, H)
+        if int(slots.sum()) != features.shape[0] * features.shape[1]:
+            raise ValueError(f"the prompt has {int(slots.sum())} <image> tokens for "
+                             f"{features.shape[0] * features.shape[1]} image features")
+        return x.masked_scatter(slots[..., None], features)
+
+    def forward(self, input_ids, positions, masks: dict, start: int, pixel_values=None, last_only=False):
+        """Logits (B, L or 1, vocab) for tokens written to the cache at positions start .. start + L - 1."""
+        h = self.language_model.model(self.embed(input_ids, pixel_values), positions, masks, start)
+        return self.language_model.logits(h[:, -1:] if last_only else h)

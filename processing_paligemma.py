@@ -1,0 +1,89 @@
+"""Prompt building, tokenisation and image preprocessing, exactly as transformers' PaliGemmaProcessor (PIL backend).
+
+REFERENCE.md §4: the prompt becomes `<image>` * n_image_tokens + `<bos>` + prompt + `\\n`, tokenised without added
+special tokens; the image is converted to RGB, resized to a square with bicubic resampling (aspect ratio not
+kept), scaled to [0, 1] and normalised with mean = std = 0.5 to [-1, 1]; transparent pixels become white.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_TOKEN = "<image>"
+# Location and segmentation codewords: already in the vocabulary, added so that each one is matched whole.
+EXTRA_TOKENS = [f"<loc{i:04d}>" for i in range(1024)] + [f"<seg{i:03d}>" for i in range(128)]
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode to RGB; transparency is composited onto white first, as transformers does."""
+    if "A" not in image.getbands() and image.info.get("transparency") is None:
+        return image.convert("RGB")
+    image = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
+
+
+class PaliGemmaProcessor:
+    """Turns prompts and PIL images into left-padded `input_ids`, masks and `pixel_values`."""
+
+    def __init__(self, tokenizer, image_size: int, image_seq_length: int, image_mean=(0.5, 0.5, 0.5),
+                 image_std=(0.5, 0.5, 0.5), rescale_factor: float = 1 / 255, resample: int = Image.BICUBIC):
+        self.tokenizer = tokenizer
+        self.image_size, self.image_seq_length = image_size, image_seq_length
+        self.image_mean = np.array(image_mean, dtype=np.float32)
+        self.image_std = np.array(image_std, dtype=np.float32)
+        self.rescale_factor, self.resample = rescale_factor, resample
+        if IMAGE_TOKEN not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+        tokenizer.add_tokens(EXTRA_TOKENS)
+        tokenizer.add_bos_token = False  # the prompt spells out its one <bos>
+        tokenizer.add_eos_token = False
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, tokenizer, image_size: int, image_seq_length: int):
+        """Read the image settings a checkpoint folder stores (transformers 4 or 5 file); the model fixes the size."""
+        settings = {}
+        for name in PROCESSOR_FILES:
+            path = Path(folder) / name
+            if path.is_file():
+                data = json.loads(path.read_text(encoding="utf-8"))
+                settings = data.get("image_processor", data)
+                break
+        keys = ("image_mean", "image_std", "rescale_factor", "resample")
+        kwargs = {k: settings[k] for k in keys if settings.get(k) is not None}
+        return cls(tokenizer, image_size, image_seq_length, **kwargs)
+
+    def build_prompt(self, prompt: str) -> str:
+        """`<image>`s, then `<bos>`, the prompt and the `\\n` that ends the prefix (REFERENCE.md §4.1)."""
+        if IMAGE_TOKEN in prompt:  # the user placed the image token: <bos> goes after the last one
+            end = prompt.rfind(IMAGE_TOKEN) + len(IMAGE_TOKEN)
+            prompt = prompt[:end] + self.tokenizer.bos_token + prompt[end:] + "\n"
+        else:
+            prompt = IMAGE_TOKEN + self.tokenizer.bos_token + prompt + "\n"
+        return prompt.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.image_seq_length)
+
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        """(3, S, S) float32: RGB, bicubic resize to a square, rescale, normalise."""
+        S = self.image_size
+        pixels = np.asarray(to_rgb(image).resize((S, S), resample=self.resample))  # (S, S, 3) uint8
+        x = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        x = (x - self.image_mean) / self.image_std
+        return torch.from_numpy(x).permute(2, 0, 1)
+
+    def __call__(self, prompts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """A batch: `input_ids`, `attention_mask`, `token_type_ids` (B, L), left-padded; `pixel_values` (B, 3, S, S)."""
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
+        encoded = self.tokenizer([self.build_prompt(p) for p in prompts], padding="longest", padding_side="left",
+                                 return_tensors="pt")
+        input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "token_type_ids": torch.zeros_like(input_ids),  # a prompt is all prefix; a suffix would be 1
+            "pixel_values": torch.stack([self.preprocess_image(image) for image in images]),
+        }

@@ -1,0 +1,62 @@
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+warnings.filterwarnings("ignore", message=".*PaliGemmaProcessor.*")
+
+import tiny  # noqa: E402
+
+# Tiny checkpoints: each attention variant, each key layout, both decoders.
+CHECKPOINTS = {
+    "v1_mqa": dict(version=1, kv_heads=1, layout="published"),
+    "v1_gqa": dict(version=1, kv_heads=2, layout="transformers5"),
+    "v1_mha": dict(version=1, kv_heads=4, layout="model_prefix"),
+    "v2_gqa": dict(version=2, kv_heads=2, layout="published"),
+}
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(name) -> folder of that tiny checkpoint, built once per session; treat it as read-only."""
+    built = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = tmp_path_factory.mktemp(name)
+            tiny.build_checkpoint(built[name], **CHECKPOINTS[name])
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def reference(checkpoint):
+    """reference(name) -> (transformers model in float32 with eager attention, its processor)."""
+    loaded = {}
+
+    def get(name: str):
+        if name not in loaded:
+            loaded[name] = tiny.load_reference(checkpoint(name))
+        return loaded[name]
+
+    return get
+
+
+def random_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    channels = {"RGB": 3, "RGBA": 4, "L": 1, "CMYK": 4, "P": 1}[mode]
+    pixels = np.random.RandomState(seed).randint(0, 256, (height, width, channels), dtype=np.uint8)
+    image = Image.frombytes(mode, (width, height), pixels.tobytes())
+    if mode == "P":
+        image.putpalette(np.random.RandomState(seed + 1).randint(0, 256, 768, dtype=np.uint8).tobytes())
+    return image
+
+
+@pytest.fixture
+def image():
+    return random_image(51, 37)

@@ -1,0 +1,147 @@
+"""Tiny random PaliGemma checkpoints built by transformers itself, offline (../shared/REFERENCE.md §6).
+
+`build_checkpoint(path, ...)` writes a folder laid out like a hub download: config.json, generation_config.json,
+several safetensors shards with model.safetensors.index.json, tokenizer and processor files.
+"""
+
+import json
+import os
+import string
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+IMAGE_SIZE, PATCH = 28, 14  # 4 image tokens
+
+
+def build_tokenizer():
+    """A Gemma-style BPE tokenizer with the real id layout in small: specials, bytes, text, <loc>, <seg>, <image>."""
+    from transformers import GemmaTokenizer
+    from transformers.tokenization_utils_base import AddedToken
+
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"] + [f"<0x{i:02X}>" for i in range(256)]
+    chars = ["▁", "\n"] + list(string.ascii_letters + string.digits + string.punctuation)
+    merge_pairs = [("▁", "c"), ("▁", "a"), ("▁", "e"), ("▁", "d"), ("e", "n"), ("▁", "en"), ("a", "t"), ("c", "at"),
+                   ("▁", "cat"), ("o", "g"), ("d", "og"), ("▁", "dog"), ("i", "n"), ("t", "i"), ("o", "n"),
+                   ("ti", "on"), ("a", "p"), ("c", "ap"), ("cap", "tion"), ("▁", "th"), ("t", "h"), ("e", "r"),
+                   ("a", "n"), ("an", "s"), ("w", "er"), ("ans", "wer"), ("e", "t"), ("e", "c"), ("ec", "t"),
+                   ("d", "et"), ("det", "ect")]
+    merged = []
+    for a, b in merge_pairs:
+        if a + b not in merged:
+            merged.append(a + b)
+    vocab_list = pieces + chars + [m for m in merged if m not in chars]
+    vocab_list += [f"<loc{i:04d}>" for i in range(1024)] + [f"<seg{i:03d}>" for i in range(128)]
+    vocab = {tok: i for i, tok in enumerate(vocab_list)}
+    merges = [(a, b) for a, b in merge_pairs if a in vocab and b in vocab and a + b in vocab]
+    tok = GemmaTokenizer(vocab=vocab, merges=merges)
+    tok.add_special_tokens({"additional_special_tokens": [AddedToken("<image>", normalized=False, special=True)]})
+    return tok
+
+
+def build_processor():
+    from transformers import PaliGemmaProcessor, SiglipImageProcessorPil
+
+    image_processor = SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    image_processor.image_seq_length = (IMAGE_SIZE // PATCH) ** 2
+    return PaliGemmaProcessor(image_processor=image_processor, tokenizer=build_tokenizer())
+
+
+def build_model(version: int = 1, kv_heads: int = 1, heads: int = 4, seed: int = 0, sliding_window: int = 6,
+                image_size: int = IMAGE_SIZE):
+    """A random PaliGemma (version 1: Gemma decoder, 2: Gemma 2) perturbed so that every term of the forward matters."""
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+    tokens = len(build_tokenizer())
+    rows = (tokens + 1 + 63) // 64 * 64
+    text = dict(model_type="gemma", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=16, vocab_size=rows)
+    if version == 2:
+        text.update(model_type="gemma2", num_hidden_layers=3, query_pre_attn_scalar=16, sliding_window=sliding_window,
+                    final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=image_size, patch_size=PATCH, vision_use_head=False)
+    config = PaliGemmaConfig(text_config=text, vision_config=vision, image_token_index=tokens - 1, vocab_size=rows,
+                             projection_dim=64, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    torch.manual_seed(seed)
+    model = PaliGemmaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(torch.randn_like(p) * 0.5)
+            else:
+                p.mul_(1 + 0.5 * torch.rand_like(p))
+                if "language_model" in name and "embed" not in name:
+                    p.mul_(6.0)  # large enough that greedy outputs vary from token to token
+    return model
+
+
+# Where each layout puts the vision tower, the projector and the language model (REFERENCE.md §2.2).
+LAYOUTS = {
+    "published": {"vision_tower.": "vision_tower.vision_model."},
+    "transformers5": {},
+    "model_prefix": {"vision_tower.": "model.vision_tower.vision_model.",
+                     "multi_modal_projector.": "model.multi_modal_projector.",
+                     "language_model.model.": "model.language_model."},
+}
+
+
+def build_checkpoint(path, version: int = 1, kv_heads: int = 1, heads: int = 4, layout: str = "published",
+                     seed: int = 0, max_shard_size: str = "100KB", sliding_window: int = 6,
+                     image_size: int = IMAGE_SIZE):
+    """Save a tiny model as a hub folder in one of the three key layouts; returns the transformers model."""
+    path = Path(path)
+    model = build_model(version, kv_heads, heads, seed, sliding_window, image_size)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    processor = build_processor()
+    processor.image_processor.size = {"height": image_size, "width": image_size}
+    processor.image_processor.image_seq_length = processor.image_seq_length = (image_size // PATCH) ** 2
+    processor.save_pretrained(path)
+    rename_keys(path, LAYOUTS[layout])
+    if layout == "model_prefix":  # that era stored the tied head as well
+        add_tensor(path, "lm_head.weight", model.model.language_model.embed_tokens.weight.detach().clone())
+    return model
+
+
+def rename_keys(path: Path, prefixes: dict):
+    """Rewrite every shard (and the index, if any) with new key prefixes; a transformers 5 save is the start."""
+    def rename(key):
+        for old, new in prefixes.items():
+            if key.startswith(old):
+                return new + key[len(old):]
+        return key
+
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text()) if index_file.exists() else None
+    names = sorted(set(index["weight_map"].values())) if index else ["model.safetensors"]
+    for shard in names:
+        tensors = load_file(path / shard)
+        save_file({rename(k): v.contiguous() for k, v in tensors.items()}, path / shard, metadata={"format": "pt"})
+    if index:
+        index["weight_map"] = {rename(k): v for k, v in index["weight_map"].items()}
+        index_file.write_text(json.dumps(index, indent=2))
+
+
+def add_tensor(path: Path, name: str, tensor: torch.Tensor, shard: str | None = None):
+    """Append one tensor to a shard (the last one by default) and to the index."""
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    shard = shard or sorted(set(index["weight_map"].values()))[-1]
+    tensors = load_file(path / shard)
+    tensors[name] = tensor.contiguous()
+    save_file(tensors, path / shard, metadata={"format": "pt"})
+    index["weight_map"][name] = shard
+    index_file.write_text(json.dumps(index, indent=2))
+
+
+def load_reference(path, dtype=torch.float32):
+    """transformers' model and processor from the folder, eager attention everywhere (the reference)."""
+    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    model = PaliGemmaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="eager",
+                                                              local_files_only=True).eval()
+    return model, processor

@@ -1,0 +1,310 @@
+"""Loading a PaliGemma checkpoint folder: config, safetensors shards streamed into the model, tokenizer.
+
+The model is built on the meta device; every safetensors header is read and checked, and every tensor matched to
+a parameter by name and shape, before any parameter memory is allocated. Then each tensor is copied piece by
+piece, converted to the target dtype on the way, so that at no time does a whole shard, or a whole float32 copy of
+a large tensor, sit in memory. Weights are only ever read from safetensors, never unpickled.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from modeling_gemma import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tokenizer is read from the folder, never from a hub
+
+PIECE_BYTES = 64 << 20  # what is read from a shard at a time
+MAX_HEADER_BYTES = 100 << 20  # the safetensors library refuses larger headers too
+SAFETENSORS_DTYPES = {  # safetensors dtype -> (bytes per element, torch dtype for weights or None)
+    "F64": (8, torch.float64), "F32": (4, torch.float32), "F16": (2, torch.float16), "BF16": (2, torch.bfloat16),
+    "I64": (8, None), "I32": (4, None), "I16": (2, None), "I8": (1, None), "U64": (8, None), "U32": (4, None),
+    "U16": (2, None), "U8": (1, None), "BOOL": (1, None), "F8_E4M3": (1, None), "F8_E5M2": (1, None),
+}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+class LoadError(Exception):
+    """A checkpoint folder, or a file in it, that cannot be used; the message names the file or tensor."""
+
+
+def log(msg: str, end: str = "\n"):
+    print(msg, file=sys.stderr, end=end, flush=True)
+
+
+# Key prefixes of the layouts transformers has written, longest first, mapped to this model's names (REFERENCE §2.2).
+KEY_PREFIXES = [
+    ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+    ("model.vision_tower.", "vision_tower.vision_model."),
+    ("vision_tower.vision_model.", "vision_tower.vision_model."),
+    ("vision_tower.", "vision_tower.vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.language_model.", "language_model.model."),
+    ("language_model.model.", "language_model.model."),
+    ("language_model.lm_head.", "language_model.lm_head."),
+    ("lm_head.", "language_model.lm_head."),
+]
+# Stored but unused: the tied head (it is the embedding) and SigLIP's attention-pool head (PaliGemma has none).
+HARMLESS_EXTRAS = ("language_model.lm_head.weight", "vision_tower.vision_model.head.")
+
+
+def normalise_key(key: str) -> str:
+    for old, new in KEY_PREFIXES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+@dataclass
+class TensorEntry:
+    """Where one tensor lies in a shard."""
+
+    file: Path
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LoadError(f"{path}: {what} is missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoadError(f"{path}: {what} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise LoadError(f"{path}: {what} is not a JSON object")
+    return data
+
+
+def load_config(model_path: str | Path) -> PaliGemmaConfig:
+    folder = Path(model_path)
+    if not folder.is_dir():
+        raise LoadError(f"{folder}: model folder does not exist")
+    config_file = folder / "config.json"
+    try:
+        return PaliGemmaConfig.from_dict(read_json(config_file, "config.json"))
+    except (TypeError, ValueError) as e:
+        raise LoadError(f"{config_file}: {e}") from None
+
+
+def read_safetensors_header(path: Path) -> list[TensorEntry]:
+    """Parse and check a safetensors header without trusting it: sizes, dtypes, offsets inside the file, no overlap."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise LoadError(f"{path}: too short to be a safetensors file ({size} bytes)")
+            n = int.from_bytes(head, "little")
+            if n > min(size - 8, MAX_HEADER_BYTES):
+                raise LoadError(f"{path}: header length {n} runs past the end of the file ({size} bytes); "
+                                "is the file truncated?")
+            raw = f.read(n)
+    except OSError as e:
+        raise LoadError(f"{path}: cannot be read ({e.strerror})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise LoadError(f"{path}: safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise LoadError(f"{path}: safetensors header is not a JSON object")
+    data_start, data_size = 8 + n, size - 8 - n
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise LoadError(f"{path}: tensor {name!r} has no description in the header")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise LoadError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise LoadError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise LoadError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_size:
+            raise LoadError(f"{path}: tensor {name!r} data [{begin}, {end}) lies outside the file's "
+                            f"{data_size} data bytes; is the file truncated?")
+        if end - begin != math.prod(shape) * SAFETENSORS_DTYPES[dtype][0]:
+            raise LoadError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape} of {dtype}")
+        entries.append(TensorEntry(path, name, dtype, tuple(shape), data_start + begin, end - begin))
+    entries.sort(key=lambda e: e.start)
+    for a, b in zip(entries, entries[1:]):
+        if b.start < a.start + a.nbytes:
+            raise LoadError(f"{path}: tensors {a.name!r} and {b.name!r} overlap")
+    return entries
+
+
+def find_shards(folder: Path) -> list[Path]:
+    """The safetensors files of the checkpoint, from the index if there is one."""
+    index_file = folder / "model.safetensors.index.json"
+    if index_file.exists():
+        weight_map = read_json(index_file, "the shard index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise LoadError(f"{index_file}: has no valid weight_map")
+        shards = [folder / name for name in dict.fromkeys(weight_map.values())]
+        for shard in shards:
+            if shard.parent != folder or not shard.is_file():
+                raise LoadError(f"{shard}: shard named by {index_file.name} is missing")
+        return shards
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise LoadError(f"{folder}: only pickle weights ({', '.join(pickles)}); they can run arbitrary code and are "
+                        "never loaded; convert them to safetensors")
+    raise LoadError(f"{folder}: no weights (model.safetensors or model.safetensors.index.json)")
+
+
+def plan_load(model: torch.nn.Module, shards: list[Path]) -> list[TensorEntry]:
+    """Match every stored tensor to a parameter by name and shape; error on anything missing or unknown."""
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    plan, seen = [], {}
+    for shard in shards:
+        for entry in read_safetensors_header(shard):
+            name = normalise_key(entry.name)
+            if name in seen:
+                raise LoadError(f"{shard}: tensor {entry.name!r} is stored twice (also in {seen[name].name})")
+            seen[name] = shard
+            if name not in expected:
+                if name.startswith(HARMLESS_EXTRAS):
+                    continue
+                raise LoadError(f"{shard}: unexpected tensor {entry.name!r}, which this model has no parameter for")
+            if entry.shape != expected[name]:
+                raise LoadError(f"{shard}: tensor {entry.name!r} has shape {list(entry.shape)}, "
+                                f"expected {list(expected[name])}")
+            if SAFETENSORS_DTYPES[entry.dtype][1] is None:
+                raise LoadError(f"{shard}: tensor {entry.name!r} has dtype {entry.dtype}, not a floating-point one")
+            entry.name = name
+            plan.append(entry)
+    skipped = sorted(n for n in seen if n not in expected)
+    if skipped:
+        log(f"warning: skipping {len(skipped)} unused stored tensors ({', '.join(skipped[:3])}"
+            f"{', ...' if len(skipped) > 3 else ''})")
+    missing = [n for n in expected if n not in seen]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise LoadError(f"{shards[0].parent}: tensor {', '.join(missing[:3])}{more} missing from the checkpoint")
+    return plan
+
+
+def materialise(model: torch.nn.Module, dtype: torch.dtype, device: torch.device):
+    """Give every parameter real (uninitialised) memory in the target dtype; the loader then fills each one."""
+    for name, p in list(model.named_parameters()):  # a tied parameter is listed once
+        module_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(module_name), attr,
+                torch.nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device), requires_grad=False))
+    model.reset_buffers()  # ties the head to the new embedding, computes RoPE frequencies
+
+
+def gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f}" if nbytes >= 2**27 else f"{nbytes / 2**30:.5f}"
+
+
+class Progress:
+    """Weights loaded so far, on stderr: a line per shard, redrawn in place in between on a terminal."""
+
+    def __init__(self, total: int, n_shards: int):
+        self.total, self.n_shards, self.done, self.shards_done = total, n_shards, 0, 0
+        self.tty, self.last_draw = sys.stderr.isatty(), 0.0
+
+    def draw(self, end: str):
+        log(f"{chr(13) if self.tty else ''}loading weights: {gib(self.done)} / {gib(self.total)} GiB, "
+            f"{self.shards_done}/{self.n_shards} shards", end=end)
+
+    def add(self, nbytes: int):
+        self.done += nbytes
+        if self.tty and time.monotonic() - self.last_draw > 0.2:
+            self.last_draw = time.monotonic()
+            self.draw(end="")
+
+    def shard_done(self):
+        self.shards_done += 1
+        self.draw(end="\n")
+
+
+def stream_tensors(model: torch.nn.Module, plan: list[TensorEntry], progress: Progress | None = None):
+    """Copy each planned tensor into its parameter, PIECE_BYTES at a time, converting to the parameter's dtype."""
+    params = dict(model.named_parameters())
+    buffer = torch.empty(PIECE_BYTES, dtype=torch.uint8)
+    view = memoryview(buffer.numpy())
+    for file in dict.fromkeys(e.file for e in plan):
+        with open(file, "rb", buffering=0) as f:
+            for entry in (e for e in plan if e.file == file):
+                itemsize, src_dtype = SAFETENSORS_DTYPES[entry.dtype]
+                dest = params[entry.name].data.view(-1)
+                per_piece = PIECE_BYTES // itemsize
+                f.seek(entry.start)
+                for first in range(0, dest.numel(), per_piece):
+                    count = min(per_piece, dest.numel() - first)
+                    nbytes = count * itemsize
+                    if f.readinto(view[:nbytes]) != nbytes:
+                        raise LoadError(f"{file}: ended early while reading tensor {entry.name!r}")
+                    dest[first:first + count].copy_(buffer[:nbytes].view(src_dtype))
+                    if progress:
+                        progress.add(nbytes)
+        if progress:
+            progress.shard_done()
+
+
+def load_tokenizer(folder: Path):
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise LoadError(f"{folder}: no tokenizer files ({' or '.join(TOKENIZER_FILES)})")
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # the tokenizer libraries raise many kinds of errors for a broken file
+        raise LoadError(f"{folder}: the tokenizer cannot be loaded ({type(e).__name__}: {e})") from None
+
+
+def load_hf_model(model_path: str | Path, device: str | torch.device, dtype: torch.dtype = torch.float16,
+                  verbose: bool = True):
+    """Build PaliGemma on the meta device and stream the folder's safetensors into it; returns (model, tokenizer)."""
+    start = time.perf_counter()
+    folder, device = Path(model_path), torch.device(device)
+    config = load_config(folder)
+    with torch.device("meta"):
+        model = PaliGemmaForConditionalGeneration(config)
+    shards = find_shards(folder)
+    plan = plan_load(model, shards)
+    tokenizer = load_tokenizer(folder)
+    materialise(model, dtype, device)
+    progress = Progress(sum(e.nbytes for e in plan), len(shards)) if verbose else None
+    with torch.no_grad():
+        stream_tensors(model, plan, progress)
+    model.eval().requires_grad_(False)
+    if verbose:
+        n = sum(p.numel() for p in model.parameters())
+        log(f"loaded {n:,} parameters as {str(dtype).removeprefix('torch.')} on {device} in "
+            f"{time.perf_counter() - start:.1f} s, peak memory {peak_rss_gib():.2f} GiB")
+    return model, tokenizer
+
+
+def peak_rss_gib() -> float:
+    """The process's peak resident set (VmHWM), in GiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
