@@ -5,16 +5,21 @@ once, `decode_one_token` feeds one token through the KV cache, `generate` loops 
 stdout carries only the answer; progress and diagnostics go to stderr.
 """
 
+import inspect
 import json
+import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import fire
 import torch
 
 from modeling_gemma import PaliGemmaForConditionalGeneration, attention_masks
-from processing_paligemma import PaliGemmaProcessor
-from utils import DTYPES, LoadError, load_hf_model, log
+from processing_paligemma import DEFAULT_MAX_PIXELS, PaliGemmaProcessor, load_image
+from utils import DTYPES, LoadError, load_config, load_hf_model, load_tokenizer, log
+
+DEFAULT_IMAGE = Path(__file__).resolve().parent / "test_images" / "cat.jpg"
 
 
 @dataclass
@@ -101,42 +106,59 @@ def choose_device(only_cpu: bool) -> tuple[torch.device, str | None]:
     return torch.device("cpu"), "note: CUDA is not available; running on the CPU"
 
 
-def check_flags(max_tokens_to_generate, temperature, top_p, dtype, output_format):
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_flags(max_tokens_to_generate, temperature, top_p, do_sample, only_cpu, dtype, output_format, seed,
+                max_image_pixels, ignore_memory_check):
+    """Every flag's type and range, before anything is loaded; a ValueError names the first bad one."""
     if type(max_tokens_to_generate) is not int or max_tokens_to_generate < 0:
         raise ValueError(f"--max_tokens_to_generate must be a whole number >= 0, not {max_tokens_to_generate!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+    if not is_number(temperature) or not temperature >= 0:
         raise ValueError(f"--temperature must be a number >= 0, not {temperature!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+    if not is_number(top_p) or not 0 < top_p <= 1:
         raise ValueError(f"--top_p must be a number in (0, 1], not {top_p!r}")
+    for name, value in [("do_sample", do_sample), ("only_cpu", only_cpu), ("ignore_memory_check", ignore_memory_check)]:
+        if not isinstance(value, bool):
+            raise ValueError(f"--{name} must be True or False, not {value!r}")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if output_format not in ("text", "json"):
         raise ValueError(f"--output_format must be text or json, not {output_format!r}")
+    if seed is not None and type(seed) is not int:
+        raise ValueError(f"--seed must be a whole number, not {seed!r}")
+    if type(max_image_pixels) is not int or max_image_pixels <= 0:
+        raise ValueError(f"--max_image_pixels must be a whole number > 0, not {max_image_pixels!r}")
 
 
-def main(model_path: str, prompt: str = "caption en", image_file_path: str = "test_images/cat.jpg",
+def main(model_path: str, prompt: str = "caption en", image_file_path: str = str(DEFAULT_IMAGE),
          max_tokens_to_generate: int = 100, temperature: float = 0.8, top_p: float = 0.9, do_sample: bool = False,
-         only_cpu: bool = False, dtype: str = "float16", output_format: str = "text", seed: int | None = None):
+         only_cpu: bool = False, dtype: str = "float16", output_format: str = "text", seed: int | None = None,
+         max_image_pixels: int = DEFAULT_MAX_PIXELS, ignore_memory_check: bool = False):
     """Answer PROMPT about the image; prints the answer (text) or one JSON object per line (json)."""
-    from PIL import Image
-
-    check_flags(max_tokens_to_generate, temperature, top_p, dtype, output_format)
-    if do_sample and temperature == 0:
-        log("note: --temperature 0 means greedy decoding")
-    device, note = choose_device(only_cpu)
-    image = Image.open(image_file_path)
-    model, tokenizer = load_hf_model(model_path, device, DTYPES[dtype])
-    if note:
-        log(note)
-    config = model.config
+    check_flags(max_tokens_to_generate, temperature, top_p, do_sample, only_cpu, dtype, output_format, seed,
+                max_image_pixels, ignore_memory_check)
+    image = load_image(image_file_path, max_image_pixels)
+    # Everything that can be wrong with the input is found before the weights are loaded.
+    config, tokenizer = load_config(model_path), load_tokenizer(Path(model_path))
     processor = PaliGemmaProcessor.from_folder(model_path, tokenizer, config.vision_config.image_size,
                                                config.num_image_tokens)
-    inputs = {k: v.to(device) for k, v in processor([str(prompt)], [image]).items()}
+    inputs = processor([prompt], [image])
+    budget = fit_budget(inputs["input_ids"].shape[1], max_tokens_to_generate,
+                        config.text_config.max_position_embeddings)
+    device, note = choose_device(only_cpu)
+    model, _ = load_hf_model(model_path, device, DTYPES[dtype], memory_check=not ignore_memory_check,
+                             tokenizer=tokenizer)
+    for message in (note, do_sample and temperature == 0 and "note: --temperature 0 means greedy decoding"):
+        if message:
+            log(message)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     ids, logprobs = [], []
     with torch.inference_mode():
-        for token, logprob in generate(model, inputs, max_tokens_to_generate, temperature if do_sample else 0.0,
-                                       top_p, (config.eos_token_id,), generator):
+        for token, logprob in generate(model, inputs, budget, temperature if do_sample else 0.0, top_p,
+                                       (config.eos_token_id,), generator):
             ids.append(int(token[0]))
             logprobs.append(float(logprob[0]))
     text = tokenizer.decode(ids, skip_special_tokens=True)
@@ -144,6 +166,17 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = "te
         print(json.dumps({"text": text, "token_ids": ids, "logprobs": logprobs}, ensure_ascii=False))
     elif ids:  # a zero token budget prints nothing
         print(text)
+
+
+def fit_budget(prompt_len: int, budget: int, max_positions: int) -> int:
+    """The token budget that fits the model's positions; a prompt that does not fit at all is an error."""
+    if prompt_len > max_positions:
+        raise ValueError(f"the prompt is {prompt_len} tokens with the image's, more than the model's "
+                         f"{max_positions} positions")
+    if prompt_len + budget > max_positions:
+        log(f"note: only {max_positions - prompt_len} tokens fit after the {prompt_len}-token prompt")
+        return max_positions - prompt_len
+    return budget
 
 
 STRING_FLAGS = ("model_path", "prompt", "image_file_path", "dtype", "output_format")
@@ -165,11 +198,39 @@ def quote_string_flags(argv: list[str]) -> list[str]:
     return out
 
 
+def check_flag_names(argv: list[str]):
+    """Unknown flags and a missing --model_path get one line, not fire's usage screen."""
+    known = inspect.signature(main).parameters
+    names = [arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")]
+    for name in names:
+        if name not in known and name != "help":
+            raise ValueError(f"unknown flag --{name}; the flags are --{', --'.join(known)}")
+    if "model_path" not in names and "help" not in names and not (argv and not argv[0].startswith("-")):
+        raise ValueError("--model_path is required: the folder of a PaliGemma checkpoint")
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def cli():
+    argv = quote_string_flags(sys.argv[1:])
     try:
-        fire.Fire(main, command=quote_string_flags(sys.argv[1:]))
+        check_flag_names(argv)
+        fire.Fire(main, command=argv)
+    except KeyboardInterrupt:
+        log("interrupted")
+        sys.exit(130)
     except (LoadError, ValueError, OSError) as e:
-        log(f"error: {e}")
+        log(f"error: {one_line(e)}")
+        sys.exit(1)
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        log("error: out of memory; try --dtype bfloat16 or float16, or a machine with more memory")
+        sys.exit(1)
+    except Exception as e:  # a bug of ours: still one line, with the traceback on request
+        if os.environ.get("PALIGEMMA_DEBUG"):
+            raise
+        log(f"error: unexpected {type(e).__name__}: {one_line(e)} (set PALIGEMMA_DEBUG=1 for the traceback)")
         sys.exit(1)
 
 

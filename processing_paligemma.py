@@ -5,7 +5,6 @@ special tokens; the image is converted to RGB, resized to a square with bicubic 
 kept), scaled to [0, 1] and normalised with mean = std = 0.5 to [-1, 1]; transparent pixels become white.
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,34 @@ IMAGE_TOKEN = "<image>"
 # Location and segmentation codewords: already in the vocabulary, added so that each one is matched whole.
 EXTRA_TOKENS = [f"<loc{i:04d}>" for i in range(1024)] + [f"<seg{i:03d}>" for i in range(128)]
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+DEFAULT_MAX_PIXELS = 100_000_000  # 10000 x 10000; a 4000 x 3000 photo is 12 million
+Image.MAX_IMAGE_PIXELS = None  # load_image applies its own limit, with a clear message, before decoding
+
+
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open and fully decode an image file; ValueError naming the file for anything that is not a usable image."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: image file does not exist")
+    try:
+        image = Image.open(path)
+    except (Image.UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path}: not an image pillow can read ({e})") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ValueError(f"{path}: image is {width}x{height} = {width * height / 1e6:.0f} megapixels, above the limit "
+                         f"of {max_pixels / 1e6:.0f} (a decompression bomb?); raise it with --max_image_pixels")
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path}: image is truncated or corrupt ({e})") from None
+    return image
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -46,15 +73,23 @@ class PaliGemmaProcessor:
     @classmethod
     def from_folder(cls, folder: str | Path, tokenizer, image_size: int, image_seq_length: int):
         """Read the image settings a checkpoint folder stores (transformers 4 or 5 file); the model fixes the size."""
-        settings = {}
+        from utils import LoadError, read_json
+
+        settings, path = {}, None
         for name in PROCESSOR_FILES:
-            path = Path(folder) / name
-            if path.is_file():
-                data = json.loads(path.read_text(encoding="utf-8"))
+            if (Path(folder) / name).is_file():
+                path = Path(folder) / name
+                data = read_json(path, name)
                 settings = data.get("image_processor", data)
                 break
-        keys = ("image_mean", "image_std", "rescale_factor", "resample")
-        kwargs = {k: settings[k] for k in keys if settings.get(k) is not None}
+        kwargs = {k: settings[k] for k in ("image_mean", "image_std", "rescale_factor", "resample")
+                  if settings.get(k) is not None}
+        for key in ("image_mean", "image_std"):
+            value = kwargs.get(key, [0.5] * 3)
+            if not (isinstance(value, list) and len(value) == 3 and all(is_number(v) and v for v in value)):
+                raise LoadError(f"{path}: {key} must be 3 non-zero numbers, not {value!r}")
+        if not is_number(kwargs.get("rescale_factor", 1)) or kwargs.get("resample", 3) not in range(6):
+            raise LoadError(f"{path}: rescale_factor or resample is not valid")
         return cls(tokenizer, image_size, image_seq_length, **kwargs)
 
     def build_prompt(self, prompt: str) -> str:

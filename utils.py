@@ -273,9 +273,39 @@ def load_tokenizer(folder: Path):
         raise LoadError(f"{folder}: the tokenizer cannot be loaded ({type(e).__name__}: {e})") from None
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on the device (Linux MemAvailable for the CPU), or None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+WORKING_MEMORY = 1 << 29  # read buffer, activations and KV cache of one answer, beyond the weights
+
+
+def check_memory(needed: int, device: torch.device):
+    available = available_memory(device)
+    if available is not None and needed > available:
+        raise LoadError(f"loading needs about {needed / 2**30:.1f} GiB on {device} but only {available / 2**30:.1f} "
+                        "GiB is available; free some memory, choose a smaller --dtype, or pass "
+                        "--ignore_memory_check True to try anyway")
+
+
 def load_hf_model(model_path: str | Path, device: str | torch.device, dtype: torch.dtype = torch.float16,
-                  verbose: bool = True):
-    """Build PaliGemma on the meta device and stream the folder's safetensors into it; returns (model, tokenizer)."""
+                  verbose: bool = True, memory_check: bool = True, tokenizer=None):
+    """Build PaliGemma on the meta device and stream the folder's safetensors into it; returns (model, tokenizer).
+
+    Everything is checked before any parameter memory is allocated: the config, every shard's header, every
+    tensor's name and shape, the tokenizer (unless one already loaded from the folder is passed in), and (unless
+    memory_check is False) that the weights fit in memory.
+    """
     start = time.perf_counter()
     folder, device = Path(model_path), torch.device(device)
     config = load_config(folder)
@@ -283,7 +313,10 @@ def load_hf_model(model_path: str | Path, device: str | torch.device, dtype: tor
         model = PaliGemmaForConditionalGeneration(config)
     shards = find_shards(folder)
     plan = plan_load(model, shards)
-    tokenizer = load_tokenizer(folder)
+    tokenizer = tokenizer or load_tokenizer(folder)
+    if memory_check:
+        weights = sum(p.numel() for p in model.parameters()) * dtype.itemsize
+        check_memory(weights + WORKING_MEMORY, device)
     materialise(model, dtype, device)
     progress = Progress(sum(e.nbytes for e in plan), len(shards)) if verbose else None
     with torch.no_grad():

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CHECKPOINTS
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import utils
@@ -241,3 +243,32 @@ def test_broken_folder_raises_an_error_naming_the_problem(case, folder):
     with pytest.raises(LoadError, match=message):
         load_hf_model(folder, "cpu", torch.float16, verbose=False)
     assert not (folder.parent / "unpickled").exists()
+
+
+# Fuzzing the header parser: whatever the bytes, it returns entries that are consistent with the file, or raises
+# LoadError; never another exception, never a hang, never an allocation beyond the file's size.
+json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(), st.text(max_size=8))
+tensor_info = st.fixed_dictionaries(
+    {"dtype": st.one_of(st.sampled_from(list(utils.SAFETENSORS_DTYPES)), json_scalars),
+     "shape": st.one_of(st.lists(st.integers(-3, 2**40), max_size=4), json_scalars),
+     "data_offsets": st.one_of(st.lists(st.integers(-5, 300), min_size=2, max_size=2),
+                               st.lists(json_scalars, max_size=3), json_scalars)})
+headers = st.dictionaries(st.text(max_size=12), st.one_of(tensor_info, json_scalars), max_size=6).map(
+    lambda h: json.dumps(h).encode())
+raw_headers = st.one_of(headers, st.binary(max_size=64), st.just(b"[" * 5000 + b"]" * 5000))
+
+
+@settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=raw_headers, declared=st.one_of(st.none(), st.integers(0, 2**64 - 1)), data=st.binary(max_size=300))
+def test_fuzzed_headers_never_crash_the_parser(tmp_path, header, declared, data):
+    path = tmp_path / "fuzz.safetensors"
+    length = len(header) if declared is None else declared
+    path.write_bytes(length.to_bytes(8, "little") + header + data)
+    try:
+        entries = utils.read_safetensors_header(path)
+    except LoadError:
+        return
+    size, end = path.stat().st_size, 0
+    for e in sorted(entries, key=lambda e: e.start):
+        assert e.start >= max(end, 8 + length) and e.start + e.nbytes <= size
+        end = e.start + e.nbytes

@@ -1,0 +1,216 @@
+"""Broken folders, broken images and wrong flags end in one `error:` line on stderr, a non-zero exit, nothing on
+stdout and no traceback, with the user's files untouched; valid oddities just work."""
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, random_image
+from test_loader import BROKEN_FOLDERS
+
+import inference
+import utils
+
+
+def run(argv, capsys, monkeypatch) -> tuple[int, str, str]:
+    """The command line in this process (the same code path as a subprocess, much faster): (status, out, err)."""
+    monkeypatch.setattr(sys, "argv", ["inference.py", *map(str, argv)])
+    try:
+        inference.cli()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def fingerprint(path: Path) -> dict:
+    """Content hash of every file under path (or of path itself)."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def assert_clean_failure(code, out, err, *needles):
+    assert code != 0
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture
+def folder(checkpoint, tmp_path):
+    return Path(shutil.copytree(checkpoint("v1_mqa"), tmp_path / "ckpt"))
+
+
+@pytest.fixture
+def photo(tmp_path):
+    path = tmp_path / "photo.jpg"
+    random_image(40, 30).save(path)
+    return path
+
+
+def cli_args(folder, image, *extra):
+    return ["--model_path", folder, "--image_file_path", image, "--max_tokens_to_generate", 3, "--only_cpu", "True",
+            *extra]
+
+
+@pytest.mark.parametrize("case", BROKEN_FOLDERS)
+def test_broken_model_folder_fails_cleanly_and_leaves_it_untouched(case, folder, photo, capsys, monkeypatch):
+    breaks, _ = BROKEN_FOLDERS[case]
+    breaks(folder)
+    before = fingerprint(folder.parent)
+    assert_clean_failure(*run(cli_args(folder, photo), capsys, monkeypatch))
+    assert fingerprint(folder.parent) == before
+
+
+def truncated_jpeg(path: Path):
+    random_image(300, 200).save(path, quality=95)
+    path.write_bytes(path.read_bytes()[:2000])
+
+
+def bomb_png(path: Path, width=30000, height=30000):
+    """A valid PNG header declaring 900 megapixels, with almost no data behind it."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+BROKEN_IMAGES = {
+    "missing": (lambda p: None, "image file does not exist"),
+    "not an image": (lambda p: p.write_text("just some text, not pixels"), "not an image pillow can read"),
+    "truncated": (truncated_jpeg, "truncated or corrupt"),
+    "decompression bomb": (bomb_png, "900 megapixels, above the limit of 100"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_IMAGES)
+def test_broken_image_fails_cleanly_naming_the_file(case, checkpoint, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "input.png"
+    make, message = BROKEN_IMAGES[case]
+    make(path)
+    before = fingerprint(tmp_path)
+    assert_clean_failure(*run(cli_args(checkpoint("v1_mqa"), path), capsys, monkeypatch), str(path), message)
+    assert fingerprint(tmp_path) == before
+
+
+def test_pixel_limit_can_be_raised_with_a_flag(checkpoint, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "wide.png"
+    random_image(3000, 20).save(path)
+    args = cli_args(checkpoint("v1_mqa"), path)
+    assert_clean_failure(*run([*args, "--max_image_pixels", 50_000], capsys, monkeypatch), "--max_image_pixels")
+    code, out, err = run([*args, "--max_image_pixels", 100_000], capsys, monkeypatch)
+    assert code == 0, err
+
+
+BAD_FLAGS = {
+    "negative token budget": (["--max_tokens_to_generate", -1], "--max_tokens_to_generate"),
+    "fractional token budget": (["--max_tokens_to_generate", 2.5], "--max_tokens_to_generate"),
+    "top_p zero": (["--top_p", 0], "--top_p must be a number in (0, 1]"),
+    "top_p above one": (["--top_p", 1.5], "--top_p"),
+    "negative temperature": (["--temperature", -0.5], "--temperature must be a number >= 0"),
+    "unknown dtype": (["--dtype", "float64"], "--dtype must be one of float16, bfloat16, float32"),
+    "unknown output format": (["--output_format", "xml"], "--output_format"),
+    "not a boolean": (["--do_sample", "maybe"], "--do_sample must be True or False"),
+    "unknown flag": (["--temprature", 0.5], "unknown flag --temprature"),
+    "seed not a number": (["--seed", "abc"], "--seed must be a whole number"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FLAGS)
+def test_bad_flag_fails_cleanly_naming_the_flag(case, checkpoint, photo, capsys, monkeypatch):
+    extra, message = BAD_FLAGS[case]
+    assert_clean_failure(*run(cli_args(checkpoint("v1_mqa"), photo, *extra), capsys, monkeypatch), message)
+
+
+def test_missing_model_path_fails_cleanly(photo, capsys, monkeypatch):
+    assert_clean_failure(*run(["--image_file_path", photo], capsys, monkeypatch), "--model_path is required")
+
+
+def test_prompt_longer_than_the_model_positions_fails_cleanly(checkpoint, photo, capsys, monkeypatch):
+    prompt = "a " * 9000  # the tiny model has 8192 positions
+    assert_clean_failure(*run(cli_args(checkpoint("v1_mqa"), photo, "--prompt", prompt), capsys, monkeypatch),
+                         "more than the model's 8192 positions")
+
+
+def test_too_little_memory_is_refused_before_loading_unless_told_to_try(checkpoint, photo, capsys, monkeypatch):
+    monkeypatch.setattr(utils, "available_memory", lambda device: 1000)
+    args = cli_args(checkpoint("v1_mqa"), photo)
+    assert_clean_failure(*run(args, capsys, monkeypatch), "GiB is available", "--ignore_memory_check")
+    code, _, err = run([*args, "--ignore_memory_check", "True"], capsys, monkeypatch)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK"])
+def test_any_image_mode_just_works(mode, checkpoint, tmp_path, capsys, monkeypatch):
+    path = tmp_path / ("image.jpg" if mode == "CMYK" else "image.png")
+    random_image(33, 21, mode=mode).save(path)
+    code, out, err = run(cli_args(checkpoint("v1_mqa"), path, "--output_format", "json"), capsys, monkeypatch)
+    assert code == 0, err
+    assert len(json.loads(out)["token_ids"]) == 3
+
+
+def test_a_4000_by_3000_photo_just_works(checkpoint, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "big.jpg"
+    random_image(400, 300).resize((4000, 3000)).save(path)
+    code, out, err = run(cli_args(checkpoint("v1_mqa"), path, "--output_format", "json"), capsys, monkeypatch)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("prompt", ["", "décris l'image en 日本語 🐱", "1e3", "[cat]", "None"])
+def test_empty_unicode_and_literal_looking_prompts_are_taken_as_typed(prompt, checkpoint, photo, capsys, monkeypatch):
+    captured = {}
+    real_processor = inference.PaliGemmaProcessor.__call__
+
+    def spy(self, prompts, images):
+        captured["prompt"] = prompts[0]
+        return real_processor(self, prompts, images)
+
+    monkeypatch.setattr(inference.PaliGemmaProcessor, "__call__", spy)
+    code, out, err = run(cli_args(checkpoint("v1_mqa"), photo, "--prompt", prompt), capsys, monkeypatch)
+    assert code == 0, err
+    assert captured["prompt"] == prompt
+
+
+def test_temperature_zero_with_sampling_means_greedy_and_says_so(checkpoint, photo, capsys, monkeypatch):
+    args = cli_args(checkpoint("v1_mqa"), photo, "--output_format", "json")
+    _, greedy, _ = run(args, capsys, monkeypatch)
+    code, sampled, err = run([*args, "--do_sample", "True", "--temperature", 0], capsys, monkeypatch)
+    assert code == 0 and sampled == greedy
+    assert "--temperature 0 means greedy" in err
+
+
+def test_zero_token_budget_prints_nothing_and_succeeds(checkpoint, photo, capsys, monkeypatch):
+    code, out, err = run([*cli_args(checkpoint("v1_mqa"), photo)[:4], "--max_tokens_to_generate", 0], capsys,
+                         monkeypatch)
+    assert (code, out) == (0, "")
+
+
+def test_without_cuda_the_cpu_is_used_with_a_note(checkpoint, photo, capsys, monkeypatch):
+    monkeypatch.setattr(inference.torch.cuda, "is_available", lambda: False)
+    args = ["--model_path", checkpoint("v1_mqa"), "--image_file_path", photo, "--only_cpu", "False",
+            "--max_tokens_to_generate", 2]
+    code, out, err = run(args, capsys, monkeypatch)
+    assert code == 0 and out
+    assert "CUDA is not available; running on the CPU" in err
+
+
+def test_never_touches_the_network(checkpoint, photo):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9", HF_HOME=str(photo.parent / "hf"))
+    result = subprocess.run([sys.executable, str(ROOT / "inference.py"), *map(str, cli_args(checkpoint("v1_mqa"),
+                             photo))], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert not (photo.parent / "hf").exists()  # nothing cached, nothing fetched
