@@ -8,6 +8,7 @@ a large tensor, sit in memory. Weights are only ever read from safetensors, neve
 
 import json
 import math
+import mmap
 import os
 import sys
 import time
@@ -20,7 +21,7 @@ from modeling_gemma import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tokenizer is read from the folder, never from a hub
 
-PIECE_BYTES = 64 << 20  # what is read from a shard at a time
+PIECE_BYTES = 64 << 20  # what is converted from a shard at a time
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library refuses larger headers too
 SAFETENSORS_DTYPES = {  # safetensors dtype -> (bytes per element, torch dtype for weights or None)
     "F64": (8, torch.float64), "F32": (4, torch.float32), "F16": (2, torch.float16), "BF16": (2, torch.bfloat16),
@@ -68,7 +69,8 @@ class TensorEntry:
     """Where one tensor lies in a shard."""
 
     file: Path
-    name: str
+    key: str  # as stored in the file
+    name: str  # this model's parameter name, once planned
     dtype: str
     shape: tuple[int, ...]
     start: int  # absolute byte offset in the file
@@ -139,11 +141,11 @@ def read_safetensors_header(path: Path) -> list[TensorEntry]:
                             f"{data_size} data bytes; is the file truncated?")
         if end - begin != math.prod(shape) * SAFETENSORS_DTYPES[dtype][0]:
             raise LoadError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape} of {dtype}")
-        entries.append(TensorEntry(path, name, dtype, tuple(shape), data_start + begin, end - begin))
+        entries.append(TensorEntry(path, name, name, dtype, tuple(shape), data_start + begin, end - begin))
     entries.sort(key=lambda e: e.start)
     for a, b in zip(entries, entries[1:]):
         if b.start < a.start + a.nbytes:
-            raise LoadError(f"{path}: tensors {a.name!r} and {b.name!r} overlap")
+            raise LoadError(f"{path}: tensors {a.key!r} and {b.key!r} overlap")
     return entries
 
 
@@ -175,19 +177,19 @@ def plan_load(model: torch.nn.Module, shards: list[Path]) -> list[TensorEntry]:
     plan, seen = [], {}
     for shard in shards:
         for entry in read_safetensors_header(shard):
-            name = normalise_key(entry.name)
+            name = normalise_key(entry.key)
             if name in seen:
-                raise LoadError(f"{shard}: tensor {entry.name!r} is stored twice (also in {seen[name].name})")
+                raise LoadError(f"{shard}: tensor {entry.key!r} is stored twice (also in {seen[name].name})")
             seen[name] = shard
             if name not in expected:
                 if name.startswith(HARMLESS_EXTRAS):
                     continue
-                raise LoadError(f"{shard}: unexpected tensor {entry.name!r}, which this model has no parameter for")
+                raise LoadError(f"{shard}: unexpected tensor {entry.key!r}, which this model has no parameter for")
             if entry.shape != expected[name]:
-                raise LoadError(f"{shard}: tensor {entry.name!r} has shape {list(entry.shape)}, "
+                raise LoadError(f"{shard}: tensor {entry.key!r} has shape {list(entry.shape)}, "
                                 f"expected {list(expected[name])}")
             if SAFETENSORS_DTYPES[entry.dtype][1] is None:
-                raise LoadError(f"{shard}: tensor {entry.name!r} has dtype {entry.dtype}, not a floating-point one")
+                raise LoadError(f"{shard}: tensor {entry.key!r} has dtype {entry.dtype}, not a floating-point one")
             entry.name = name
             plan.append(entry)
     skipped = sorted(n for n in seen if n not in expected)
@@ -237,27 +239,35 @@ class Progress:
 
 
 def stream_tensors(model: torch.nn.Module, plan: list[TensorEntry], progress: Progress | None = None):
-    """Copy each planned tensor into its parameter, PIECE_BYTES at a time, converting to the parameter's dtype."""
+    """Copy each planned tensor into its parameter, PIECE_BYTES at a time, converting to the parameter's dtype.
+
+    Each shard is mapped, and each piece converted straight from the mapping (one pass over the bytes), then
+    unmapped again: the page cache keeps the file, but the pages do not pile up in this process's memory.
+    """
     params = dict(model.named_parameters())
-    buffer = torch.empty(PIECE_BYTES, dtype=torch.uint8)
-    view = memoryview(buffer.numpy())
     for file in dict.fromkeys(e.file for e in plan):
-        with open(file, "rb", buffering=0) as f:
+        with open(file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
             for entry in (e for e in plan if e.file == file):
-                itemsize, src_dtype = SAFETENSORS_DTYPES[entry.dtype]
-                dest = params[entry.name].data.view(-1)
-                per_piece = PIECE_BYTES // itemsize
-                f.seek(entry.start)
-                for first in range(0, dest.numel(), per_piece):
-                    count = min(per_piece, dest.numel() - first)
-                    nbytes = count * itemsize
-                    if f.readinto(view[:nbytes]) != nbytes:
-                        raise LoadError(f"{file}: ended early while reading tensor {entry.name!r}")
-                    dest[first:first + count].copy_(buffer[:nbytes].view(src_dtype))
-                    if progress:
-                        progress.add(nbytes)
+                if entry.start + entry.nbytes > len(mapped):
+                    raise LoadError(f"{file}: ended early while reading tensor {entry.key!r}")
+                copy_tensor(mapped, entry, params[entry.name].data.view(-1), progress)
         if progress:
             progress.shard_done()
+
+
+def copy_tensor(mapped: mmap.mmap, entry: TensorEntry, dest: torch.Tensor, progress: Progress | None):
+    itemsize, dtype = SAFETENSORS_DTYPES[entry.dtype]
+    per_piece = PIECE_BYTES // itemsize
+    for first in range(0, dest.numel(), per_piece):
+        count = min(per_piece, dest.numel() - first)
+        offset = entry.start + first * itemsize
+        piece = torch.frombuffer(mapped, dtype=dtype, count=count, offset=offset)
+        dest[first:first + count].copy_(piece)
+        del piece  # the mapping can only be closed once no tensor views it
+        page = offset - offset % mmap.PAGESIZE
+        mapped.madvise(mmap.MADV_DONTNEED, page, offset + count * itemsize - page)
+        if progress:
+            progress.add(count * itemsize)
 
 
 def load_tokenizer(folder: Path):
