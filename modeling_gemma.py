@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeling_siglip import ACTIVATIONS, SiglipVisionConfig, SiglipVisionModel
+from modeling_siglip import ACTIVATIONS, SiglipVisionConfig, SiglipVisionModel, embedding
 
 # Class defaults of transformers' GemmaConfig / Gemma2Config for keys a config.json may omit (REFERENCE.md §1.3).
 GEMMA_DEFAULTS = dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
@@ -275,7 +275,7 @@ class GemmaModel(nn.Module):
     def __init__(self, config: GemmaConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(GemmaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = GemmaRotaryEmbedding(config)

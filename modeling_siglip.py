@@ -16,6 +16,12 @@ ACTIVATIONS = {
 }
 
 
+def embedding(rows: int, dim: int) -> nn.Embedding:
+    """An nn.Embedding without the random init (its weights always come from the checkpoint): the first normal_ on
+    the meta device costs torch almost a second."""
+    return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+
+
 @dataclass
 class SiglipVisionConfig:
     """Shape of the vision tower; defaults are transformers' `SiglipVisionConfig` ones (REFERENCE.md §1.3)."""
@@ -54,7 +60,7 @@ class SiglipVisionEmbeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
         )
-        self.position_embedding = nn.Embedding(config.num_patches, config.hidden_size)
+        self.position_embedding = embedding(config.num_patches, config.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         w = self.patch_embedding.weight

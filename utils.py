@@ -15,11 +15,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from modeling_gemma import PaliGemmaConfig, PaliGemmaForConditionalGeneration
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tokenizer is read from the folder, never from a hub
+
+import torch  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from modeling_gemma import PaliGemmaConfig, PaliGemmaForConditionalGeneration  # noqa: E402
+
+hf_logging.set_verbosity_error()
 
 PIECE_BYTES = 64 << 20  # what is converted from a shard at a time
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library refuses larger headers too
@@ -273,10 +277,6 @@ def copy_tensor(mapped: mmap.mmap, entry: TensorEntry, dest: torch.Tensor, progr
 def load_tokenizer(folder: Path):
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise LoadError(f"{folder}: no tokenizer files ({' or '.join(TOKENIZER_FILES)})")
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # the tokenizer libraries raise many kinds of errors for a broken file
