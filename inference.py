@@ -5,19 +5,22 @@ once, `decode_one_token` feeds one token through the KV cache, `generate` loops 
 stdout carries only the answer; progress and diagnostics go to stderr.
 """
 
+import contextlib
 import inspect
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import fire
 import torch
 
+from kernels import prefill_dtype
 from modeling_gemma import PaliGemmaForConditionalGeneration, attention_masks
 from processing_paligemma import DEFAULT_MAX_PIXELS, PaliGemmaProcessor, load_image
-from utils import DTYPES, LoadError, load_config, load_hf_model, load_tokenizer, log
+from utils import DTYPES, LoadError, load_config, load_hf_model, load_tokenizer, log, peak_rss_gib
 
 DEFAULT_IMAGE = Path(__file__).resolve().parent / "test_images" / "cat.jpg"
 
@@ -59,7 +62,8 @@ def prefill(model: PaliGemmaForConditionalGeneration, inputs: dict, max_len: int
     prefix[:, :L] = inputs["token_type_ids"] == 0
     positions = attention_mask.long().cumsum(-1)  # 1-based, left padding skipped (REFERENCE.md §3.3)
     masks = attention_masks(model.config.text_config, key_valid, prefix, 0, L)
-    logits = model(input_ids, positions, masks, 0, inputs["pixel_values"], last_only=not all_logits)
+    logits = model(input_ids, positions, masks, 0, inputs["pixel_values"], last_only=not all_logits,
+                   dtype=prefill_dtype(model.language_model.lm_head.weight))
     return (logits if all_logits else logits[:, -1]), Cache(key_valid, prefix, positions[:, -1] + 1, L)
 
 
@@ -111,7 +115,7 @@ def is_number(value) -> bool:
 
 
 def check_flags(max_tokens_to_generate, temperature, top_p, do_sample, only_cpu, dtype, output_format, seed,
-                max_image_pixels, ignore_memory_check):
+                max_image_pixels, ignore_memory_check, verbose):
     """Every flag's type and range, before anything is loaded; a ValueError names the first bad one."""
     if type(max_tokens_to_generate) is not int or max_tokens_to_generate < 0:
         raise ValueError(f"--max_tokens_to_generate must be a whole number >= 0, not {max_tokens_to_generate!r}")
@@ -119,7 +123,8 @@ def check_flags(max_tokens_to_generate, temperature, top_p, do_sample, only_cpu,
         raise ValueError(f"--temperature must be a number >= 0, not {temperature!r}")
     if not is_number(top_p) or not 0 < top_p <= 1:
         raise ValueError(f"--top_p must be a number in (0, 1], not {top_p!r}")
-    for name, value in [("do_sample", do_sample), ("only_cpu", only_cpu), ("ignore_memory_check", ignore_memory_check)]:
+    for name, value in [("do_sample", do_sample), ("only_cpu", only_cpu), ("ignore_memory_check", ignore_memory_check),
+                        ("verbose", verbose)]:
         if not isinstance(value, bool):
             raise ValueError(f"--{name} must be True or False, not {value!r}")
     if dtype not in DTYPES:
@@ -135,37 +140,74 @@ def check_flags(max_tokens_to_generate, temperature, top_p, do_sample, only_cpu,
 def main(model_path: str, prompt: str = "caption en", image_file_path: str = str(DEFAULT_IMAGE),
          max_tokens_to_generate: int = 100, temperature: float = 0.8, top_p: float = 0.9, do_sample: bool = False,
          only_cpu: bool = False, dtype: str = "float16", output_format: str = "text", seed: int | None = None,
-         max_image_pixels: int = DEFAULT_MAX_PIXELS, ignore_memory_check: bool = False):
+         max_image_pixels: int = DEFAULT_MAX_PIXELS, ignore_memory_check: bool = False, verbose: bool = False):
     """Answer PROMPT about the image; prints the answer (text) or one JSON object per line (json)."""
     check_flags(max_tokens_to_generate, temperature, top_p, do_sample, only_cpu, dtype, output_format, seed,
-                max_image_pixels, ignore_memory_check)
-    image = load_image(image_file_path, max_image_pixels)
+                max_image_pixels, ignore_memory_check, verbose)
+    clock = Stopwatch()
+    with clock("image_s"):
+        image = load_image(image_file_path, max_image_pixels)
     # Everything that can be wrong with the input is found before the weights are loaded.
-    config, tokenizer = load_config(model_path), load_tokenizer(Path(model_path))
-    processor = PaliGemmaProcessor.from_folder(model_path, tokenizer, config.vision_config.image_size,
-                                               config.num_image_tokens)
-    inputs = processor([prompt], [image])
+    with clock("load_s"):
+        config, tokenizer = load_config(model_path), load_tokenizer(Path(model_path))
+        processor = PaliGemmaProcessor.from_folder(model_path, tokenizer, config.vision_config.image_size,
+                                                   config.num_image_tokens)
+    with clock("image_s"):
+        inputs = processor([prompt], [image])
     budget = fit_budget(inputs["input_ids"].shape[1], max_tokens_to_generate,
                         config.text_config.max_position_embeddings)
     device, note = choose_device(only_cpu)
-    model, _ = load_hf_model(model_path, device, DTYPES[dtype], memory_check=not ignore_memory_check,
-                             tokenizer=tokenizer)
+    with clock("load_s"):
+        model, _ = load_hf_model(model_path, device, DTYPES[dtype], memory_check=not ignore_memory_check,
+                                 tokenizer=tokenizer)
     for message in (note, do_sample and temperature == 0 and "note: --temperature 0 means greedy decoding"):
         if message:
             log(message)
-    inputs = {k: v.to(device) for k, v in inputs.items()}
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     ids, logprobs = [], []
     with torch.inference_mode():
-        for token, logprob in generate(model, inputs, budget, temperature if do_sample else 0.0, top_p,
-                                       (config.eos_token_id,), generator):
-            ids.append(int(token[0]))
-            logprobs.append(float(logprob[0]))
+        steps = generate(model, {k: v.to(device) for k, v in inputs.items()}, budget,
+                         temperature if do_sample else 0.0, top_p, (config.eos_token_id,), generator)
+        while True:
+            with clock("prefill_s" if not ids else "decode_s"):
+                step = next(steps, None)
+                if step is not None:
+                    ids.append(int(step[0][0]))  # int() waits for the device: the clock sees the real time
+                    logprobs.append(float(step[1][0]))
+            if step is None:
+                break
+    timings = {"load_s": clock["load_s"], "first_token_s": clock["image_s"] + clock["prefill_s"],
+               "decode_s": clock["decode_s"], "decode_tokens": max(len(ids) - 1, 0), "peak_rss_gib": peak_rss_gib()}
+    if verbose:
+        log(f"load {timings['load_s']:.1f} s | prefill {inputs['input_ids'].shape[1]} tokens in "
+            f"{clock['prefill_s']:.2f} s, first token {timings['first_token_s']:.2f} s after opening the image | "
+            f"decode {timings['decode_tokens']} tokens in {timings['decode_s']:.2f} s, "
+            f"{timings['decode_tokens'] / max(timings['decode_s'], 1e-9):.2f} tok/s | "
+            f"peak memory {timings['peak_rss_gib']:.2f} GiB")
     text = tokenizer.decode(ids, skip_special_tokens=True)
     if output_format == "json":
-        print(json.dumps({"text": text, "token_ids": ids, "logprobs": logprobs}, ensure_ascii=False))
+        print(json.dumps({"text": text, "token_ids": ids, "logprobs": logprobs, "timings": timings},
+                         ensure_ascii=False))
     elif ids:  # a zero token budget prints nothing
         print(text)
+
+
+class Stopwatch:
+    """Seconds spent in named stages, summed over every `with clock(name):` block (a monotonic clock)."""
+
+    def __init__(self):
+        self.totals = {}
+
+    def __getitem__(self, name: str) -> float:
+        return self.totals.get(name, 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.totals[name] = self[name] + time.monotonic() - start
 
 
 def fit_budget(prompt_len: int, budget: int, max_positions: int) -> int:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import Linear, linears
 from modeling_siglip import ACTIVATIONS, SiglipVisionConfig, SiglipVisionModel, embedding
 
 # Class defaults of transformers' GemmaConfig / Gemma2Config for keys a config.json may omit (REFERENCE.md §1.3).
@@ -195,7 +196,7 @@ class KVCache(nn.Module):
         end = start + k.shape[2]
         self.k_cache[:, :, start:end] = k
         self.v_cache[:, :, start:end] = v
-        return self.k_cache[:, :, :end], self.v_cache[:, :, :end]  # (B, nkv, end, hd)
+        return self.k_cache[:, :, :end].to(k.dtype), self.v_cache[:, :, :end].to(v.dtype)  # (B, nkv, end, hd)
 
 
 class GemmaAttention(nn.Module):
@@ -207,28 +208,46 @@ class GemmaAttention(nn.Module):
         self.scale = (config.query_pre_attn_scalar or config.head_dim) ** -0.5
         self.softcap = config.attn_logit_softcapping
         bias, hidden = config.attention_bias, config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=bias)
+        self.q_proj = Linear(hidden, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(hidden, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = Linear(hidden, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, hidden, bias=bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask: torch.Tensor, start: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask: torch.Tensor, start: int, last_only: bool = False) -> torch.Tensor:
+        """(B, L, hidden) -> (B, L, hidden), or (B, 1, hidden) for the last position alone with last_only (whose
+        keys and values are still computed and cached for every position)."""
         B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, L, hd)
-        k = self.k_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, L, hd)
-        v = self.v_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if last_only:
+            q, (k, v) = self.q_proj(x[:, -1:]), linears(x, self.k_proj, self.v_proj)
+            cos_q, sin_q, mask = cos[:, :, -1:], sin[:, :, -1:], mask[:, :, -1:]
+        else:
+            (q, k, v), cos_q, sin_q = linears(x, self.q_proj, self.k_proj, self.v_proj), cos, sin
+        q = q.view(B, -1, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, Lq, hd)
+        k = k.view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, L, hd)
+        v = v.view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos_q, sin_q), apply_rope(k, cos, sin)
         k, v = self.kv_cache.update(start, k, v)  # (B, nkv, T, hd), T = start + L
-        k, v = repeat_kv(k, self.n_heads // self.n_kv), repeat_kv(v, self.n_heads // self.n_kv)
-        if self.softcap is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        else:  # the cap sits between the product and the mask, which no fused kernel offers
-            scores = torch.matmul(q, k.transpose(2, 3)) * self.scale  # (B, nh, L, T)
-            scores = torch.tanh(scores / self.softcap) * self.softcap
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-            y = torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
-        return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))  # (B, L, hidden)
+        y = attend(q, k, v, mask, self.scale, self.softcap)  # (B, nh, Lq, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, q.shape[2], -1))  # (B, Lq, hidden)
+
+
+def attend(q, k, v, mask: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    """softmax(q k^T * scale [soft-capped], masked) v for (B, nh, L, hd) queries and (B, nkv, T, hd) keys/values."""
+    B, n_heads, L, hd = q.shape
+    n_kv, T = k.shape[1], k.shape[2]
+    if softcap is None and L > 1:  # a fused kernel keeps the L x T scores of a long prompt out of memory
+        group = n_heads // n_kv
+        return F.scaled_dot_product_attention(q, repeat_kv(k, group), repeat_kv(v, group), attn_mask=mask, scale=scale)
+    # Otherwise the query heads that share a kv head are laid side by side: no copies of the cache for the heads,
+    # and the small products are taken in float32, which CPUs do several times faster than half-precision ones.
+    q = q.reshape(B, n_kv, -1, hd).float()  # (B, nkv, group * L, hd)
+    scores = torch.matmul(q, k.float().transpose(2, 3)) * scale  # (B, nkv, group * L, T)
+    if softcap is not None:  # the cap sits between the product and the mask, which no fused kernel offers
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.view(B, n_kv, -1, L, T).masked_fill(~mask[:, :, None], torch.finfo(scores.dtype).min)
+    probs = F.softmax(scores, dim=-1).view(B, n_kv, -1, T)
+    return torch.matmul(probs, v.float()).to(v.dtype).view(B, n_heads, L, hd)
 
 
 class GemmaMLP(nn.Module):
@@ -237,12 +256,13 @@ class GemmaMLP(nn.Module):
     def __init__(self, config: GemmaConfig):
         super().__init__()
         self.act = ACTIVATIONS[config.hidden_act]
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linears(x, self.gate_proj, self.up_proj)
+        return self.down_proj(self.act(gate, up))  # act(gate) * up
 
 
 class GemmaDecoderLayer(nn.Module):
@@ -260,8 +280,9 @@ class GemmaDecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
             self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, masks: dict, start: int) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), cos, sin, masks[self.window], start)
+    def forward(self, x, cos, sin, masks: dict, start: int, last_only: bool = False) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), cos, sin, masks[self.window], start, last_only)
+        x = x[:, -h.shape[1]:]  # (B, 1, hidden) with last_only
         if not self.gemma2:  # Gemma 1's "post_attention_layernorm" is the norm in front of the MLP
             x = x + h
             return x + self.mlp(self.post_attention_layernorm(x))
@@ -284,10 +305,12 @@ class GemmaModel(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, L, H)
         return x * embed_scale(self.config.hidden_size, x.dtype)
 
-    def forward(self, x, positions, masks: dict, start: int) -> torch.Tensor:
+    def forward(self, x, positions, masks: dict, start: int, last_only: bool = False) -> torch.Tensor:
+        """Final hidden states (B, L, hidden); with last_only just the last position's (B, 1, hidden), which lets the
+        last layer skip its queries, attention output and MLP for every other position."""
         cos, sin = self.rotary_emb(positions, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, masks, start)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, masks, start, last_only and i == len(self.layers) - 1)
         return self.norm(x)
 
 
@@ -298,7 +321,7 @@ class GemmaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = GemmaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self):
@@ -315,7 +338,7 @@ class PaliGemmaMultiModalProjector(nn.Module):
 
     def __init__(self, config: PaliGemmaConfig):
         super().__init__()
-        self.linear = nn.Linear(config.vision_config.hidden_size, config.projection_dim)
+        self.linear = Linear(config.vision_config.hidden_size, config.projection_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)
@@ -368,21 +391,22 @@ class PaliGemmaForConditionalGeneration(nn.Module):
             layer.self_attn.kv_cache = KVCache(batch_size, max_len, text.num_key_value_heads, text.head_dim,
                                                w.dtype, w.device)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with the projected image features written into the <image> slots."""
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """Token embeddings, in dtype, with the projected image features written into the <image> slots."""
         lm = self.language_model.model
         slots = input_ids == self.config.image_token_index
         ids = input_ids.masked_fill(slots, 0) if self.config.image_token_index >= lm.config.vocab_size else input_ids
-        x = lm.embed(ids)  # (B, L, H)
+        x = lm.embed(ids).to(dtype)  # (B, L, H)
         if pixel_values is None:
             return x
-        features = self.multi_modal_projector(self.vision_tower(pixel_values)).to(x.dtype)  # (B, N, H)
+        features = self.multi_modal_projector(self.vision_tower(pixel_values.to(dtype))).to(dtype)  # (B, N, H)
         if int(slots.sum()) != features.shape[0] * features.shape[1]:
             raise ValueError(f"the prompt has {int(slots.sum())} <image> tokens for "
                              f"{features.shape[0] * features.shape[1]} image features")
         return x.masked_scatter(slots[..., None], features)
 
-    def forward(self, input_ids, positions, masks: dict, start: int, pixel_values=None, last_only=False):
-        """Logits (B, L or 1, vocab) for tokens written to the cache at positions start .. start + L - 1."""
-        h = self.language_model.model(self.embed(input_ids, pixel_values), positions, masks, start)
-        return self.language_model.logits(h[:, -1:] if last_only else h)
+    def forward(self, input_ids, positions, masks: dict, start: int, pixel_values=None, last_only=False, dtype=None):
+        """Logits (B, L or 1, vocab) for tokens written to the cache at positions start .. start + L - 1, computed
+        in dtype (the weights' by default; kernels.prefill_dtype explains when another one is faster)."""
+        x = self.embed(input_ids, pixel_values, dtype or self.language_model.lm_head.weight.dtype)
+        return self.language_model.logits(self.language_model.model(x, positions, masks, start, last_only))

@@ -10,9 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import Linear, gelu_tanh
+
+# act(x), or act(x) * up for a gated MLP, by config name; the tanh one has a fused CPU kernel.
 ACTIVATIONS = {
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": F.gelu,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu": lambda x, up=None: F.gelu(x) if up is None else F.gelu(x) * up,
 }
 
 
@@ -20,6 +23,13 @@ def embedding(rows: int, dim: int) -> nn.Embedding:
     """An nn.Embedding without the random init (its weights always come from the checkpoint): the first normal_ on
     the meta device costs torch almost a second."""
     return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm in the dtype of its input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
 @dataclass
@@ -63,10 +73,10 @@ class SiglipVisionEmbeddings(nn.Module):
         self.position_embedding = embedding(config.num_patches, config.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        w = self.patch_embedding.weight
-        x = self.patch_embedding(pixel_values.to(w.dtype))  # (B, D, S/p, S/p)
+        conv, dtype = self.patch_embedding, pixel_values.dtype  # the tower computes in the dtype it is given
+        x = F.conv2d(pixel_values, conv.weight.to(dtype), conv.bias.to(dtype), stride=conv.stride)  # (B, D, S/p, S/p)
         x = x.flatten(2).transpose(1, 2)  # (B, N, D), patches in row-major order
-        return x + self.position_embedding.weight  # positions are simply 0..N-1
+        return x + self.position_embedding.weight.to(dtype)  # positions are simply 0..N-1
 
 
 class SiglipAttention(nn.Module):
@@ -76,10 +86,10 @@ class SiglipAttention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
-        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.q_proj = Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
@@ -97,8 +107,8 @@ class SiglipMLP(nn.Module):
     def __init__(self, config: SiglipVisionConfig):
         super().__init__()
         self.act = ACTIVATIONS[config.hidden_act]
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -109,9 +119,9 @@ class SiglipEncoderLayer(nn.Module):
 
     def __init__(self, config: SiglipVisionConfig):
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm1 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.self_attn = SiglipAttention(config)
-        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm2 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = SiglipMLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,7 +149,7 @@ class SiglipVisionTransformer(nn.Module):
         super().__init__()
         self.embeddings = SiglipVisionEmbeddings(config)
         self.encoder = SiglipEncoder(config)
-        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.post_layernorm(self.encoder(self.embeddings(pixel_values)))  # (B, N, D)

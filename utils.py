@@ -6,6 +6,7 @@ piece, converted to the target dtype on the way, so that at no time does a whole
 a large tensor, sit in memory. Weights are only ever read from safetensors, never unpickled.
 """
 
+import itertools
 import json
 import math
 import mmap
@@ -207,12 +208,24 @@ def plan_load(model: torch.nn.Module, shards: list[Path]) -> list[TensorEntry]:
     return plan
 
 
+def allocate(shapes: list[torch.Size], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Uninitialised tensors; on the CPU, consecutive views of one block, so that weights registered side by side
+    (q, k, v; gate, up) lie side by side in memory and kernels.linears can multiply them as one matrix."""
+    if device.type != "cpu":
+        return [torch.empty(shape, dtype=dtype, device=device) for shape in shapes]
+    align = 64 // dtype.itemsize  # elements; every tensor starts on a cache line
+    sizes = [-(-math.prod(shape) // align) * align for shape in shapes]
+    block = torch.empty(sum(sizes), dtype=dtype)
+    starts = itertools.accumulate(sizes, initial=0)
+    return [block[start:start + math.prod(shape)].view(shape) for start, shape in zip(starts, shapes)]
+
+
 def materialise(model: torch.nn.Module, dtype: torch.dtype, device: torch.device):
     """Give every parameter real (uninitialised) memory in the target dtype; the loader then fills each one."""
-    for name, p in list(model.named_parameters()):  # a tied parameter is listed once
+    named = list(model.named_parameters())  # a tied parameter is listed once
+    for (name, _), data in zip(named, allocate([p.shape for _, p in named], dtype, device)):
         module_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(module_name), attr,
-                torch.nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device), requires_grad=False))
+        setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(data, requires_grad=False))
     model.reset_buffers()  # ties the head to the new embedding, computes RoPE frequencies
 
 

@@ -1,0 +1,149 @@
+"""Time to first token, decode speed and peak memory of generation: this project's command line against
+transformers' `generate`, each in a fresh process, on the same folder, image, prompt, dtype and token count.
+
+Ours is run exactly as a user runs it (`inference.py ... --output_format json`) and read from the `timings` it
+prints; transformers' first-token and decode times come from a streamer's timestamps. Decode speed is also given
+as a fraction of this machine's memory-bandwidth limit: the bytes of decoder weights read per token (the layers and
+the tied output head) against a measured copy bandwidth (bytes read plus bytes written per second).
+
+    python benchmarks/make_checkpoint.py      # once
+    python benchmarks/bench_generate.py       # float16 and bfloat16, 32 new tokens, test_images/cat.jpg
+    python benchmarks/bench_generate.py --dtypes bfloat16 --tokens 64 --runs ours
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_load import DEFAULT_MODEL, RESULTS, ROOT, cpu_name  # noqa: E402
+
+TRANSFORMERS_CHILD = """
+import json, sys, time, torch
+from PIL import Image
+from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+from transformers.generation.streamers import BaseStreamer
+path, image_path, prompt, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[5])
+dtype = getattr(torch, sys.argv[4])
+start = time.monotonic()
+model = PaliGemmaForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True).eval()
+processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+load_s = time.monotonic() - start
+
+class Clock(BaseStreamer):  # generate() calls put() once with the prompt, then once per new token
+    def __init__(self):
+        self.times = []
+    def put(self, value):
+        self.times.append(time.monotonic())
+    def end(self):
+        pass
+
+clock = Clock()
+start = time.monotonic()
+inputs = processor(images=Image.open(image_path), text=prompt, return_tensors="pt")
+inputs.pop("labels", None)
+with torch.inference_mode():
+    out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=clock)
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 2**20
+print(json.dumps({"load_s": load_s, "first_token_s": clock.times[1] - start,
+                  "decode_s": clock.times[-1] - clock.times[1], "decode_tokens": len(clock.times) - 2,
+                  "peak_rss_gib": hwm, "token_ids": out[0, inputs["input_ids"].shape[1]:].tolist()}))
+"""
+
+
+def run(args: list[str]) -> tuple[dict, float]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
+    wall = time.monotonic() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(args[:2])} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1]), wall
+
+
+def ours(model: Path, image: Path, prompt: str, dtype: str, tokens: int) -> dict:
+    result, wall = run([str(ROOT / "inference.py"), "--model_path", str(model), "--image_file_path", str(image),
+                        "--prompt", prompt, "--dtype", dtype, "--max_tokens_to_generate", str(tokens),
+                        "--output_format", "json", "--only_cpu", "True"])
+    return {**result["timings"], "process_s": wall, "generated": len(result["token_ids"])}
+
+
+def transformers(model: Path, image: Path, prompt: str, dtype: str, tokens: int) -> dict:
+    result, wall = run(["-c", TRANSFORMERS_CHILD, str(model), str(image), prompt, dtype, str(tokens)])
+    return {**result, "process_s": wall, "generated": len(result.pop("token_ids"))}
+
+
+def copy_bandwidth() -> float:
+    """Bytes read plus bytes written per second by a 1 GiB copy, the best of five."""
+    src, dst = torch.ones(1 << 28), torch.empty(1 << 28)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() / best
+
+
+def decoder_bytes(model: Path, dtype: str) -> int:
+    """Bytes of weights one decode step reads: every language-model parameter (the embedding is the head)."""
+    sys.path.insert(0, str(ROOT))
+    from utils import load_config
+
+    text = load_config(model).text_config
+    per_layer = (text.hidden_size * text.head_dim * (2 * text.num_attention_heads + 2 * text.num_key_value_heads)
+                 + 3 * text.hidden_size * text.intermediate_size + (4 if text.is_gemma2 else 2) * text.hidden_size)
+    params = text.num_hidden_layers * per_layer + text.vocab_size * text.hidden_size + text.hidden_size
+    return params * getattr(torch, dtype).itemsize
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_path", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--image", type=Path, default=ROOT / "test_images" / "cat.jpg")
+    parser.add_argument("--prompt", default="caption en")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
+    parser.add_argument("--runs", nargs="+", default=["ours", "transformers"], choices=["ours", "transformers"])
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if not (args.model_path / "config.json").is_file():
+        raise SystemExit(f"{args.model_path}: no checkpoint; make one with benchmarks/make_checkpoint.py")
+
+    bandwidth = copy_bandwidth()
+    rows = []
+    for dtype in args.dtypes:
+        for name in args.runs:
+            print(f"{name} {dtype} ...", file=sys.stderr)
+            result = {"ours": ours, "transformers": transformers}[name](args.model_path, args.image, args.prompt,
+                                                                        dtype, args.tokens)
+            tok_s = result["decode_tokens"] / result["decode_s"]
+            limit = bandwidth / decoder_bytes(args.model_path, dtype)
+            rows.append({"impl": name, "dtype": dtype, **result, "decode_tok_s": tok_s, "bandwidth_limit_tok_s": limit})
+
+    print(f"\n{args.model_path.name}, {args.tokens} new tokens, prompt {args.prompt!r}, {args.image.name}; "
+          f"{cpu_name()}, {os.cpu_count()} CPUs, copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
+    print("| impl | dtype | load s | first token s | decode tok/s | of bandwidth limit | peak RSS GiB "
+          "| first token vs transformers | decode vs transformers |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        base = next((r for r in rows if r["impl"] == "transformers" and r["dtype"] == row["dtype"]), None)
+        ratios = "- | -" if base is None else (f"{row['first_token_s'] / base['first_token_s']:.2f}x | "
+                                               f"{row['decode_tok_s'] / base['decode_tok_s']:.2f}x")
+        print(f"| {row['impl']} | {row['dtype']} | {row['load_s']:.1f} | {row['first_token_s']:.2f} "
+              f"| {row['decode_tok_s']:.2f} | {row['decode_tok_s'] / row['bandwidth_limit_tok_s']:.0%} "
+              f"| {row['peak_rss_gib']:.2f} | {ratios} |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"generate-{args.model_path.name}.json"
+    path.write_text(json.dumps({"model": args.model_path.name, "tokens": args.tokens, "prompt": args.prompt,
+                                "copy_bandwidth_bytes_s": bandwidth, "cpu": cpu_name(), "rows": rows}, indent=1))
+    print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

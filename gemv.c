@@ -1,0 +1,272 @@
+// Matrix-vector products with half-precision weights for the CPU decode step: y = x W^T for a few rows of x.
+//
+// One decode step reads every decoder weight once, so its speed is the speed at which weights stream from memory.
+// PyTorch's float16 and bfloat16 matrix-vector kernels convert too slowly to keep up on many CPUs; these widen
+// each weight to float32 in registers as it arrives and accumulate in float32. Built by kernels.py with
+// `-O3 -march=native` for the machine it runs on; kernels.py falls back to PyTorch when no compiler is there.
+#include <stdint.h>
+#include <math.h>
+#include <string.h>
+#include <immintrin.h>
+#include <omp.h>
+
+#define ROWS 8  // weight rows per pass: enough independent accumulators to hide the FMA latency
+#define MAX_X 4  // rows of x per pass over the weights
+// Software prefetch, as the hardware prefetcher falls behind on 8 streams and stops at every 4 KiB page: short
+// rows (up to SHORT_ROW elements) are fetched one block of rows ahead, long ones PREFETCH elements ahead.
+#define PREFETCH 256
+#define SHORT_ROW 4608
+
+#if defined(__AVX512F__)
+#define WIDTH 16
+typedef __m512 vec;
+static inline vec load_f16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+static inline vec load_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline vec load_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline vec fmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vec zero(void) { return _mm512_setzero_ps(); }
+static inline float sum(vec v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#define WIDTH 8
+typedef __m256 vec;
+static inline vec load_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+static inline vec load_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+static inline vec load_f32(const float *p) { return _mm256_loadu_ps(p); }
+static inline vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vec zero(void) { return _mm256_setzero_ps(); }
+static inline float sum(vec v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#else
+#error "needs AVX2 with F16C and FMA, or AVX-512"
+#endif
+
+static inline float scalar_f16(uint16_t h) { return _cvtsh_ss(h); }
+static inline float scalar_bf16(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+
+// One pass: y[m, r..r+nr) for the nm rows of x at x_m (nm, nr small constants once inlined, so that the
+// accumulators live in registers).
+#define PASS(NAME, LOAD, SCALAR)                                                                                   \
+    static inline __attribute__((always_inline)) void NAME(const uint16_t *W, const float *x, float *y,          \
+                                                           int64_t rows, int64_t cols, int64_t r, const int nr,  \
+                                                           const int nm) {                                       \
+        int64_t body = cols - cols % WIDTH, ahead = cols <= SHORT_ROW ? ROWS * cols : PREFETCH;                \
+        vec acc[MAX_X][ROWS];                                                                                     \
+        for (int m = 0; m < nm; m++)                                                                              \
+            for (int i = 0; i < nr; i++) acc[m][i] = zero();                                                      \
+        for (int64_t k = 0; k < body; k += WIDTH) {                                                               \
+            vec w[ROWS];                                                                                          \
+            for (int i = 0; i < nr; i++) {                                                                        \
+                _mm_prefetch((const char *)(W + (r + i) * cols + k + ahead), _MM_HINT_T0);                        \
+                w[i] = LOAD(W + (r + i) * cols + k);                                                              \
+            }                                                                                                     \
+            for (int m = 0; m < nm; m++) {                                                                        \
+                vec xv = load_f32(x + m * cols + k);                                                              \
+                for (int i = 0; i < nr; i++) acc[m][i] = fmadd(w[i], xv, acc[m][i]);                              \
+            }                                                                                                     \
+        }                                                                                                         \
+        for (int m = 0; m < nm; m++)                                                                              \
+            for (int i = 0; i < nr; i++) {                                                                        \
+                float s = sum(acc[m][i]);                                                                         \
+                for (int64_t k = body; k < cols; k++) s += SCALAR(W[(r + i) * cols + k]) * x[m * cols + k];      \
+                y[m * rows + r + i] = s;                                                                          \
+            }                                                                                                     \
+    }
+
+PASS(pass_f16, load_f16, scalar_f16)
+PASS(pass_bf16, load_bf16, scalar_bf16)
+
+// The slice [*begin, *end) of [0, n) that this OpenMP thread takes, in multiples of `align`.
+static void share(int64_t n, int64_t align, int64_t *begin, int64_t *end) {
+    int threads = omp_get_num_threads(), t = omp_get_thread_num();
+    int64_t step = ((n + threads - 1) / threads + align - 1) / align * align;
+    *begin = t * step < n ? t * step : n;
+    *end = *begin + step < n ? *begin + step : n;
+}
+
+// ys[j][m, r] = sum_k x[m, k] * Ws[j][r, k] for each of the n_w weights (rows[j], cols), half-precision (bf16 or
+// f16), and each of the n_x rows of x (float32); ys[j] is (n_x, rows[j]) float32, all row-major. The threads share
+// out the rows of all the weights together, so small matrices cost no extra round of threads.
+void gemv(int64_t n_w, const uint16_t *const *Ws, float *const *ys, const int64_t *rows, const float *x,
+          int64_t n_x, int64_t cols, int bf16) {
+    int64_t total = 0;
+    for (int64_t j = 0; j < n_w; j++) total += rows[j];
+#pragma omp parallel
+    {
+        int64_t begin, end;
+        share(total, ROWS, &begin, &end);
+        for (int64_t m0 = 0; m0 < n_x; m0 += MAX_X) {
+            int64_t nm = n_x - m0 < MAX_X ? n_x - m0 : MAX_X, offset = 0;
+            for (int64_t j = 0; j < n_w; offset += rows[j++]) {
+                int64_t r = begin > offset ? begin - offset : 0, r1 = end - offset < rows[j] ? end - offset : rows[j];
+                const float *xm = x + m0 * cols;
+                float *ym = ys[j] + m0 * rows[j];
+                for (; r + ROWS <= r1; r += ROWS) {
+                    if (bf16) switch (nm) {
+                        case 1: pass_bf16(Ws[j], xm, ym, rows[j], cols, r, ROWS, 1); break;
+                        case 2: pass_bf16(Ws[j], xm, ym, rows[j], cols, r, ROWS, 2); break;
+                        case 3: pass_bf16(Ws[j], xm, ym, rows[j], cols, r, ROWS, 3); break;
+                        default: pass_bf16(Ws[j], xm, ym, rows[j], cols, r, ROWS, 4);
+                    } else switch (nm) {
+                        case 1: pass_f16(Ws[j], xm, ym, rows[j], cols, r, ROWS, 1); break;
+                        case 2: pass_f16(Ws[j], xm, ym, rows[j], cols, r, ROWS, 2); break;
+                        case 3: pass_f16(Ws[j], xm, ym, rows[j], cols, r, ROWS, 3); break;
+                        default: pass_f16(Ws[j], xm, ym, rows[j], cols, r, ROWS, 4);
+                    }
+                }
+                for (; r < r1; r++) {
+                    if (bf16) pass_bf16(Ws[j], xm, ym, rows[j], cols, r, 1, (int)nm);
+                    else pass_f16(Ws[j], xm, ym, rows[j], cols, r, 1, (int)nm);
+                }
+            }
+        }
+    }
+}
+
+static void f16_to_bf16_slice(const uint16_t *src, uint16_t *dst, int64_t i, int64_t end) {
+#if defined(__AVX512F__)
+    const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+    for (; i + 16 <= end; i += 16) {
+        __m512i u = _mm512_castps_si512(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+        u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(bias, lsb)), 16);
+        _mm256_storeu_si256((__m256i *)(dst + i), _mm512_cvtepi32_epi16(u));
+    }
+#else
+    const __m256i bias = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1);
+    for (; i + 8 <= end; i += 8) {
+        __m256i u = _mm256_castps_si256(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+        __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
+        u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(bias, lsb)), 16);
+        __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+        _mm_storeu_si128((__m128i *)(dst + i), packed);
+    }
+#endif
+    for (; i < end; i++) {
+        float f = scalar_f16(src[i]);
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        dst[i] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+    }
+}
+
+// dst = src rounded from float16 to bfloat16 (to nearest, ties to even, as torch's .to(torch.bfloat16) does for
+// finite values), n elements: the prefill multiplies in bfloat16, which most CPUs do several times faster than
+// float16, and torch's own float16 -> bfloat16 conversion is slow.
+void f16_to_bf16(const uint16_t *src, uint16_t *dst, int64_t n) {
+#pragma omp parallel
+    {
+        int64_t begin, end;
+        share(n, 64, &begin, &end);
+        f16_to_bf16_slice(src, dst, begin, end);
+    }
+}
+
+#if defined(__AVX512F__)
+static inline vec splat(float f) { return _mm512_set1_ps(f); }
+static inline vec vmin(vec a, vec b) { return _mm512_min_ps(a, b); }
+static inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
+static inline vec vround(vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vec pow2i(vec i) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(i), _mm512_set1_epi32(127)), 23));
+}
+static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+static inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+static inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
+static inline void store_f16(uint16_t *p, vec v) {
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+static inline void store_bf16(uint16_t *p, vec v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(u));
+}
+#else
+static inline vec splat(float f) { return _mm256_set1_ps(f); }
+static inline vec vmin(vec a, vec b) { return _mm256_min_ps(a, b); }
+static inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
+static inline vec vround(vec a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vec pow2i(vec i) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(i), _mm256_set1_epi32(127)), 23));
+}
+static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+static inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
+static inline void store_f16(uint16_t *p, vec v) {
+    _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+static inline void store_bf16(uint16_t *p, vec v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
+    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)));
+}
+#endif
+
+// exp(t) for t in about [-87, 87]: 2^(t log2 e) split into 2^i * 2^f, f in [-0.5, 0.5], and a degree-6 Taylor
+// polynomial for 2^f (relative error ~1e-7, well below what a half-precision result keeps).
+static inline vec exp_approx(vec t) {
+    t = vmin(vmax(t, splat(-87.0f)), splat(87.0f));
+    vec y = vmul(t, splat(1.44269504088896341f));  // log2(e)
+    vec i = vround(y), f = vsub(y, i);               // y = i + f, |f| <= 0.5
+    vec p = splat(1.535336188319500e-4f);            // (ln 2)^k / k!, k = 6 .. 0
+    p = fmadd(p, f, splat(1.339887440266574e-3f));
+    p = fmadd(p, f, splat(9.618437357674640e-3f));
+    p = fmadd(p, f, splat(5.550332471162809e-2f));
+    p = fmadd(p, f, splat(2.402264791363012e-1f));
+    p = fmadd(p, f, splat(6.931472028550421e-1f));
+    p = fmadd(p, f, splat(1.0f));
+    return vmul(p, pow2i(i));
+}
+
+// gelu_tanh(x) = 0.5 x (1 + tanh(z)) = x / (1 + exp(-2z)), z = sqrt(2 / pi) (x + 0.044715 x^3).
+static inline vec gelu(vec x) {
+    vec z2 = vmul(vmul(x, splat(-1.5957691216057308f)), fmadd(vmul(x, x), splat(0.044715f), splat(1.0f)));
+    return vdiv(x, vadd(splat(1.0f), exp_approx(z2)));
+}
+
+static inline float gelu_scalar(float x) {
+    float z = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+    return 0.5f * x * (1.0f + tanhf(z));
+}
+
+// out[r, c] = gelu_tanh(x[r, c]) * (up ? up[r, c] : 1) for (rows, cols) half-precision matrices whose rows start
+// x_stride, up_stride and cols elements apart (x and up may be column slices of a wider product); float32 inside,
+// one rounding at the end. The MLPs' activation in one pass instead of torch's three.
+void gelu_tanh_mul(const uint16_t *x, int64_t x_stride, const uint16_t *up, int64_t up_stride, uint16_t *out,
+                   int64_t rows, int64_t cols, int bf16) {
+#pragma omp parallel
+    {
+        int64_t begin, end;
+        share(rows * cols, WIDTH, &begin, &end);
+        for (int64_t i = begin; i < end;) {
+            int64_t r = i / cols, c = i % cols, n = (end - i < cols - c) ? end - i : cols - c;
+            const uint16_t *xr = x + r * x_stride + c, *ur = up ? up + r * up_stride + c : 0;
+            uint16_t *o = out + r * cols + c;
+            int64_t j = 0;
+            for (; j + WIDTH <= n; j += WIDTH) {
+                vec g = gelu(bf16 ? load_bf16(xr + j) : load_f16(xr + j));
+                if (ur) g = vmul(g, bf16 ? load_bf16(ur + j) : load_f16(ur + j));
+                if (bf16) store_bf16(o + j, g);
+                else store_f16(o + j, g);
+            }
+            for (; j < n; j++) {
+                float g = gelu_scalar(bf16 ? scalar_bf16(xr[j]) : scalar_f16(xr[j]));
+                if (ur) g *= bf16 ? scalar_bf16(ur[j]) : scalar_f16(ur[j]);
+                uint32_t u;
+                memcpy(&u, &g, 4);
+                o[j] = bf16 ? (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16) : _cvtss_sh(g, 0);
+            }
+            i += n;
+        }
+    }
+}
