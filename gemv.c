@@ -9,6 +9,8 @@
 #include <string.h>
 #include <immintrin.h>
 #include <omp.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #define ROWS 8  // weight rows per pass: enough independent accumulators to hide the FMA latency
 #define MAX_X 4  // rows of x per pass over the weights
@@ -180,6 +182,7 @@ static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
 static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 static inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
 static inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
+static inline void store_f32(float *p, vec v) { _mm512_storeu_ps(p, v); }
 static inline void store_f16(uint16_t *p, vec v) {
     _mm256_storeu_si256((__m256i *)p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
@@ -201,6 +204,7 @@ static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
 static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
 static inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
 static inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
+static inline void store_f32(float *p, vec v) { _mm256_storeu_ps(p, v); }
 static inline void store_f16(uint16_t *p, vec v) {
     _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
@@ -267,6 +271,70 @@ void gelu_tanh_mul(const uint16_t *x, int64_t x_stride, const uint16_t *up, int6
                 o[j] = bf16 ? (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16) : _cvtss_sh(g, 0);
             }
             i += n;
+        }
+    }
+}
+
+// Loading: convert tensors from a mapped safetensors shard into parameters, piece by piece, dropping each piece's
+// pages from the process once it is converted (the page cache keeps them). One call does a whole shard without the
+// GIL, so that Python can load the tokenizer at the same time.
+enum { F32 = 0, F16 = 1, BF16 = 2 };
+typedef struct {
+    int64_t src_offset;  // bytes from the start of the mapping
+    void *dst;
+    int64_t n;  // elements
+    int32_t src_kind, dst_kind;
+} convert_job;
+
+static inline float read_kind(const uint8_t *p, int kind, int64_t i) {
+    if (kind == F32) { float f; memcpy(&f, p + 4 * i, 4); return f; }
+    uint16_t h;
+    memcpy(&h, p + 2 * i, 2);
+    return kind == F16 ? scalar_f16(h) : scalar_bf16(h);
+}
+
+static void convert_slice(const uint8_t *src, int src_kind, uint8_t *dst, int dst_kind, int64_t i, int64_t end) {
+    int64_t size[] = {4, 2, 2};
+    if (src_kind == dst_kind) {
+        memcpy(dst + i * size[dst_kind], src + i * size[src_kind], (end - i) * size[src_kind]);
+        return;
+    }
+    for (; i + WIDTH <= end; i += WIDTH) {
+        vec v = src_kind == F32 ? load_f32((const float *)src + i)
+                : src_kind == F16 ? load_f16((const uint16_t *)src + i) : load_bf16((const uint16_t *)src + i);
+        if (dst_kind == F32) store_f32((float *)dst + i, v);
+        else if (dst_kind == F16) store_f16((uint16_t *)dst + i, v);
+        else store_bf16((uint16_t *)dst + i, v);
+    }
+    for (; i < end; i++) {
+        float f = read_kind(src, src_kind, i);
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        if (dst_kind == F32) ((float *)dst)[i] = f;
+        else if (dst_kind == F16) ((uint16_t *)dst)[i] = _cvtss_sh(f, 0);
+        else ((uint16_t *)dst)[i] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+    }
+}
+
+// Runs the jobs in order, piece_bytes of source at a time; *done counts the source bytes converted so far.
+void convert_shard(uint8_t *base, const convert_job *jobs, int64_t n_jobs, int64_t piece_bytes, int64_t *done) {
+    int64_t page = sysconf(_SC_PAGESIZE), size[] = {4, 2, 2};
+    for (int64_t j = 0; j < n_jobs; j++) {
+        const convert_job *job = jobs + j;
+        int64_t per_piece = piece_bytes / size[job->src_kind];
+        for (int64_t first = 0; first < job->n; first += per_piece) {
+            int64_t count = job->n - first < per_piece ? job->n - first : per_piece;
+            const uint8_t *src = base + job->src_offset + first * size[job->src_kind];
+            uint8_t *dst = (uint8_t *)job->dst + first * size[job->dst_kind];
+#pragma omp parallel
+            {
+                int64_t begin, end;
+                share(count, 64, &begin, &end);
+                convert_slice(src, job->src_kind, dst, job->dst_kind, begin, end);
+            }
+            int64_t start = (src - base) / page * page;
+            madvise(base + start, (src - base) + count * size[job->src_kind] - start, MADV_DONTNEED);
+            __atomic_add_fetch(done, count * size[job->src_kind], __ATOMIC_RELAXED);
         }
     }
 }

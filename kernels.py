@@ -63,6 +63,7 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.gemv.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     lib.f16_to_bf16.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64]
+    lib.convert_shard.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
     lib.gelu_tanh_mul.argtypes = [ctypes.c_void_p, ctypes.c_int64] * 2 + [ctypes.c_void_p] + [ctypes.c_int64] * 2 + [
         ctypes.c_int]
     return lib

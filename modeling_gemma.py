@@ -154,14 +154,13 @@ class GemmaRotaryEmbedding(nn.Module):
     def __init__(self, config: GemmaConfig):
         super().__init__()
         self.head_dim, self.theta = config.head_dim, config.rope_theta
-        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
-
-    def compute_inv_freq(self, device=None) -> torch.Tensor:
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
-        return 1.0 / (self.theta**exponents)
+        self.register_buffer("inv_freq", torch.empty(self.head_dim // 2), persistent=False)
+        if not self.inv_freq.is_meta:  # on the meta device it is computed by reset_buffers, once materialised
+            self.reset_buffers(self.inv_freq.device)
 
     def reset_buffers(self, device):
-        self.inv_freq = self.compute_inv_freq(device)
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+        self.inv_freq = 1.0 / (self.theta**exponents)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[..., None].float() * self.inv_freq  # (B, L, hd/2)

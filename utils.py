@@ -6,6 +6,7 @@ piece, converted to the target dtype on the way, so that at no time does a whole
 a large tensor, sit in memory. Weights are only ever read from safetensors, never unpickled.
 """
 
+import ctypes
 import itertools
 import json
 import math
@@ -13,6 +14,7 @@ import mmap
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from kernels import library  # noqa: E402
 from modeling_gemma import PaliGemmaConfig, PaliGemmaForConditionalGeneration  # noqa: E402
 
 hf_logging.set_verbosity_error()
@@ -259,17 +262,48 @@ def stream_tensors(model: torch.nn.Module, plan: list[TensorEntry], progress: Pr
     """Copy each planned tensor into its parameter, PIECE_BYTES at a time, converting to the parameter's dtype.
 
     Each shard is mapped, and each piece converted straight from the mapping (one pass over the bytes), then
-    unmapped again: the page cache keeps the file, but the pages do not pile up in this process's memory.
+    unmapped again: the page cache keeps the file, but the pages do not pile up in this process's memory. On the
+    CPU the compiled kernel converts a whole shard in one call, without Python's lock (see load_hf_model).
     """
     params = dict(model.named_parameters())
     for file in dict.fromkeys(e.file for e in plan):
+        entries = [e for e in plan if e.file == file]
         with open(file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
-            for entry in (e for e in plan if e.file == file):
+            for entry in entries:
                 if entry.start + entry.nbytes > len(mapped):
                     raise LoadError(f"{file}: ended early while reading tensor {entry.key!r}")
-                copy_tensor(mapped, entry, params[entry.name].data.view(-1), progress)
+            dests = [params[e.name].data.view(-1) for e in entries]
+            if not convert_shard(mapped, entries, dests, progress):
+                for entry, dest in zip(entries, dests):
+                    copy_tensor(mapped, entry, dest, progress)
         if progress:
             progress.shard_done()
+
+
+KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # as gemv.c's convert_shard numbers them
+
+
+class ConvertJob(ctypes.Structure):
+    _fields_ = [("src_offset", ctypes.c_int64), ("dst", ctypes.c_void_p), ("n", ctypes.c_int64),
+                ("src_kind", ctypes.c_int32), ("dst_kind", ctypes.c_int32)]
+
+
+def convert_shard(mapped: mmap.mmap, entries: list[TensorEntry], dests: list[torch.Tensor], progress) -> bool:
+    """The whole shard through gemv.c's convert_shard, if it can take it (CPU, 32- and 16-bit floats)."""
+    lib = library()
+    kinds = [(KINDS.get(SAFETENSORS_DTYPES[e.dtype][1]), KINDS.get(d.dtype)) for e, d in zip(entries, dests)]
+    if lib is None or not mapped or any(d.device.type != "cpu" or None in k for d, k in zip(dests, kinds)):
+        return False
+    jobs = (ConvertJob * len(entries))(*(ConvertJob(e.start, d.data_ptr(), d.numel(), *k)
+                                         for e, d, k in zip(entries, dests, kinds)))
+    done, base = ctypes.c_int64(0), ctypes.c_char.from_buffer(mapped)
+    try:
+        lib.convert_shard(ctypes.addressof(base), jobs, len(entries), PIECE_BYTES, ctypes.byref(done))
+    finally:
+        del base  # the mapping can only be closed once nothing points into it
+    if progress:
+        progress.add(done.value)
+    return True
 
 
 def copy_tensor(mapped: mmap.mmap, entry: TensorEntry, dest: torch.Tensor, progress: Progress | None):
@@ -336,14 +370,22 @@ def load_hf_model(model_path: str | Path, device: str | torch.device, dtype: tor
         model = PaliGemmaForConditionalGeneration(config)
     shards = find_shards(folder)
     plan = plan_load(model, shards)
-    tokenizer = tokenizer or load_tokenizer(folder)
+    if tokenizer is None and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise LoadError(f"{folder}: no tokenizer files ({' or '.join(TOKENIZER_FILES)})")
     if memory_check:
         weights = sum(p.numel() for p in model.parameters()) * dtype.itemsize
         check_memory(weights + WORKING_MEMORY, device)
     materialise(model, dtype, device)
     progress = Progress(sum(e.nbytes for e in plan), len(shards)) if verbose else None
-    with torch.no_grad():
-        stream_tensors(model, plan, progress)
+    with torch.no_grad(), ThreadPoolExecutor(1) as background:
+        # The tokenizer (about a second of Python) is read while the weights stream, which runs without the GIL.
+        streaming = background.submit(stream_tensors, model, plan, progress)
+        try:
+            tokenizer = tokenizer or load_tokenizer(folder)
+        finally:
+            failure = streaming.exception()  # waits for the weights, whatever happened to the tokenizer
+        if failure:
+            raise failure
     model.eval().requires_grad_(False)
     if verbose:
         n = sum(p.numel() for p in model.parameters())

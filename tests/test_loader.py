@@ -74,8 +74,11 @@ def test_every_layout_loads_exactly_the_values_transformers_loads(name, checkpoi
     assert len(dict(model.named_parameters())) == len({transformers_name(n) for n, _ in model.named_parameters()})
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled converter", "torch converter"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_values_equal_the_file_rounded_to_nearest(dtype, checkpoint, reference):
+def test_half_precision_values_equal_the_file_rounded_to_nearest(dtype, compiled, checkpoint, reference, monkeypatch):
+    if not compiled:
+        monkeypatch.setattr(utils, "library", lambda: None)
     ref, _ = reference("v1_mqa")
     model, _ = load_hf_model(checkpoint("v1_mqa"), "cpu", dtype, verbose=False)
     expected = ref.state_dict()
@@ -84,7 +87,10 @@ def test_half_precision_values_equal_the_file_rounded_to_nearest(dtype, checkpoi
         assert torch.equal(p, expected[transformers_name(ours)].to(dtype)), ours
 
 
-def test_tensor_larger_than_the_read_piece_is_streamed_exactly(checkpoint, monkeypatch):
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled converter", "torch converter"])
+def test_tensor_larger_than_the_read_piece_is_streamed_exactly(compiled, checkpoint, monkeypatch):
+    if not compiled:
+        monkeypatch.setattr(utils, "library", lambda: None)
     whole, _ = load_hf_model(checkpoint("v1_mqa"), "cpu", torch.float16, verbose=False)
     monkeypatch.setattr(utils, "PIECE_BYTES", 1000)  # smaller than most tensors, and not a multiple of their rows
     pieces, _ = load_hf_model(checkpoint("v1_mqa"), "cpu", torch.float16, verbose=False)
