@@ -20,7 +20,7 @@ import torch
 from kernels import prefill_dtype
 from modeling_gemma import PaliGemmaForConditionalGeneration, attention_masks
 from processing_paligemma import DEFAULT_MAX_PIXELS, PaliGemmaProcessor, load_image
-from utils import DTYPES, LoadError, load_config, load_hf_model, load_tokenizer, log, peak_rss_gib
+from utils import DTYPES, LoadError, load_config, load_hf_model, load_tokenizer, log, peak_rss_gib, stop_tokens
 
 DEFAULT_IMAGE = Path(__file__).resolve().parent / "test_images" / "cat.jpg"
 
@@ -150,6 +150,7 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
     # Everything that can be wrong with the input is found before the weights are loaded.
     with clock("load_s"):
         config, tokenizer = load_config(model_path), load_tokenizer(Path(model_path))
+        stop_ids = stop_tokens(Path(model_path), config)
         processor = PaliGemmaProcessor.from_folder(model_path, tokenizer, config.vision_config.image_size,
                                                    config.num_image_tokens)
     with clock("image_s"):
@@ -167,7 +168,7 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
     ids, logprobs = [], []
     with torch.inference_mode():
         steps = generate(model, {k: v.to(device) for k, v in inputs.items()}, budget,
-                         temperature if do_sample else 0.0, top_p, (config.eos_token_id,), generator)
+                         temperature if do_sample else 0.0, top_p, stop_ids, generator)
         while True:
             with clock("prefill_s" if not ids else "decode_s"):
                 step = next(steps, None)

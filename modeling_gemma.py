@@ -231,6 +231,9 @@ class GemmaAttention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, q.shape[2], -1))  # (B, Lq, hidden)
 
 
+QUERY_CHUNK = 512  # queries per pass where the scores are materialised: 16 heads x 512 x 4.1k keys in float32 = 134 MB
+
+
 def attend(q, k, v, mask: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
     """softmax(q k^T * scale [soft-capped], masked) v for (B, nh, L, hd) queries and (B, nkv, T, hd) keys/values."""
     B, n_heads, L, hd = q.shape
@@ -238,6 +241,9 @@ def attend(q, k, v, mask: torch.Tensor, scale: float, softcap: float | None) -> 
     if softcap is None and L > 1:  # a fused kernel keeps the L x T scores of a long prompt out of memory
         group = n_heads // n_kv
         return F.scaled_dot_product_attention(q, repeat_kv(k, group), repeat_kv(v, group), attn_mask=mask, scale=scale)
+    if L > QUERY_CHUNK:  # e.g. 4096 image tokens at 896 px: the scores of a chunk of queries at a time
+        return torch.cat([attend(q[:, :, i:i + QUERY_CHUNK], k, v, mask[:, :, i:i + QUERY_CHUNK], scale, softcap)
+                          for i in range(0, L, QUERY_CHUNK)], dim=2)
     # Otherwise the query heads that share a kv head are laid side by side: no copies of the cache for the heads,
     # and the small products are taken in float32, which CPUs do several times faster than half-precision ones.
     q = q.reshape(B, n_kv, -1, hd).float()  # (B, nkv, group * L, hd)

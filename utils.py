@@ -30,6 +30,7 @@ from modeling_gemma import PaliGemmaConfig, PaliGemmaForConditionalGeneration  #
 hf_logging.set_verbosity_error()
 
 PIECE_BYTES = 64 << 20  # what is converted from a shard at a time
+MAP_IN_PLACE = True  # use tensors stored in the target dtype straight from the (privately) mapped files
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library refuses larger headers too
 SAFETENSORS_DTYPES = {  # safetensors dtype -> (bytes per element, torch dtype for weights or None)
     "F64": (8, torch.float64), "F32": (4, torch.float32), "F16": (2, torch.float16), "BF16": (2, torch.bfloat16),
@@ -157,6 +158,17 @@ def read_safetensors_header(path: Path) -> list[TensorEntry]:
     return entries
 
 
+def stop_tokens(folder: Path, config: PaliGemmaConfig) -> tuple[int, ...]:
+    """The ids generation stops at: generation_config.json's eos_token_id (one id or a list, as transformers reads
+    it; PaliGemma 2 fine-tunes may name <end_of_turn> too), else config.json's."""
+    path = Path(folder) / "generation_config.json"
+    eos = read_json(path, "generation_config.json").get("eos_token_id") if path.is_file() else None
+    ids = eos if isinstance(eos, list) else [eos] if eos is not None else [config.eos_token_id]
+    if not ids or not all(type(i) is int and i >= 0 for i in ids):
+        raise LoadError(f"{path}: eos_token_id must be a token id or a list of them, not {eos!r}")
+    return tuple(ids)
+
+
 def find_shards(folder: Path) -> list[Path]:
     """The safetensors files of the checkpoint, from the index if there is one."""
     index_file = folder / "model.safetensors.index.json"
@@ -223,13 +235,42 @@ def allocate(shapes: list[torch.Size], dtype: torch.dtype, device: torch.device)
     return [block[start:start + math.prod(shape)].view(shape) for start, shape in zip(starts, shapes)]
 
 
-def materialise(model: torch.nn.Module, dtype: torch.dtype, device: torch.device):
-    """Give every parameter real (uninitialised) memory in the target dtype; the loader then fills each one."""
-    named = list(model.named_parameters())  # a tied parameter is listed once
-    for (name, _), data in zip(named, allocate([p.shape for _, p in named], dtype, device)):
+def materialise(model: torch.nn.Module, plan: list[TensorEntry], dtype: torch.dtype,
+                device: torch.device) -> tuple[list[TensorEntry], list[mmap.mmap]]:
+    """Give every parameter memory in the target dtype. On the CPU, a tensor the file already holds in that dtype
+    becomes a view straight into the shard's mapping: no copy, and the page cache is the weights (a 10B model in
+    bfloat16 then fits beside its own files). Every other parameter gets fresh memory for the loader to fill.
+    Returns the entries still to be copied, and the mappings to read in (see populate)."""
+    params = dict(model.named_parameters())  # a tied parameter is listed once
+    views, mappings = {}, []
+    for file in dict.fromkeys(e.file for e in plan) if device.type == "cpu" and MAP_IN_PLACE else []:
+        in_place = [e for e in plan if e.file == file and SAFETENSORS_DTYPES[e.dtype][1] == dtype
+                    and e.start % dtype.itemsize == 0]
+        if in_place:
+            with open(file, "rb") as f:
+                mappings.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))  # private: never writes the file
+            flat = torch.frombuffer(mappings[-1], dtype=torch.uint8)  # keeps the mapping alive with the parameters
+            views.update((e.name, flat[e.start:e.start + e.nbytes].view(dtype).view(e.shape)) for e in in_place)
+    to_fill = [name for name in params if name not in views]
+    views.update(zip(to_fill, allocate([params[name].shape for name in to_fill], dtype, device)))
+    for name, data in views.items():
         module_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(data, requires_grad=False))
     model.reset_buffers()  # ties the head to the new embedding, computes RoPE frequencies
+    return [e for e in plan if e.name in to_fill], mappings
+
+
+def populate(mappings: list[mmap.mmap]):
+    """Read mapped weights in now (from the page cache, or the disk) rather than at the first token."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for mapped in mappings:
+        address = ctypes.c_char.from_buffer(mapped)
+        try:  # MADV_POPULATE_READ (Linux 5.14) maps every page; older kernels get MADV_WILLNEED's read-ahead
+            if libc.madvise(ctypes.c_void_p(ctypes.addressof(address)), ctypes.c_size_t(len(mapped)), 22) != 0:
+                libc.madvise(ctypes.c_void_p(ctypes.addressof(address)), ctypes.c_size_t(len(mapped)),
+                             mmap.MADV_WILLNEED)
+        finally:
+            del address
 
 
 def gib(nbytes: int) -> str:
@@ -375,11 +416,11 @@ def load_hf_model(model_path: str | Path, device: str | torch.device, dtype: tor
     if memory_check:
         weights = sum(p.numel() for p in model.parameters()) * dtype.itemsize
         check_memory(weights + WORKING_MEMORY, device)
-    materialise(model, dtype, device)
-    progress = Progress(sum(e.nbytes for e in plan), len(shards)) if verbose else None
+    to_copy, mappings = materialise(model, plan, dtype, device)
+    progress = Progress(sum(e.nbytes for e in to_copy), len({e.file for e in to_copy})) if verbose else None
     with torch.no_grad(), ThreadPoolExecutor(1) as background:
         # The tokenizer (about a second of Python) is read while the weights stream, which runs without the GIL.
-        streaming = background.submit(stream_tensors, model, plan, progress)
+        streaming = background.submit(lambda: (populate(mappings), stream_tensors(model, to_copy, progress)))
         try:
             tokenizer = tokenizer or load_tokenizer(folder)
         finally:
@@ -389,8 +430,10 @@ def load_hf_model(model_path: str | Path, device: str | torch.device, dtype: tor
     model.eval().requires_grad_(False)
     if verbose:
         n = sum(p.numel() for p in model.parameters())
+        in_place = sum(e.nbytes for e in plan) - sum(e.nbytes for e in to_copy)
         log(f"loaded {n:,} parameters as {str(dtype).removeprefix('torch.')} on {device} in "
-            f"{time.perf_counter() - start:.1f} s, peak memory {peak_rss_gib():.2f} GiB")
+            f"{time.perf_counter() - start:.1f} s, peak memory {peak_rss_gib():.2f} GiB"
+            + (f" ({gib(in_place)} GiB used in place from the files)" if in_place else ""))
     return model, tokenizer
 
 

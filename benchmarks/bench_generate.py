@@ -57,13 +57,20 @@ print(json.dumps({"load_s": load_s, "first_token_s": clock.times[1] - start,
 """
 
 
+class Failed(Exception):
+    """A run that did not finish: killed (out of memory, say) or an error."""
+
+
 def run(args: list[str]) -> tuple[dict, float]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
     start = time.monotonic()
     proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
     wall = time.monotonic() - start
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(args[:2])} failed:\n{proc.stderr[-3000:]}")
+        last = (proc.stderr.strip().splitlines() or [""])[-1]
+        why = f"killed by signal {-proc.returncode} (the kernel's out-of-memory killer sends 9)" if (
+            proc.returncode < 0) else f"exit status {proc.returncode}: {last}"
+        raise Failed(f"{why} after {wall:.0f} s")
     return json.loads(proc.stdout.strip().splitlines()[-1]), wall
 
 
@@ -120,8 +127,12 @@ def main():
     for dtype in args.dtypes:
         for name in args.runs:
             print(f"{name} {dtype} ...", file=sys.stderr)
-            result = {"ours": ours, "transformers": transformers}[name](args.model_path, args.image, args.prompt,
-                                                                        dtype, args.tokens)
+            try:
+                result = {"ours": ours, "transformers": transformers}[name](args.model_path, args.image,
+                                                                            args.prompt, dtype, args.tokens)
+            except Failed as e:
+                rows.append({"impl": name, "dtype": dtype, "failed": str(e)})
+                continue
             tok_s = result["decode_tokens"] / result["decode_s"]
             limit = bandwidth / decoder_bytes(args.model_path, dtype)
             rows.append({"impl": name, "dtype": dtype, **result, "decode_tok_s": tok_s, "bandwidth_limit_tok_s": limit})
@@ -132,7 +143,11 @@ def main():
           "| first token vs transformers | decode vs transformers |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        base = next((r for r in rows if r["impl"] == "transformers" and r["dtype"] == row["dtype"]), None)
+        if "failed" in row:
+            print(f"| {row['impl']} | {row['dtype']} | failed: {row['failed']} | | | | | | |")
+            continue
+        base = next((r for r in rows if r["impl"] == "transformers" and r["dtype"] == row["dtype"]
+                     and "failed" not in r), None)
         ratios = "- | -" if base is None else (f"{row['first_token_s'] / base['first_token_s']:.2f}x | "
                                                f"{row['decode_tok_s'] / base['decode_tok_s']:.2f}x")
         print(f"| {row['impl']} | {row['dtype']} | {row['load_s']:.1f} | {row['first_token_s']:.2f} "

@@ -18,6 +18,10 @@ CHECKPOINTS = {
     "v1_gqa": dict(version=1, kv_heads=2, layout="transformers5"),
     "v1_mha": dict(version=1, kv_heads=4, layout="model_prefix"),
     "v2_gqa": dict(version=2, kv_heads=2, layout="published"),
+    # 448-style: 16 image tokens, more than the sliding window of 6, so the prefix must override the window.
+    "v2_448style": dict(version=2, kv_heads=2, layout="transformers5", image_size=56),
+    # 28b-style: the attention scale comes from query_pre_attn_scalar (here 24), not from head_dim (16).
+    "v2_28bstyle": dict(version=2, kv_heads=1, layout="model_prefix", query_pre_attn_scalar=24),
 }
 
 

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +76,17 @@ def test_missing_model_folder_fails_with_one_line_and_no_traceback(tmp_path, ima
     assert result.returncode != 0
     assert result.stdout == ""
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere'}: model folder does not exist"]
+
+
+def test_generation_stops_at_any_stop_token_generation_config_names(checkpoint, reference, image_file, tmp_path):
+    import shutil
+
+    folder = Path(shutil.copytree(checkpoint("v2_gqa"), tmp_path / "ckpt"))
+    free, _, _ = transformers_greedy(reference, "v2_gqa", image_file, "caption en", 12)
+    stop = free[5]  # PaliGemma 2 configs name <eos> and <end_of_turn>; here <eos> and a token greedy reaches
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 2, "eos_token_id": [1, stop],
+                                                                "pad_token_id": 0}))
+    result = run_cli("--model_path", folder, "--image_file_path", image_file, "--max_tokens_to_generate", 12,
+                     "--dtype", "float32", "--output_format", "json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["token_ids"] == free[:free.index(stop) + 1]

@@ -147,3 +147,16 @@ def test_half_precision_logits_stay_near_float32(name, dtype, path, checkpoint, 
     torch.testing.assert_close(half.float(), exact, atol=HALF_BOUND, rtol=0)
     for exact_step, half_step in steps:
         torch.testing.assert_close(half_step.float(), exact_step, atol=HALF_BOUND, rtol=0)
+
+
+def test_attention_in_query_chunks_matches_transformers(checkpoint, reference, image, monkeypatch):
+    import modeling_gemma
+
+    monkeypatch.setattr(modeling_gemma, "QUERY_CHUNK", 3)  # the 896-px path, on a 21-token prompt
+    ref, ref_processor = reference("v2_448style")
+    model, processor = load_ours(checkpoint("v2_448style"))
+    inputs = processor([PROMPT], [image])
+    with torch.no_grad():
+        expected = ref(**reference_inputs(ref_processor, image)).logits
+        logits, _ = prefill(model, inputs, inputs["input_ids"].shape[1], all_logits=True)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)

@@ -50,8 +50,8 @@ def build_processor():
     return PaliGemmaProcessor(image_processor=image_processor, tokenizer=build_tokenizer())
 
 
-def build_model(version: int = 1, kv_heads: int = 1, heads: int = 4, seed: int = 0, sliding_window: int = 6,
-                image_size: int = IMAGE_SIZE):
+def build_model(version: int = 1, kv_heads: int = 1, heads: int = 4, seed: int = 0, image_size: int = IMAGE_SIZE,
+                **text_overrides):
     """A random PaliGemma (version 1: Gemma decoder, 2: Gemma 2) perturbed so that every term of the forward matters."""
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
@@ -59,9 +59,10 @@ def build_model(version: int = 1, kv_heads: int = 1, heads: int = 4, seed: int =
     rows = (tokens + 1 + 63) // 64 * 64
     text = dict(model_type="gemma", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=16, vocab_size=rows)
-    if version == 2:
-        text.update(model_type="gemma2", num_hidden_layers=3, query_pre_attn_scalar=16, sliding_window=sliding_window,
+    if version == 2:  # sliding, full, sliding; a window smaller than the prompt, so that the prefix overrides it
+        text.update(model_type="gemma2", num_hidden_layers=3, query_pre_attn_scalar=16, sliding_window=6,
                     final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
+    text.update(text_overrides)
     vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, image_size=image_size, patch_size=PATCH, vision_use_head=False)
     config = PaliGemmaConfig(text_config=text, vision_config=vision, image_token_index=tokens - 1, vocab_size=rows,
@@ -90,11 +91,10 @@ LAYOUTS = {
 
 
 def build_checkpoint(path, version: int = 1, kv_heads: int = 1, heads: int = 4, layout: str = "published",
-                     seed: int = 0, max_shard_size: str = "100KB", sliding_window: int = 6,
-                     image_size: int = IMAGE_SIZE):
+                     seed: int = 0, max_shard_size: str = "100KB", image_size: int = IMAGE_SIZE, **text_overrides):
     """Save a tiny model as a hub folder in one of the three key layouts; returns the transformers model."""
     path = Path(path)
-    model = build_model(version, kv_heads, heads, seed, sliding_window, image_size)
+    model = build_model(version, kv_heads, heads, seed, image_size, **text_overrides)
     model.save_pretrained(path, max_shard_size=max_shard_size)
     processor = build_processor()
     processor.image_processor.size = {"height": image_size, "width": image_size}
