@@ -240,16 +240,16 @@ def materialise(model: torch.nn.Module, plan: list[TensorEntry], dtype: torch.dt
     """Give every parameter memory in the target dtype. On the CPU, a tensor the file already holds in that dtype
     becomes a view straight into the shard's mapping: no copy, and the page cache is the weights (a 10B model in
     bfloat16 then fits beside its own files). Every other parameter gets fresh memory for the loader to fill.
-    Returns the entries still to be copied, and the mappings to read in (see populate)."""
+    Returns the entries still to be copied, and the mapping of each shard that parameters use in place."""
     params = dict(model.named_parameters())  # a tied parameter is listed once
-    views, mappings = {}, []
+    views, mappings = {}, {}
     for file in dict.fromkeys(e.file for e in plan) if device.type == "cpu" and MAP_IN_PLACE else []:
         in_place = [e for e in plan if e.file == file and SAFETENSORS_DTYPES[e.dtype][1] == dtype
                     and e.start % dtype.itemsize == 0]
         if in_place:
             with open(file, "rb") as f:
-                mappings.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))  # private: never writes the file
-            flat = torch.frombuffer(mappings[-1], dtype=torch.uint8)  # keeps the mapping alive with the parameters
+                mappings[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: never writes the file
+            flat = torch.frombuffer(mappings[file], dtype=torch.uint8)  # keeps the mapping alive with the parameters
             views.update((e.name, flat[e.start:e.start + e.nbytes].view(dtype).view(e.shape)) for e in in_place)
     to_fill = [name for name in params if name not in views]
     views.update(zip(to_fill, allocate([params[name].shape for name in to_fill], dtype, device)))
@@ -260,17 +260,16 @@ def materialise(model: torch.nn.Module, plan: list[TensorEntry], dtype: torch.dt
     return [e for e in plan if e.name in to_fill], mappings
 
 
-def populate(mappings: list[mmap.mmap]):
+def populate(mapped: mmap.mmap):
     """Read mapped weights in now (from the page cache, or the disk) rather than at the first token."""
     libc = ctypes.CDLL(None, use_errno=True)
-    for mapped in mappings:
-        address = ctypes.c_char.from_buffer(mapped)
-        try:  # MADV_POPULATE_READ (Linux 5.14) maps every page; older kernels get MADV_WILLNEED's read-ahead
-            if libc.madvise(ctypes.c_void_p(ctypes.addressof(address)), ctypes.c_size_t(len(mapped)), 22) != 0:
-                libc.madvise(ctypes.c_void_p(ctypes.addressof(address)), ctypes.c_size_t(len(mapped)),
-                             mmap.MADV_WILLNEED)
-        finally:
-            del address
+    address = ctypes.c_char.from_buffer(mapped)
+    try:  # MADV_POPULATE_READ (Linux 5.14) maps every page; older kernels get MADV_WILLNEED's read-ahead
+        for advice in (22, mmap.MADV_WILLNEED):
+            if libc.madvise(ctypes.c_void_p(ctypes.addressof(address)), ctypes.c_size_t(len(mapped)), advice) == 0:
+                break
+    finally:
+        del address  # the mapping can only be closed once nothing points into it
 
 
 def gib(nbytes: int) -> str:
@@ -299,24 +298,31 @@ class Progress:
         self.draw(end="\n")
 
 
-def stream_tensors(model: torch.nn.Module, plan: list[TensorEntry], progress: Progress | None = None):
-    """Copy each planned tensor into its parameter, PIECE_BYTES at a time, converting to the parameter's dtype.
+def stream_tensors(model: torch.nn.Module, plan: list[TensorEntry], to_copy: list[TensorEntry],
+                   in_place: dict[Path, mmap.mmap], progress: Progress | None = None):
+    """Shard by shard: read in the parameters used in place, and copy each other tensor into its parameter,
+    PIECE_BYTES at a time, converting to the parameter's dtype.
 
-    Each shard is mapped, and each piece converted straight from the mapping (one pass over the bytes), then
-    unmapped again: the page cache keeps the file, but the pages do not pile up in this process's memory. On the
-    CPU the compiled kernel converts a whole shard in one call, without Python's lock (see load_hf_model).
+    Each piece is converted straight from the mapped shard (one pass over the bytes), then unmapped again: the page
+    cache keeps the file, but the pages do not pile up in this process's memory. On the CPU the compiled kernel
+    converts a whole shard in one call, without Python's lock (see load_hf_model).
     """
     params = dict(model.named_parameters())
     for file in dict.fromkeys(e.file for e in plan):
-        entries = [e for e in plan if e.file == file]
-        with open(file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
-            for entry in entries:
-                if entry.start + entry.nbytes > len(mapped):
-                    raise LoadError(f"{file}: ended early while reading tensor {entry.key!r}")
-            dests = [params[e.name].data.view(-1) for e in entries]
-            if not convert_shard(mapped, entries, dests, progress):
-                for entry, dest in zip(entries, dests):
-                    copy_tensor(mapped, entry, dest, progress)
+        if file in in_place:
+            populate(in_place[file])
+            if progress:
+                progress.add(sum(e.nbytes for e in plan if e.file == file and e not in to_copy))
+        entries = [e for e in to_copy if e.file == file]
+        if entries:
+            with open(file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
+                for entry in entries:
+                    if entry.start + entry.nbytes > len(mapped):
+                        raise LoadError(f"{file}: ended early while reading tensor {entry.key!r}")
+                dests = [params[e.name].data.view(-1) for e in entries]
+                if not convert_shard(mapped, entries, dests, progress):
+                    for entry, dest in zip(entries, dests):
+                        copy_tensor(mapped, entry, dest, progress)
         if progress:
             progress.shard_done()
 
@@ -416,11 +422,11 @@ def load_hf_model(model_path: str | Path, device: str | torch.device, dtype: tor
     if memory_check:
         weights = sum(p.numel() for p in model.parameters()) * dtype.itemsize
         check_memory(weights + WORKING_MEMORY, device)
-    to_copy, mappings = materialise(model, plan, dtype, device)
-    progress = Progress(sum(e.nbytes for e in to_copy), len({e.file for e in to_copy})) if verbose else None
+    to_copy, in_place = materialise(model, plan, dtype, device)
+    progress = Progress(sum(e.nbytes for e in plan), len(shards)) if verbose else None
     with torch.no_grad(), ThreadPoolExecutor(1) as background:
         # The tokenizer (about a second of Python) is read while the weights stream, which runs without the GIL.
-        streaming = background.submit(lambda: (populate(mappings), stream_tensors(model, to_copy, progress)))
+        streaming = background.submit(stream_tensors, model, plan, to_copy, in_place, progress)
         try:
             tokenizer = tokenizer or load_tokenizer(folder)
         finally:
