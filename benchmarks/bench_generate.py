@@ -9,6 +9,8 @@ the tied output head) against a measured copy bandwidth (bytes read plus bytes w
     python benchmarks/make_checkpoint.py      # once
     python benchmarks/bench_generate.py       # float16 and bfloat16, 32 new tokens, test_images/cat.jpg
     python benchmarks/bench_generate.py --dtypes bfloat16 --tokens 64 --runs ours
+    python benchmarks/bench_generate.py --model_path ~/.cache/paligemma-bench/paligemma2-10b-pt-224 \
+        --dtypes bfloat16 --tokens 16 --cold     # the 10B model on a 24 GiB machine, from a cold page cache
 """
 
 import argparse
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_load import DEFAULT_MODEL, RESULTS, ROOT, cpu_name  # noqa: E402
+from bench_load import DEFAULT_MODEL, RESULTS, ROOT, cpu_name, page_cache_state  # noqa: E402
 
 TRANSFORMERS_CHILD = """
 import json, sys, time, torch
@@ -117,6 +119,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
     parser.add_argument("--runs", nargs="+", default=["ours", "transformers"], choices=["ours", "transformers"])
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before each run (needs root)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if not (args.model_path / "config.json").is_file():
@@ -126,13 +129,15 @@ def main():
     rows = []
     for dtype in args.dtypes:
         for name in args.runs:
-            print(f"{name} {dtype} ...", file=sys.stderr)
+            cache = page_cache_state(args.model_path, args.cold)
+            print(f"{name} {dtype} ({cache} page cache) ...", file=sys.stderr)
             try:
                 result = {"ours": ours, "transformers": transformers}[name](args.model_path, args.image,
                                                                             args.prompt, dtype, args.tokens)
             except Failed as e:
-                rows.append({"impl": name, "dtype": dtype, "failed": str(e)})
+                rows.append({"impl": name, "dtype": dtype, "failed": str(e), "page_cache": cache})
                 continue
+            result["page_cache"] = cache
             tok_s = result["decode_tokens"] / result["decode_s"]
             limit = bandwidth / decoder_bytes(args.model_path, dtype)
             rows.append({"impl": name, "dtype": dtype, **result, "decode_tok_s": tok_s, "bandwidth_limit_tok_s": limit})
@@ -140,11 +145,11 @@ def main():
     print(f"\n{args.model_path.name}, {args.tokens} new tokens, prompt {args.prompt!r}, {args.image.name}; "
           f"{cpu_name()}, {os.cpu_count()} CPUs, copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
     print("| impl | dtype | load s | first token s | decode tok/s | of bandwidth limit | peak RSS GiB "
-          "| first token vs transformers | decode vs transformers |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| first token vs transformers | decode vs transformers | page cache |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         if "failed" in row:
-            print(f"| {row['impl']} | {row['dtype']} | failed: {row['failed']} | | | | | | |")
+            print(f"| {row['impl']} | {row['dtype']} | failed: {row['failed']} | | | | | | | {row['page_cache']} |")
             continue
         base = next((r for r in rows if r["impl"] == "transformers" and r["dtype"] == row["dtype"]
                      and "failed" not in r), None)
@@ -152,9 +157,9 @@ def main():
                                                f"{row['decode_tok_s'] / base['decode_tok_s']:.2f}x")
         print(f"| {row['impl']} | {row['dtype']} | {row['load_s']:.1f} | {row['first_token_s']:.2f} "
               f"| {row['decode_tok_s']:.2f} | {row['decode_tok_s'] / row['bandwidth_limit_tok_s']:.0%} "
-              f"| {row['peak_rss_gib']:.2f} | {ratios} |")
+              f"| {row['peak_rss_gib']:.2f} | {ratios} | {row['page_cache']} |")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"generate-{args.model_path.name}.json"
+    path = args.out / f"generate-{args.model_path.name}{'-cold' if args.cold else ''}.json"
     path.write_text(json.dumps({"model": args.model_path.name, "tokens": args.tokens, "prompt": args.prompt,
                                 "copy_bandwidth_bytes_s": bandwidth, "cpu": cpu_name(), "rows": rows}, indent=1))
     print(f"wrote {path}", file=sys.stderr)
