@@ -1,8 +1,7 @@
 """Run PaliGemma on an image from the command line: `python inference.py --model_path DIR --prompt "caption en" ...`.
 
-Generation is a handful of small functions, as in gpt-fast: `prefill` runs the vision tower and the whole prompt
-once, `decode_one_token` feeds one token through the KV cache, `generate` loops and `sample` picks the next token.
-stdout carries only the answer; progress and diagnostics go to stderr.
+The flags are checked, the image, tokenizer and prompt prepared, the weights loaded (utils.py), and generate.py
+produces the answer. stdout carries only the answer; progress and diagnostics go to stderr.
 """
 
 import contextlib
@@ -11,94 +10,16 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import fire
 import torch
 
-from kernels import prefill_dtype
-from modeling_gemma import PaliGemmaForConditionalGeneration, attention_masks
+from generate import compile_decode, decode_forward, generate
 from processing_paligemma import DEFAULT_MAX_PIXELS, PaliGemmaProcessor, load_image
 from utils import DTYPES, LoadError, load_config, load_hf_model, load_tokenizer, log, peak_rss_gib, stop_tokens
 
 DEFAULT_IMAGE = Path(__file__).resolve().parent / "test_images" / "cat.jpg"
-
-
-@dataclass
-class Cache:
-    """Per-sequence bookkeeping beside the model's KV cache."""
-
-    key_valid: torch.Tensor  # (B, T) bool: cache position holds a real token (not left padding)
-    prefix: torch.Tensor  # (B, T) bool: cache position belongs to the bidirectional prefix
-    next_pos: torch.Tensor  # (B,) RoPE position of the next token
-    length: int  # cache positions filled so far
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
-    """(B, V) logits -> (B,) token ids: argmax when temperature is 0, else top-p sampling at that temperature."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    # Keep the smallest set of most likely tokens whose mass reaches top_p (the first token always stays).
-    outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
-    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-    choice = torch.multinomial(sorted_probs, num_samples=1, generator=generator)  # (B, 1), renormalised inside
-    return order.gather(-1, choice)[:, 0]
-
-
-def prefill(model: PaliGemmaForConditionalGeneration, inputs: dict, max_len: int,
-            all_logits: bool = False) -> tuple[torch.Tensor, Cache]:
-    """Run the image and the whole prompt; returns the last position's logits (B, V), or every position's
-    (B, L, V) with all_logits, and the filled cache."""
-    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"].bool()
-    B, L = input_ids.shape
-    device = input_ids.device
-    model.setup_caches(B, max_len)
-    key_valid = torch.zeros(B, max_len, dtype=torch.bool, device=device)
-    key_valid[:, :L] = attention_mask
-    prefix = torch.zeros(B, max_len, dtype=torch.bool, device=device)
-    prefix[:, :L] = inputs["token_type_ids"] == 0
-    positions = attention_mask.long().cumsum(-1)  # 1-based, left padding skipped (REFERENCE.md §3.3)
-    masks = attention_masks(model.config.text_config, key_valid, prefix, 0, L)
-    logits = model(input_ids, positions, masks, 0, inputs["pixel_values"], last_only=not all_logits,
-                   dtype=prefill_dtype(model.language_model.lm_head.weight))
-    return (logits if all_logits else logits[:, -1]), Cache(key_valid, prefix, positions[:, -1] + 1, L)
-
-
-def decode_one_token(model: PaliGemmaForConditionalGeneration, token: torch.Tensor, cache: Cache) -> torch.Tensor:
-    """Feed (B,) tokens at the next cache position; returns the logits (B, V) for the token after them."""
-    start = cache.length
-    cache.key_valid[:, start] = True
-    masks = attention_masks(model.config.text_config, cache.key_valid, cache.prefix, start, start + 1)
-    logits = model(token[:, None], cache.next_pos[:, None], masks, start)[:, -1]
-    cache.next_pos += 1
-    cache.length += 1
-    return logits
-
-
-def generate(model, inputs: dict, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             stop_ids: tuple[int, ...] = (1,), generator=None):
-    """Yield (tokens (B,), logprobs (B,)) one step at a time, until every row has stopped or the budget is spent.
-
-    logprobs are natural-log probabilities under the model's own distribution, before temperature and top-p.
-    A row that has stopped keeps producing pad tokens (id 0) until the others finish, as transformers does.
-    """
-    if max_new_tokens <= 0:
-        return
-    logits, cache = prefill(model, inputs, inputs["input_ids"].shape[1] + max_new_tokens)
-    stop = torch.tensor(stop_ids, device=logits.device)
-    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-    for step in range(max_new_tokens):
-        token = sample(logits, temperature, top_p, generator)
-        logprob = torch.log_softmax(logits.float(), dim=-1).gather(-1, token[:, None])[:, 0]
-        token = token.masked_fill(done, 0)
-        yield token, logprob
-        done |= torch.isin(token, stop)
-        if bool(done.all()) or step == max_new_tokens - 1:
-            return
-        logits = decode_one_token(model, token, cache)
 
 
 def choose_device(only_cpu: bool) -> tuple[torch.device, str | None]:
@@ -115,7 +36,7 @@ def is_number(value) -> bool:
 
 
 def check_flags(max_tokens_to_generate, temperature, top_p, do_sample, only_cpu, dtype, output_format, seed,
-                max_image_pixels, ignore_memory_check, verbose):
+                max_image_pixels, ignore_memory_check, verbose, compile):
     """Every flag's type and range, before anything is loaded; a ValueError names the first bad one."""
     if type(max_tokens_to_generate) is not int or max_tokens_to_generate < 0:
         raise ValueError(f"--max_tokens_to_generate must be a whole number >= 0, not {max_tokens_to_generate!r}")
@@ -124,7 +45,7 @@ def check_flags(max_tokens_to_generate, temperature, top_p, do_sample, only_cpu,
     if not is_number(top_p) or not 0 < top_p <= 1:
         raise ValueError(f"--top_p must be a number in (0, 1], not {top_p!r}")
     for name, value in [("do_sample", do_sample), ("only_cpu", only_cpu), ("ignore_memory_check", ignore_memory_check),
-                        ("verbose", verbose)]:
+                        ("verbose", verbose), ("compile", compile)]:
         if not isinstance(value, bool):
             raise ValueError(f"--{name} must be True or False, not {value!r}")
     if dtype not in DTYPES:
@@ -140,10 +61,11 @@ def check_flags(max_tokens_to_generate, temperature, top_p, do_sample, only_cpu,
 def main(model_path: str, prompt: str = "caption en", image_file_path: str = str(DEFAULT_IMAGE),
          max_tokens_to_generate: int = 100, temperature: float = 0.8, top_p: float = 0.9, do_sample: bool = False,
          only_cpu: bool = False, dtype: str = "float16", output_format: str = "text", seed: int | None = None,
-         max_image_pixels: int = DEFAULT_MAX_PIXELS, ignore_memory_check: bool = False, verbose: bool = False):
+         max_image_pixels: int = DEFAULT_MAX_PIXELS, ignore_memory_check: bool = False, verbose: bool = False,
+         compile: bool = False):
     """Answer PROMPT about the image; prints the answer (text) or one JSON object per line (json)."""
     check_flags(max_tokens_to_generate, temperature, top_p, do_sample, only_cpu, dtype, output_format, seed,
-                max_image_pixels, ignore_memory_check, verbose)
+                max_image_pixels, ignore_memory_check, verbose, compile)
     clock = Stopwatch()
     with clock("image_s"):
         image = load_image(image_file_path, max_image_pixels)
@@ -164,11 +86,12 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
     for message in (note, do_sample and temperature == 0 and "note: --temperature 0 means greedy decoding"):
         if message:
             log(message)
+    forward = compile_decode(device, log) if compile else decode_forward
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     ids, logprobs = [], []
     with torch.inference_mode():
         steps = generate(model, {k: v.to(device) for k, v in inputs.items()}, budget,
-                         temperature if do_sample else 0.0, top_p, stop_ids, generator)
+                         temperature if do_sample else 0.0, top_p, stop_ids, generator, forward)
         while True:
             with clock("prefill_s" if not ids else "decode_s"):
                 step = next(steps, None)

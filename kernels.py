@@ -121,8 +121,8 @@ def linears(x: torch.Tensor, *layers: nn.Linear) -> list[torch.Tensor]:
     CPU; the results are in the dtype of x, and match F.linear's up to the order of float32 additions."""
     weights = [layer.weight for layer in layers]
     dtypes = {w.dtype for w in weights}
-    if x.device.type != "cpu" or len(dtypes) > 1 or dtypes.pop() not in HALF or not all(
-            w.is_contiguous() for w in weights):
+    if torch.compiler.is_compiling() or x.device.type != "cpu" or len(dtypes) > 1 or dtypes.pop() not in HALF or (
+            not all(w.is_contiguous() for w in weights)):
         return [F.linear(x, layer.weight, layer.bias) for layer in layers]
     rows, half = x.numel() // x.shape[-1], weights[0].dtype
     if rows <= MAX_GEMV_ROWS and library() is not None:
@@ -140,6 +140,9 @@ def linears(x: torch.Tensor, *layers: nn.Linear) -> list[torch.Tensor]:
 
 def gelu_tanh(x: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
     """F.gelu(x, approximate="tanh"), times up if given: in one pass on the CPU for half-precision tensors."""
+    if torch.compiler.is_compiling():  # the compiler fuses this itself
+        y = F.gelu(x, approximate="tanh")
+        return y if up is None else y * up
     lib, cols = library(), x.shape[-1]
     try:
         rows = [t.view(-1, cols) for t in (x, x if up is None else up)]  # row-strided views, e.g. of a split

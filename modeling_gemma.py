@@ -5,7 +5,6 @@ Module and parameter names mirror the published checkpoint keys (`language_model
 ../shared/REFERENCE.md §3, so that float32 logits match transformers' eager attention.
 """
 
-import functools
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -128,12 +127,6 @@ class PaliGemmaConfig:
         return self.vision_config.num_patches
 
 
-@functools.cache
-def embed_scale(hidden_size: int, dtype: torch.dtype) -> float:
-    """sqrt(hidden) held in float32 and rounded to the model dtype, as transformers does (REFERENCE.md §3.2)."""
-    return torch.tensor(hidden_size**0.5, dtype=torch.float32).to(dtype).item()
-
-
 class GemmaRMSNorm(nn.Module):
     """RMSNorm that stores the offset w and scales by (1 + w), all in float32 with one rounding at the end."""
 
@@ -191,11 +184,18 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.shape[2]
-        self.k_cache[:, :, start:end] = k
-        self.v_cache[:, :, start:end] = v
-        return self.k_cache[:, :, :end].to(k.dtype), self.v_cache[:, :, :end].to(v.dtype)  # (B, nkv, end, hd)
+    def update(self, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nkv, L, hd) from cache position start; returns the keys and values to attend over."""
+        if isinstance(start, int):  # a prompt: the filled part of the cache
+            end = start + k.shape[2]
+            self.k_cache[:, :, start:end] = k
+            self.v_cache[:, :, start:end] = v
+            return self.k_cache[:, :, :end].to(k.dtype), self.v_cache[:, :, :end].to(v.dtype)  # (B, nkv, end, hd)
+        # A decode step at a tensor position: the whole cache, masked, so shapes never change and the step can be
+        # compiled and captured as a CUDA graph.
+        self.k_cache.index_copy_(2, start, k.to(self.k_cache.dtype))
+        self.v_cache.index_copy_(2, start, v.to(self.v_cache.dtype))
+        return self.k_cache.to(k.dtype), self.v_cache.to(v.dtype)  # (B, nkv, T, hd)
 
 
 class GemmaAttention(nn.Module):
@@ -213,7 +213,7 @@ class GemmaAttention(nn.Module):
         self.o_proj = Linear(self.n_heads * self.head_dim, hidden, bias=bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask: torch.Tensor, start: int, last_only: bool = False) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask: torch.Tensor, start, last_only: bool = False) -> torch.Tensor:
         """(B, L, hidden) -> (B, L, hidden), or (B, 1, hidden) for the last position alone with last_only (whose
         keys and values are still computed and cached for every position)."""
         B, L, _ = x.shape
@@ -285,7 +285,7 @@ class GemmaDecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
             self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, masks: dict, start: int, last_only: bool = False) -> torch.Tensor:
+    def forward(self, x, cos, sin, masks: dict, start, last_only: bool = False) -> torch.Tensor:
         h = self.self_attn(self.input_layernorm(x), cos, sin, masks[self.window], start, last_only)
         x = x[:, -h.shape[1]:]  # (B, 1, hidden) with last_only
         if not self.gemma2:  # Gemma 1's "post_attention_layernorm" is the norm in front of the MLP
@@ -308,9 +308,10 @@ class GemmaModel(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (B, L, H)
-        return x * embed_scale(self.config.hidden_size, x.dtype)
+        # sqrt(hidden) is held in float32 and rounded to the model dtype, as transformers does (REFERENCE.md §3.2)
+        return x * torch.tensor(self.config.hidden_size**0.5, dtype=torch.float32).to(x.dtype)
 
-    def forward(self, x, positions, masks: dict, start: int, last_only: bool = False) -> torch.Tensor:
+    def forward(self, x, positions, masks: dict, start, last_only: bool = False) -> torch.Tensor:
         """Final hidden states (B, L, hidden); with last_only just the last position's (B, 1, hidden), which lets the
         last layer skip its queries, attention output and MLP for every other position."""
         cos, sin = self.rotary_emb(positions, x.dtype)
@@ -349,24 +350,25 @@ class PaliGemmaMultiModalProjector(nn.Module):
         return self.linear(x)
 
 
-def attention_masks(config: GemmaConfig, key_valid, prefix, start: int, end: int) -> dict:
-    """Boolean masks (B, 1, end - start, end), True where query q may read key k, one per window size.
+def attention_masks(config: GemmaConfig, key_valid, prefix, queries: torch.Tensor, n_keys: int) -> dict:
+    """Boolean masks (B, 1, len(queries), n_keys), True where query q may read key k, one per window size.
 
-    big_vision's prefix-LM rule over absolute positions: a key is readable if it is not padding and either
+    big_vision's prefix-LM rule over absolute cache positions: a key is readable if it is not padding and either
     causal (k <= q, and k > q - window in sliding layers) or both q and k lie in the prefix (image, <bos>, prompt,
-    "\\n"), where attention is bidirectional and overrides the window (REFERENCE.md §3.7). For a 2-token prefix
+    "\n"), where attention is bidirectional and overrides the window (REFERENCE.md §3.7). For a 2-token prefix
     and 2 generated tokens (P = prefix, G = generated), full layers get:
           k: P P G G
         q=P  1 1 0 0
         q=P  1 1 0 0
         q=G  1 1 1 0
         q=G  1 1 1 1
-    key_valid, prefix: (B, T) booleans over cache positions, T >= end.
+    key_valid, prefix: (B, T) booleans over cache positions; queries: the queries' cache positions, a tensor, so
+    that a decode step (one query, n_keys = the whole cache) keeps the same shapes from token to token.
     """
-    q = torch.arange(start, end, device=key_valid.device)[:, None]
-    k = torch.arange(end, device=key_valid.device)[None, :]
-    both_prefix = prefix[:, start:end, None] & prefix[:, None, :end]  # (B, Lq, Lk)
-    valid = key_valid[:, None, :end]
+    q = queries[:, None]
+    k = torch.arange(n_keys, device=key_valid.device)[None, :]
+    both_prefix = prefix[:, queries, None] & prefix[:, None, :n_keys]  # (B, Lq, Lk)
+    valid = key_valid[:, None, :n_keys]
     windows = {None} | {config.window(i) for i in range(config.num_hidden_layers)}
     masks = {}
     for w in windows:
@@ -410,8 +412,9 @@ class PaliGemmaForConditionalGeneration(nn.Module):
                              f"{features.shape[0] * features.shape[1]} image features")
         return x.masked_scatter(slots[..., None], features)
 
-    def forward(self, input_ids, positions, masks: dict, start: int, pixel_values=None, last_only=False, dtype=None):
-        """Logits (B, L or 1, vocab) for tokens written to the cache at positions start .. start + L - 1, computed
-        in dtype (the weights' by default; kernels.prefill_dtype explains when another one is faster)."""
+    def forward(self, input_ids, positions, masks: dict, start, pixel_values=None, last_only=False, dtype=None):
+        """Logits (B, L or 1, vocab) for tokens written to the cache from position start (an int for a prompt, a
+        one-element tensor for a decode step; see KVCache.update), computed in dtype (the weights' by default;
+        kernels.prefill_dtype explains when another one is faster)."""
         x = self.embed(input_ids, pixel_values, dtype or self.language_model.lm_head.weight.dtype)
         return self.language_model.logits(self.language_model.model(x, positions, masks, start, last_only))

@@ -122,7 +122,7 @@ def test_rope_frequencies_are_computed_afresh_so_logits_stay_finite(checkpoint, 
     # The fork this descends from left inv_freq as uninitialised memory after leaving the meta device.
     from test_model import load_ours
 
-    from inference import prefill
+    from generate import prefill
 
     for _ in range(3):
         model, processor = load_ours(checkpoint("v1_mqa"), torch.float16)

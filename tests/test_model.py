@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import CHECKPOINTS
 
-from inference import decode_one_token, generate, prefill
+from generate import decode_one_token, generate, prefill
 from modeling_gemma import GemmaConfig, attention_masks
 from processing_paligemma import PaliGemmaProcessor
 from utils import load_hf_model
@@ -82,7 +82,7 @@ def test_prefix_attends_bidirectionally_and_generated_tokens_causally():
     config = GemmaConfig(num_hidden_layers=1)
     key_valid = torch.ones(1, 4, dtype=torch.bool)
     prefix = torch.tensor([[True, True, False, False]])
-    mask = attention_masks(config, key_valid, prefix, 0, 4)[None][0, 0]
+    mask = attention_masks(config, key_valid, prefix, torch.arange(4), 4)[None][0, 0]
     expected = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
     assert torch.equal(mask, expected)
 
@@ -92,7 +92,7 @@ def test_prefix_overrides_the_sliding_window_but_generated_tokens_keep_it():
                          layer_types=["sliding_attention", "full_attention"])
     key_valid = torch.tensor([[False, True, True, True, True, True]])  # one left pad
     prefix = torch.tensor([[True, True, True, True, False, False]])
-    sliding = attention_masks(config, key_valid, prefix, 0, 6)[2][0, 0]
+    sliding = attention_masks(config, key_valid, prefix, torch.arange(6), 6)[2][0, 0]
     expected = torch.tensor([[0, 1, 1, 1, 0, 0],
                              [0, 1, 1, 1, 0, 0],
                              [0, 1, 1, 1, 0, 0],
