@@ -16,8 +16,10 @@ the tied output head) against a measured copy bandwidth (bytes read plus bytes w
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -88,6 +90,22 @@ def transformers(model: Path, image: Path, prompt: str, dtype: str, tokens: int)
     return {**result, "process_s": wall, "generated": len(result.pop("token_ids"))}
 
 
+def batch_rate(model: Path, image: Path, prompt: str, dtype: str, tokens: int, batch_size: int, n: int = 8) -> dict:
+    """Images per second of generation for n inputs answered batch_size at a time by our command line."""
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts = Path(tmp) / "prompts.jsonl"
+        prompts.write_text("".join(json.dumps({"image": str(image), "prompt": prompt}) + "\n" for _ in range(n)))
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        proc = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--model_path", str(model),
+                               "--prompts_file", str(prompts), "--batch_size", str(batch_size), "--dtype", dtype,
+                               "--max_tokens_to_generate", str(tokens), "--only_cpu", "True", "--verbose", "True"],
+                              capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise Failed(f"exit status {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+    seconds = float(re.search(r"inputs in ([\d.]+) s of generation", proc.stderr).group(1))
+    return {"batch_size": batch_size, "inputs": n, "generate_s": seconds, "images_per_s": n / seconds}
+
+
 def copy_bandwidth() -> float:
     """Bytes read plus bytes written per second by a 1 GiB copy, the best of five."""
     src, dst = torch.ones(1 << 28), torch.empty(1 << 28)
@@ -120,6 +138,8 @@ def main():
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
     parser.add_argument("--runs", nargs="+", default=["ours", "transformers"], choices=["ours", "transformers"])
     parser.add_argument("--cold", action="store_true", help="drop the page cache before each run (needs root)")
+    parser.add_argument("--batch_sizes", type=int, nargs="*", default=[1, 4, 8],
+                        help="also answer 8 images this many at a time (ours, first dtype); none to skip")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if not (args.model_path / "config.json").is_file():
@@ -158,10 +178,21 @@ def main():
         print(f"| {row['impl']} | {row['dtype']} | {row['load_s']:.1f} | {row['first_token_s']:.2f} "
               f"| {row['decode_tok_s']:.2f} | {row['decode_tok_s'] / row['bandwidth_limit_tok_s']:.0%} "
               f"| {row['peak_rss_gib']:.2f} | {ratios} | {row['page_cache']} |")
+    batches = []
+    for size in args.batch_sizes:
+        print(f"ours {args.dtypes[0]}, 8 images, batch {size} ...", file=sys.stderr)
+        batches.append(batch_rate(args.model_path, args.image, args.prompt, args.dtypes[0], args.tokens, size))
+    if batches:
+        print(f"\nours, {args.dtypes[0]}, 8 images, {args.tokens} new tokens each:")
+        print("| batch size | generation s | images/s |")
+        print("| --- | --- | --- |")
+        for row in batches:
+            print(f"| {row['batch_size']} | {row['generate_s']:.1f} | {row['images_per_s']:.2f} |")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"generate-{args.model_path.name}{'-cold' if args.cold else ''}.json"
     path.write_text(json.dumps({"model": args.model_path.name, "tokens": args.tokens, "prompt": args.prompt,
-                                "copy_bandwidth_bytes_s": bandwidth, "cpu": cpu_name(), "rows": rows}, indent=1))
+                                "copy_bandwidth_bytes_s": bandwidth, "cpu": cpu_name(), "rows": rows,
+                                "batches": batches}, indent=1))
     print(f"wrote {path}", file=sys.stderr)
 
 

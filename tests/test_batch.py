@@ -1,0 +1,215 @@
+"""Batches (left-padded, exact per row), results files that survive an interruption, detections drawn, streaming."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, random_image
+from PIL import Image
+from test_detection import big_vision_vae_arrays, loc, seg
+from test_hostile_input import run
+from test_model import load_ours
+
+import batch
+import detection
+import inference
+from generate import generate
+from utils import load_tokenizer
+
+PROMPTS = ["caption en", "answer en what colour is the cup on the wooden table?", "detect cat ; dog"]
+
+
+@pytest.fixture
+def images():
+    return [random_image(40 + 9 * i, 31 + 5 * i, seed=i) for i in range(len(PROMPTS))]
+
+
+def greedy_rows(model, inputs, n):
+    """Each row's greedy tokens up to and including <eos>."""
+    with torch.no_grad():
+        steps = torch.stack([t for t, _ in generate(model, inputs, n)], dim=1).tolist()
+    return [row[:row.index(1) + 1] if 1 in row else row for row in steps]
+
+
+@pytest.mark.parametrize("name", ["v1_mqa", "v2_gqa"])
+def test_left_padded_batch_equals_each_input_alone_and_transformers_padded_generate(name, checkpoint, reference,
+                                                                                     images):
+    model, processor = load_ours(checkpoint(name))
+    inputs = processor(PROMPTS, images)
+    assert len(set(inputs["attention_mask"].sum(1).tolist())) == len(PROMPTS)  # three prompt lengths
+    together = greedy_rows(model, inputs, 12)
+    alone = [greedy_rows(model, processor([p], [i]), 12)[0] for p, i in zip(PROMPTS, images)]
+    assert together == alone
+    ref, ref_processor = reference(name)
+    padded = ref_processor(images=images, text=PROMPTS, padding="longest", return_tensors="pt")
+    padded.pop("labels")
+    with torch.no_grad():
+        out = ref.generate(**padded, max_new_tokens=12, do_sample=False)[:, padded["input_ids"].shape[1]:].tolist()
+    assert together == [row[:row.index(1) + 1] if 1 in row else row for row in out]
+
+
+@pytest.fixture
+def prompts_file(tmp_path, images):
+    for i, image in enumerate(images):
+        image.save(tmp_path / f"image{i}.png")
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"image": f"image{i}.png", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
+    return path
+
+
+def batch_args(checkpoint, prompts_file, *extra):
+    return ["--model_path", checkpoint("v1_mqa"), "--prompts_file", prompts_file, "--max_tokens_to_generate", 5,
+            "--dtype", "float32", "--only_cpu", "True", *extra]
+
+
+def test_batch_writes_one_line_per_input_in_order_whatever_the_batch_size(checkpoint, prompts_file, capsys,
+                                                                          monkeypatch):
+    outputs = []
+    for size in (1, 2, 3):
+        code, out, err = run(batch_args(checkpoint, prompts_file, "--batch_size", size), capsys, monkeypatch)
+        assert code == 0, err
+        outputs.append([json.loads(line) for line in out.splitlines()])
+    assert [r["index"] for r in outputs[0]] == [0, 1, 2]
+    assert [r["prompt"] for r in outputs[0]] == PROMPTS
+    assert [[r["token_ids"] for r in o] for o in outputs[1:]] == [[r["token_ids"] for r in outputs[0]]] * 2
+
+
+def test_interrupted_run_resumes_with_each_input_exactly_once(checkpoint, prompts_file, tmp_path, capsys,
+                                                              monkeypatch):
+    whole = tmp_path / "whole.jsonl"
+    assert run(batch_args(checkpoint, prompts_file, "--output", whole), capsys, monkeypatch)[0] == 0
+    resumed = tmp_path / "resumed.jsonl"
+    real_write, writes = batch.Results.write, []
+
+    def write_then_stop(self, records):
+        real_write(self, records)
+        writes.append(records)
+        if len(writes) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch.Results, "write", write_then_stop)
+    code, _, err = run(batch_args(checkpoint, prompts_file, "--output", resumed), capsys, monkeypatch)
+    assert code == 130 and len(resumed.read_text().splitlines()) == 2
+    monkeypatch.setattr(batch.Results, "write", real_write)
+    code, _, err = run(batch_args(checkpoint, prompts_file, "--output", resumed), capsys, monkeypatch)
+    assert code == 0 and "resuming: 2 inputs already done" in err
+
+    def answers(path):
+        return [(r["index"], r["image"], r["token_ids"]) for r in map(json.loads, path.read_text().splitlines())]
+
+    assert answers(resumed) == answers(whole)
+
+
+def test_torn_last_line_is_redone(checkpoint, prompts_file, tmp_path, capsys, monkeypatch):
+    output = tmp_path / "out.jsonl"
+    assert run(batch_args(checkpoint, prompts_file, "--output", output), capsys, monkeypatch)[0] == 0
+    lines = output.read_text().splitlines(keepends=True)
+    output.write_text("".join(lines[:2]) + lines[2][:30])  # killed in the middle of the last write
+    assert run(batch_args(checkpoint, prompts_file, "--output", output), capsys, monkeypatch)[0] == 0
+    assert output.read_text() == "".join(lines)
+
+
+def test_an_output_file_that_is_not_ours_is_refused_untouched(checkpoint, prompts_file, tmp_path, capsys,
+                                                               monkeypatch):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\nnot json")
+    code, out, err = run(batch_args(checkpoint, prompts_file, "--output", notes), capsys, monkeypatch)
+    assert code == 1 and out == "" and "not a results file of this tool" in err
+    assert notes.read_text() == "my notes\nnot json"
+
+
+def test_a_broken_input_gets_an_error_record_and_the_others_their_answers(checkpoint, prompts_file, capsys,
+                                                                          monkeypatch):
+    (prompts_file.parent / "image1.png").write_text("not an image")
+    code, out, err = run(batch_args(checkpoint, prompts_file, "--batch_size", 2), capsys, monkeypatch)
+    records = [json.loads(line) for line in out.splitlines()]
+    assert code == 1 and "1 of 3 inputs failed" in err.splitlines()[-1]
+    assert "not an image" in records[1]["error"] and "token_ids" in records[0] and "token_ids" in records[2]
+
+
+def test_folder_and_glob_give_their_images_in_sorted_order(tmp_path, images):
+    for i, image in enumerate(images):
+        image.save(tmp_path / f"b{i}.png")
+    (tmp_path / "notes.txt").write_text("ignored")
+    by_folder = batch.gather(str(tmp_path), None, "caption en")
+    by_glob = batch.gather(str(tmp_path / "b*.png"), None, "caption en")
+    assert [Path(i.image).name for i in by_folder] == [Path(i.image).name for i in by_glob] == ["b0.png", "b1.png",
+                                                                                                  "b2.png"]
+    assert batch.gather(str(tmp_path / "b0.png"), None, "caption en") is None  # one file: not a batch
+
+
+@pytest.mark.parametrize("line, message", [("{oops", ":1: not a JSON object"), ('{"prompt": "x"}', ":1: expected"),
+                                           ("", "no prompts in the file")])
+def test_a_broken_prompts_file_names_the_line(line, message, tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(ValueError, match=message):
+        batch.gather("unused", str(path), "caption en")
+
+
+def test_annotate_never_overwrites_the_input_image(checkpoint, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "photo.png"
+    random_image(40, 30).save(path)
+    before = path.read_bytes()
+    code, out, err = run(["--model_path", checkpoint("v1_mqa"), "--image_file_path", path, "--annotate", path],
+                         capsys, monkeypatch)
+    assert code == 1 and "is an input image; it is never overwritten" in err
+    assert path.read_bytes() == before
+
+
+@pytest.fixture(scope="module")
+def session(checkpoint, tmp_path_factory):
+    """A Session whose mask decoder has random weights in big_vision's vae-oid.npz layout."""
+    npz = tmp_path_factory.mktemp("vae") / "vae-oid.npz"
+    np.savez(npz, **big_vision_vae_arrays())
+    model, processor = load_ours(checkpoint("v1_mqa"))
+    return inference.Session(model, load_tokenizer(checkpoint("v1_mqa")), processor, (1,), 0.0, 1.0, None,
+                             inference.decode_forward, detection.load_vae(npz))
+
+
+def test_detect_answer_gives_pixel_boxes_and_an_annotated_copy(session, tmp_path):
+    image = random_image(300, 200)
+    record = {"text": loc(100, 200, 500, 800) + " cat ; " + loc(600, 100, 900, 300) + " dog"}
+    out = session.describe(dict(record), image, "detect cat ; dog", str(tmp_path / "annotated.png"))
+    assert [d["label"] for d in out["detections"]] == ["cat", "dog"]
+    assert out["detections"][0]["box"] == [58.7, 19.6, 234.6, 97.8]  # x by 300/1023, y by 200/1023
+    drawn = Image.open(tmp_path / "annotated.png")
+    assert drawn.size == image.size and drawn.tobytes() != image.tobytes()
+
+
+def test_segment_answer_gives_codes_and_draws_decoded_masks(session, tmp_path):
+    image = Image.new("RGB", (128, 96), (255, 255, 255))
+    record = {"text": loc(0, 0, 1023, 1023) + seg(*range(16)) + " cup"}
+    out = session.describe(dict(record), image, "segment cup", str(tmp_path / "masks.png"))
+    assert out["segments"] == [{"label": "cup", "box": [0.0, 0.0, 128.0, 96.0], "codes": list(range(16))}]
+    drawn = np.asarray(Image.open(tmp_path / "masks.png"), dtype=np.int16)
+    assert np.abs(drawn - 255).sum(-1)[10:-10, 10:-10].mean() > 5  # the translucent mask covers the box
+
+
+def test_streamed_text_is_the_answer_with_no_character_split_across_byte_tokens(checkpoint, capsys):
+    tokenizer = load_tokenizer(checkpoint("v1_mqa"))
+    ids = tokenizer.convert_tokens_to_ids(["c", "a", "t", "▁", "<0xC3>", "<0xA9>", "!"])  # "cat é!"
+    printer = inference.StreamPrinter(tokenizer)
+    shown = []
+    for n in range(1, len(ids) + 1):
+        printer.add(ids[:n])
+        shown.append(capsys.readouterr().out)
+    assert shown[4] == ""  # after the first byte of "é": nothing yet, rather than a broken character
+    assert "".join(shown) == "cat é!"
+    printer.close(tokenizer.decode(ids))
+    assert capsys.readouterr().out == "\n"
+
+
+def test_stream_flag_prints_the_same_answer(checkpoint, tmp_path):
+    image = tmp_path / "photo.png"
+    random_image(40, 30).save(image)
+    args = [sys.executable, str(ROOT / "inference.py"), "--model_path", str(checkpoint("v2_gqa")), "--image_file_path",
+            str(image), "--max_tokens_to_generate", "12", "--dtype", "float32"]
+    plain, streamed = (subprocess.run(args + ["--stream", flag], capture_output=True, text=True) for flag in
+                       ("False", "True"))
+    assert plain.returncode == 0 and streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == plain.stdout
