@@ -15,6 +15,7 @@ from pathlib import Path
 
 import fire
 import torch
+from PIL import Image
 
 import batch
 import detection
@@ -83,7 +84,8 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
     if items is None:
         with clock("image_s"):
             image = load_image(image_file_path, max_image_pixels)
-    check_outputs(annotate, output, [image_file_path] if items is None else [i.image for i in items])
+    check_outputs(annotate, output, vae_path, [image_file_path] if items is None else [i.image for i in items],
+                  single=items is None)
     vae = load_vae(vae_path) if vae_path is not None else None
     # Everything that can be wrong with the input is found before the weights are loaded.
     with clock("load_s"):
@@ -229,12 +231,19 @@ def answer_batch(session, items, todo, max_tokens, batch_size, max_positions, ou
         raise ValueError(f"{failed} of {len(todo)} inputs failed; their records say why")
 
 
-def check_outputs(annotate: str | None, output: str | None, inputs: list[str]):
-    """Refuse output paths that would overwrite an input image."""
+def check_outputs(annotate: str | None, output: str | None, vae_path: str | None, inputs: list[str], single: bool):
+    """Refuse output paths that would overwrite an input image or could not be written, before any work."""
     given = {Path(p).resolve() for p in inputs}
     for flag, path in (("--annotate", annotate), ("--output", output)):
         if path is not None and Path(path).resolve() in given:
             raise ValueError(f"{flag} {path} is an input image; it is never overwritten")
+    for flag, path in (("--annotate", annotate if single else None), ("--output", output)):
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            raise ValueError(f"{flag} {path}: the folder it goes in does not exist")
+    if single and annotate is not None and Path(annotate).suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--annotate {annotate}: give the picture a name ending in an image type, like .png")
+    if vae_path is not None and not Path(vae_path).is_file():
+        raise ValueError(f"--vae_path {vae_path}: file does not exist")
 
 
 class StreamPrinter:

@@ -91,6 +91,8 @@ def read_json(path: Path, what: str) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LoadError(f"{path}: {what} is missing") from None
+    except OSError as e:
+        raise LoadError(f"{path}: {what} cannot be read ({e.strerror})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LoadError(f"{path}: {what} is not valid JSON ({e})") from None
     if not isinstance(data, dict):
@@ -101,7 +103,7 @@ def read_json(path: Path, what: str) -> dict:
 def load_config(model_path: str | Path) -> PaliGemmaConfig:
     folder = Path(model_path)
     if not folder.is_dir():
-        raise LoadError(f"{folder}: model folder does not exist")
+        raise LoadError(f"{folder}: model folder {'is a file, not a folder' if folder.exists() else 'does not exist'}")
     config_file = folder / "config.json"
     try:
         return PaliGemmaConfig.from_dict(read_json(config_file, "config.json"))

@@ -214,3 +214,23 @@ def test_never_touches_the_network(checkpoint, photo):
                              photo))], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     assert not (photo.parent / "hf").exists()  # nothing cached, nothing fetched
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--annotate", "/nowhere/boxes.png"], "the folder it goes in does not exist"),
+    (["--annotate", "{tmp}/boxes.xyz"], "ending in an image type"),
+    (["--vae_path", "{tmp}/vae-oid.npz"], "--vae_path {tmp}/vae-oid.npz: file does not exist"),
+    (["--output", "/nowhere/out.jsonl"], "the folder it goes in does not exist"),
+    (["--batch_size", 0], "--batch_size must be a whole number >= 1"),
+    (["--image_file_path", "{tmp}/*.webp"], "no images there"),
+])
+def test_bad_output_paths_fail_before_any_work(extra, message, checkpoint, photo, tmp_path, capsys, monkeypatch):
+    extra = [str(e).replace("{tmp}", str(tmp_path)) if isinstance(e, str) else e for e in extra]
+    args = ["--model_path", checkpoint("v1_mqa"), "--image_file_path", photo, *extra]
+    assert_clean_failure(*run(args, capsys, monkeypatch), message.replace("{tmp}", str(tmp_path)))
+
+
+def test_config_that_is_a_folder_fails_cleanly(folder, photo, capsys, monkeypatch):
+    (folder / "config.json").unlink()
+    (folder / "config.json").mkdir()
+    assert_clean_failure(*run(cli_args(folder, photo), capsys, monkeypatch), "config.json cannot be read")
