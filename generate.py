@@ -98,9 +98,11 @@ def compile_decode(device: torch.device, log=lambda msg: print(msg, file=sys.std
             log(f"note: compiling the decode step failed ({type(e).__name__}); decoding eagerly")
             compiled = decode_forward
             return decode_forward(*args)
-        log(f"decode step compiled and captured in {time.monotonic() - start:.1f} s")
+        forward.compile_s = time.monotonic() - start
+        log(f"decode step compiled and captured in {forward.compile_s:.1f} s")
         return out
 
+    forward.compile_s = 0.0
     return forward
 
 

@@ -118,6 +118,10 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
     [(ids, logprobs)] = session.answer({k: v.to(device) for k, v in inputs.items()}, budget, clock, printer)
     timings = {"load_s": clock["load_s"], "first_token_s": clock["image_s"] + clock["prefill_s"],
                "decode_s": clock["decode_s"], "decode_tokens": max(len(ids) - 1, 0), "peak_rss_gib": peak_rss_gib()}
+    if hasattr(session.forward, "compile_s"):  # --compile on CUDA: the part of decode_s spent compiling
+        timings["compile_s"] = session.forward.compile_s
+    if device.type == "cuda":
+        timings["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if verbose:
         log(f"load {timings['load_s']:.1f} s | prefill {inputs['input_ids'].shape[1]} tokens in "
             f"{clock['prefill_s']:.2f} s, first token {timings['first_token_s']:.2f} s after opening the image | "

@@ -33,10 +33,10 @@ import json, sys, time, torch
 from PIL import Image
 from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
 from transformers.generation.streamers import BaseStreamer
-path, image_path, prompt, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[5])
-dtype = getattr(torch, sys.argv[4])
+path, image_path, prompt, n, device = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[5]), sys.argv[6]
+dtype, extra = getattr(torch, sys.argv[4]), json.loads(sys.argv[7])  # extra: e.g. cache_implementation="static"
 start = time.monotonic()
-model = PaliGemmaForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True).eval()
+model = PaliGemmaForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True).to(device).eval()
 processor = AutoProcessor.from_pretrained(path, local_files_only=True)
 load_s = time.monotonic() - start
 
@@ -44,20 +44,32 @@ class Clock(BaseStreamer):  # generate() calls put() once with the prompt, then 
     def __init__(self):
         self.times = []
     def put(self, value):
+        if device == "cuda":
+            torch.cuda.synchronize()
         self.times.append(time.monotonic())
     def end(self):
         pass
 
-clock = Clock()
-start = time.monotonic()
-inputs = processor(images=Image.open(image_path), text=prompt, return_tensors="pt")
-inputs.pop("labels", None)
-with torch.inference_mode():
-    out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=clock)
+def run():
+    clock = Clock()
+    start = time.monotonic()
+    inputs = processor(images=Image.open(image_path), text=prompt, return_tensors="pt").to(device)
+    inputs.pop("labels", None)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=clock, **extra)
+    return clock, start, out[0, inputs["input_ids"].shape[1]:].tolist()
+
+compile_s = None
+if extra:  # a compiled path pays its compilation on the first call: time that apart, then measure a second call
+    begin = time.monotonic()
+    run()
+    compile_s = time.monotonic() - begin
+clock, start, ids = run()
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 2**20
+gpu = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
 print(json.dumps({"load_s": load_s, "first_token_s": clock.times[1] - start,
                   "decode_s": clock.times[-1] - clock.times[1], "decode_tokens": len(clock.times) - 2,
-                  "peak_rss_gib": hwm, "token_ids": out[0, inputs["input_ids"].shape[1]:].tolist()}))
+                  "peak_rss_gib": hwm, "peak_gpu_gib": gpu, "compile_s": compile_s, "token_ids": ids}))
 """
 
 
@@ -78,19 +90,30 @@ def run(args: list[str]) -> tuple[dict, float]:
     return json.loads(proc.stdout.strip().splitlines()[-1]), wall
 
 
-def ours(model: Path, image: Path, prompt: str, dtype: str, tokens: int) -> dict:
+def ours(model: Path, image: Path, prompt: str, dtype: str, tokens: int, device: str) -> dict:
+    on_gpu = ["--only_cpu", "False", "--compile", "True"] if device == "cuda" else ["--only_cpu", "True"]
     result, wall = run([str(ROOT / "inference.py"), "--model_path", str(model), "--image_file_path", str(image),
                         "--prompt", prompt, "--dtype", dtype, "--max_tokens_to_generate", str(tokens),
-                        "--output_format", "json", "--only_cpu", "True"])
+                        "--output_format", "json", *on_gpu])
     return {**result["timings"], "process_s": wall, "generated": len(result["token_ids"])}
 
 
-def transformers(model: Path, image: Path, prompt: str, dtype: str, tokens: int) -> dict:
-    result, wall = run(["-c", TRANSFORMERS_CHILD, str(model), str(image), prompt, dtype, str(tokens)])
+def transformers(model: Path, image: Path, prompt: str, dtype: str, tokens: int, device: str, **extra) -> dict:
+    result, wall = run(["-c", TRANSFORMERS_CHILD, str(model), str(image), prompt, dtype, str(tokens), device,
+                        json.dumps(extra)])
     return {**result, "process_s": wall, "generated": len(result.pop("token_ids"))}
 
 
-def batch_rate(model: Path, image: Path, prompt: str, dtype: str, tokens: int, batch_size: int, n: int = 8) -> dict:
+IMPLEMENTATIONS = {
+    "ours": ours,
+    "transformers": transformers,
+    # transformers' fastest path: a static cache, which its generate() then compiles automatically
+    "transformers-static": lambda *args: transformers(*args, cache_implementation="static"),
+}
+
+
+def batch_rate(model: Path, image: Path, prompt: str, dtype: str, tokens: int, batch_size: int, device: str,
+               n: int = 8) -> dict:
     """Images per second of generation for n inputs answered batch_size at a time by our command line."""
     with tempfile.TemporaryDirectory() as tmp:
         prompts = Path(tmp) / "prompts.jsonl"
@@ -98,7 +121,8 @@ def batch_rate(model: Path, image: Path, prompt: str, dtype: str, tokens: int, b
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         proc = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--model_path", str(model),
                                "--prompts_file", str(prompts), "--batch_size", str(batch_size), "--dtype", dtype,
-                               "--max_tokens_to_generate", str(tokens), "--only_cpu", "True", "--verbose", "True"],
+                               "--max_tokens_to_generate", str(tokens), "--only_cpu", str(device == "cpu"),
+                               "--verbose", "True"],
                               capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise Failed(f"exit status {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
@@ -106,13 +130,15 @@ def batch_rate(model: Path, image: Path, prompt: str, dtype: str, tokens: int, b
     return {"batch_size": batch_size, "inputs": n, "generate_s": seconds, "images_per_s": n / seconds}
 
 
-def copy_bandwidth() -> float:
-    """Bytes read plus bytes written per second by a 1 GiB copy, the best of five."""
-    src, dst = torch.ones(1 << 28), torch.empty(1 << 28)
+def copy_bandwidth(device: str) -> float:
+    """Bytes read plus bytes written per second by a 1 GiB copy on the device, the best of five."""
+    src, dst = torch.ones(1 << 28, device=device), torch.empty(1 << 28, device=device)
     best = float("inf")
     for _ in range(5):
         start = time.perf_counter()
         dst.copy_(src)
+        if device == "cuda":
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return 2 * src.numel() * src.element_size() / best
 
@@ -136,7 +162,9 @@ def main():
     parser.add_argument("--prompt", default="caption en")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
-    parser.add_argument("--runs", nargs="+", default=["ours", "transformers"], choices=["ours", "transformers"])
+    parser.add_argument("--runs", nargs="+", default=["ours", "transformers"], choices=list(IMPLEMENTATIONS))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: ours with --compile; add transformers-static to --runs there")
     parser.add_argument("--cold", action="store_true", help="drop the page cache before each run (needs root)")
     parser.add_argument("--batch_sizes", type=int, nargs="*", default=[1, 4, 8],
                         help="also answer 8 images this many at a time (ours, first dtype); none to skip")
@@ -145,31 +173,32 @@ def main():
     if not (args.model_path / "config.json").is_file():
         raise SystemExit(f"{args.model_path}: no checkpoint; make one with benchmarks/make_checkpoint.py")
 
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(args.device)
     rows = []
     for dtype in args.dtypes:
         for name in args.runs:
             cache = page_cache_state(args.model_path, args.cold)
             print(f"{name} {dtype} ({cache} page cache) ...", file=sys.stderr)
             try:
-                result = {"ours": ours, "transformers": transformers}[name](args.model_path, args.image,
-                                                                            args.prompt, dtype, args.tokens)
+                result = IMPLEMENTATIONS[name](args.model_path, args.image, args.prompt, dtype, args.tokens,
+                                               args.device)
             except Failed as e:
                 rows.append({"impl": name, "dtype": dtype, "failed": str(e), "page_cache": cache})
                 continue
             result["page_cache"] = cache
-            tok_s = result["decode_tokens"] / result["decode_s"]
+            tok_s = result["decode_tokens"] / (result["decode_s"] - (result.get("compile_s") or 0.0)
+                                               if name == "ours" else result["decode_s"])
             limit = bandwidth / decoder_bytes(args.model_path, dtype)
             rows.append({"impl": name, "dtype": dtype, **result, "decode_tok_s": tok_s, "bandwidth_limit_tok_s": limit})
 
     print(f"\n{args.model_path.name}, {args.tokens} new tokens, prompt {args.prompt!r}, {args.image.name}; "
           f"{cpu_name()}, {os.cpu_count()} CPUs, copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
     print("| impl | dtype | load s | first token s | decode tok/s | of bandwidth limit | peak RSS GiB "
-          "| first token vs transformers | decode vs transformers | page cache |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| first token vs transformers | decode vs transformers | page cache | compile s | peak GPU GiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         if "failed" in row:
-            print(f"| {row['impl']} | {row['dtype']} | failed: {row['failed']} | | | | | | | {row['page_cache']} |")
+            print(f"| {row['impl']} | {row['dtype']} | failed: {row['failed']} | | | | | | | {row['page_cache']} | | |")
             continue
         base = next((r for r in rows if r["impl"] == "transformers" and r["dtype"] == row["dtype"]
                      and "failed" not in r), None)
@@ -177,11 +206,13 @@ def main():
                                                f"{row['decode_tok_s'] / base['decode_tok_s']:.2f}x")
         print(f"| {row['impl']} | {row['dtype']} | {row['load_s']:.1f} | {row['first_token_s']:.2f} "
               f"| {row['decode_tok_s']:.2f} | {row['decode_tok_s'] / row['bandwidth_limit_tok_s']:.0%} "
-              f"| {row['peak_rss_gib']:.2f} | {ratios} | {row['page_cache']} |")
+              f"| {row['peak_rss_gib']:.2f} | {ratios} | {row['page_cache']} | {row.get('compile_s') or '-'} "
+              f"| {row.get('peak_gpu_gib') or '-'} |")
     batches = []
     for size in args.batch_sizes:
         print(f"ours {args.dtypes[0]}, 8 images, batch {size} ...", file=sys.stderr)
-        batches.append(batch_rate(args.model_path, args.image, args.prompt, args.dtypes[0], args.tokens, size))
+        batches.append(batch_rate(args.model_path, args.image, args.prompt, args.dtypes[0], args.tokens, size,
+                                  args.device))
     if batches:
         print(f"\nours, {args.dtypes[0]}, 8 images, {args.tokens} new tokens each:")
         print("| batch size | generation s | images/s |")
