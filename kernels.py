@@ -87,7 +87,8 @@ def as_bfloat16(weights: list[torch.Tensor]) -> torch.Tensor:
     """The float16 weights rounded to bfloat16 and stacked by rows, in a scratch buffer the next call overwrites."""
     n = sum(w.numel() for w in weights)
     if _scratch.get("buffer") is None or _scratch["buffer"].numel() < n:
-        _scratch["buffer"] = torch.empty(n, dtype=torch.bfloat16)
+        with torch.inference_mode(False):  # a normal tensor, writable in and out of inference mode alike
+            _scratch["buffer"] = torch.empty(n, dtype=torch.bfloat16)
     out = _scratch["buffer"][:n].view(-1, weights[0].shape[1])
     lib, row = library(), 0
     for w in weights:

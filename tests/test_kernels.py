@@ -81,3 +81,14 @@ def test_library_is_built_once_into_the_cache_and_can_be_turned_off(tmp_path, mo
         assert kernels.library() is None
     finally:
         kernels.library.cache_clear()
+
+
+def test_scratch_buffer_made_in_inference_mode_is_reused_outside_it(monkeypatch):
+    monkeypatch.setattr(kernels, "library", lambda: None)  # the PyTorch conversion, which writes the scratch in place
+    monkeypatch.setattr(kernels, "_scratch", {})
+    layer = kernels.Linear(64, 4096, bias=False).to(torch.float16)  # bigger than any scratch an earlier test left
+    x = torch.randn(20, 64, dtype=torch.float16)
+    with torch.inference_mode():
+        first = kernels.linears(x, layer)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.linears(x, layer)[0], first, atol=0, rtol=0)
