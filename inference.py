@@ -22,7 +22,17 @@ import detection
 from detection import load_vae
 from generate import compile_decode, decode_forward, generate
 from processing_paligemma import DEFAULT_MAX_PIXELS, PaliGemmaProcessor, load_image
-from utils import DTYPES, LoadError, load_config, load_hf_model, load_tokenizer, log, peak_rss_gib, stop_tokens
+from utils import (
+    DTYPES,
+    LoadError,
+    is_number,
+    load_config,
+    load_hf_model,
+    load_tokenizer,
+    log,
+    peak_rss_gib,
+    stop_tokens,
+)
 
 DEFAULT_IMAGE = Path(__file__).resolve().parent / "test_images" / "cat.jpg"
 
@@ -34,10 +44,6 @@ def choose_device(only_cpu: bool) -> tuple[torch.device, str | None]:
     if torch.cuda.is_available():
         return torch.device("cuda"), None
     return torch.device("cpu"), "note: CUDA is not available; running on the CPU"
-
-
-def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_flags(max_tokens_to_generate, temperature, top_p, do_sample, only_cpu, dtype, output_format, seed,

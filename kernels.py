@@ -120,37 +120,42 @@ def side_by_side(weights: list[torch.Tensor]) -> torch.Tensor | None:
 def linears(x: torch.Tensor, *layers: nn.Linear) -> list[torch.Tensor]:
     """[layer(x) for layer in layers], multiplying x by all their weights together where that is faster on the
     CPU; the results are in the dtype of x, and match F.linear's up to the order of float32 additions."""
-    weights = [layer.weight for layer in layers]
-    dtypes = {w.dtype for w in weights}
-    if torch.compiler.is_compiling() or x.device.type != "cpu" or len(dtypes) > 1 or dtypes.pop() not in HALF or (
-            not all(w.is_contiguous() for w in weights)):
-        return [F.linear(x, layer.weight, layer.bias) for layer in layers]
-    rows, half = x.numel() // x.shape[-1], weights[0].dtype
-    if rows <= MAX_GEMV_ROWS and library() is not None:
-        ys = gemv(weights, x.reshape(rows, -1).float().contiguous())  # accumulated in float32, rounded once
-    elif half == torch.float16:
-        y = F.linear(x.reshape(rows, -1).to(torch.bfloat16), as_bfloat16(weights))
-        ys = y.split([w.shape[0] for w in weights], dim=-1)
-    elif len(weights) > 1 and (stacked := side_by_side(weights)) is not None:  # one product instead of several
-        ys = F.linear(x.reshape(rows, -1), stacked).split([w.shape[0] for w in weights], dim=-1)
-    else:
+    ys = None if torch.compiler.is_compiling() or x.device.type != "cpu" else cpu_products(x, layers)
+    if ys is None:
         return [F.linear(x, layer.weight, layer.bias) for layer in layers]
     return [(y if layer.bias is None else y + layer.bias.to(y.dtype)).to(x.dtype).view(*x.shape[:-1], -1)
             for y, layer in zip(ys, layers)]
 
 
+def cpu_products(x: torch.Tensor, layers) -> list[torch.Tensor] | None:
+    """x (rows flattened) times each layer's weight, without biases, by the fastest CPU path; None: plain F.linear."""
+    weights = [layer.weight for layer in layers]
+    if len({w.dtype for w in weights}) > 1 or weights[0].dtype not in HALF or not all(w.is_contiguous()
+                                                                                       for w in weights):
+        return None
+    rows = x.numel() // x.shape[-1]
+    if rows <= MAX_GEMV_ROWS and library() is not None:
+        return gemv(weights, x.reshape(rows, -1).float().contiguous())  # accumulated in float32, rounded once
+    if weights[0].dtype == torch.float16:
+        y = F.linear(x.reshape(rows, -1).to(torch.bfloat16), as_bfloat16(weights))
+    elif len(weights) > 1 and (stacked := side_by_side(weights)) is not None:  # one product instead of several
+        y = F.linear(x.reshape(rows, -1), stacked)
+    else:
+        return None
+    return y.split([w.shape[0] for w in weights], dim=-1)
+
+
 def gelu_tanh(x: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
     """F.gelu(x, approximate="tanh"), times up if given: in one pass on the CPU for half-precision tensors."""
-    if torch.compiler.is_compiling():  # the compiler fuses this itself
-        y = F.gelu(x, approximate="tanh")
-        return y if up is None else y * up
-    lib, cols = library(), x.shape[-1]
-    try:
-        rows = [t.view(-1, cols) for t in (x, x if up is None else up)]  # row-strided views, e.g. of a split
-    except RuntimeError:
-        rows = []
-    if lib is None or x.device.type != "cpu" or x.dtype not in HALF or not rows or any(
-            t.stride(1) != 1 or t.dtype != x.dtype or t.shape != rows[0].shape for t in rows):
+    lib, cols, rows = None, x.shape[-1], []
+    if not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype in HALF:  # a compiler fuses it itself
+        lib = library()
+        try:
+            rows = [t.view(-1, cols) for t in (x, x if up is None else up)]  # row-strided views, e.g. of a split
+        except RuntimeError:
+            pass
+    if lib is None or not rows or any(t.stride(1) != 1 or t.dtype != x.dtype or t.shape != rows[0].shape
+                                      for t in rows):
         y = F.gelu(x, approximate="tanh")
         return y if up is None else y * up
     out = torch.empty(x.shape, dtype=x.dtype)

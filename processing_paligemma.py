@@ -41,10 +41,6 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     return image
 
 
-def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any mode to RGB; transparency is composited onto white first, as transformers does."""
     if "A" not in image.getbands() and image.info.get("transparency") is None:
@@ -73,7 +69,7 @@ class PaliGemmaProcessor:
     @classmethod
     def from_folder(cls, folder: str | Path, tokenizer, image_size: int, image_seq_length: int):
         """Read the image settings a checkpoint folder stores (transformers 4 or 5 file); the model fixes the size."""
-        from utils import LoadError, read_json
+        from utils import LoadError, is_number, read_json
 
         settings, path = {}, None
         for name in PROCESSOR_FILES:

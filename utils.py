@@ -46,6 +46,10 @@ class LoadError(Exception):
     """A checkpoint folder, or a file in it, that cannot be used; the message names the file or tensor."""
 
 
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def log(msg: str, end: str = "\n"):
     print(msg, file=sys.stderr, end=end, flush=True)
 
@@ -370,9 +374,13 @@ def copy_tensor(mapped: mmap.mmap, entry: TensorEntry, dest: torch.Tensor, progr
             progress.add(count * itemsize)
 
 
-def load_tokenizer(folder: Path):
+def check_tokenizer_files(folder: Path):
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise LoadError(f"{folder}: no tokenizer files ({' or '.join(TOKENIZER_FILES)})")
+
+
+def load_tokenizer(folder: Path):
+    check_tokenizer_files(folder)
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # the tokenizer libraries raise many kinds of errors for a broken file
@@ -419,8 +427,8 @@ def load_hf_model(model_path: str | Path, device: str | torch.device, dtype: tor
         model = PaliGemmaForConditionalGeneration(config)
     shards = find_shards(folder)
     plan = plan_load(model, shards)
-    if tokenizer is None and not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise LoadError(f"{folder}: no tokenizer files ({' or '.join(TOKENIZER_FILES)})")
+    if tokenizer is None:
+        check_tokenizer_files(folder)
     if memory_check:
         weights = sum(p.numel() for p in model.parameters()) * dtype.itemsize
         check_memory(weights + WORKING_MEMORY, device)
