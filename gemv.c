@@ -51,6 +51,12 @@ static inline float sum(vec v) {
 
 static inline float scalar_f16(uint16_t h) { return _cvtsh_ss(h); }
 static inline float scalar_bf16(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+// float -> bfloat16 bits, rounded to nearest, ties to even (as torch rounds finite values)
+static inline uint16_t scalar_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
 
 // One pass: y[m, r..r+nr) for the nm rows of x at x_m (nm, nr small constants once inlined, so that the
 // accumulators live in registers).
@@ -128,45 +134,6 @@ void gemv(int64_t n_w, const uint16_t *const *Ws, float *const *ys, const int64_
                 }
             }
         }
-    }
-}
-
-static void f16_to_bf16_slice(const uint16_t *src, uint16_t *dst, int64_t i, int64_t end) {
-#if defined(__AVX512F__)
-    const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
-    for (; i + 16 <= end; i += 16) {
-        __m512i u = _mm512_castps_si512(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
-        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
-        u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(bias, lsb)), 16);
-        _mm256_storeu_si256((__m256i *)(dst + i), _mm512_cvtepi32_epi16(u));
-    }
-#else
-    const __m256i bias = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1);
-    for (; i + 8 <= end; i += 8) {
-        __m256i u = _mm256_castps_si256(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
-        __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
-        u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(bias, lsb)), 16);
-        __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
-        _mm_storeu_si128((__m128i *)(dst + i), packed);
-    }
-#endif
-    for (; i < end; i++) {
-        float f = scalar_f16(src[i]);
-        uint32_t u;
-        memcpy(&u, &f, 4);
-        dst[i] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-    }
-}
-
-// dst = src rounded from float16 to bfloat16 (to nearest, ties to even, as torch's .to(torch.bfloat16) does for
-// finite values), n elements: the prefill multiplies in bfloat16, which most CPUs do several times faster than
-// float16, and torch's own float16 -> bfloat16 conversion is slow.
-void f16_to_bf16(const uint16_t *src, uint16_t *dst, int64_t n) {
-#pragma omp parallel
-    {
-        int64_t begin, end;
-        share(n, 64, &begin, &end);
-        f16_to_bf16_slice(src, dst, begin, end);
     }
 }
 
@@ -266,9 +233,7 @@ void gelu_tanh_mul(const uint16_t *x, int64_t x_stride, const uint16_t *up, int6
             for (; j < n; j++) {
                 float g = gelu_scalar(bf16 ? scalar_bf16(xr[j]) : scalar_f16(xr[j]));
                 if (ur) g *= bf16 ? scalar_bf16(ur[j]) : scalar_f16(ur[j]);
-                uint32_t u;
-                memcpy(&u, &g, 4);
-                o[j] = bf16 ? (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16) : _cvtss_sh(g, 0);
+                o[j] = bf16 ? scalar_to_bf16(g) : _cvtss_sh(g, 0);
             }
             i += n;
         }
@@ -308,11 +273,20 @@ static void convert_slice(const uint8_t *src, int src_kind, uint8_t *dst, int ds
     }
     for (; i < end; i++) {
         float f = read_kind(src, src_kind, i);
-        uint32_t u;
-        memcpy(&u, &f, 4);
         if (dst_kind == F32) ((float *)dst)[i] = f;
         else if (dst_kind == F16) ((uint16_t *)dst)[i] = _cvtss_sh(f, 0);
-        else ((uint16_t *)dst)[i] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+        else ((uint16_t *)dst)[i] = scalar_to_bf16(f);
+    }
+}
+
+// dst = src rounded from float16 to bfloat16, n elements: the prefill multiplies in bfloat16, which most CPUs do
+// several times faster than float16, and torch's own float16 -> bfloat16 conversion is slow.
+void f16_to_bf16(const uint16_t *src, uint16_t *dst, int64_t n) {
+#pragma omp parallel
+    {
+        int64_t begin, end;
+        share(n, 64, &begin, &end);
+        convert_slice((const uint8_t *)src, F16, (uint8_t *)dst, BF16, begin, end);
     }
 }
 
