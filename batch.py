@@ -1,5 +1,5 @@
 """Many images in one run: the inputs (a folder, a glob, or a JSON Lines file of prompts), the results file that a
-rerun resumes from, and a progress line on stderr.
+rerun resumes from, and `answer_batch`, which answers them a batch at a time behind a progress bar on stderr.
 
 Results are appended, one JSON line per input and in input order, as each batch finishes, and flushed to disk, so a
 run that is stopped loses at most the batch in flight; a rerun with the same --output skips every input already
@@ -10,9 +10,13 @@ import glob
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import detection
+from console import log, one_line, progress
+from generate import Session, Stopwatch
+from processing_paligemma import load_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -108,19 +112,55 @@ class Results:
             self.file.close()
 
 
-class Progress:
-    """A progress bar on stderr (one line per batch when stderr is not a terminal)."""
+def fit_budget(prompt_len: int, budget: int, max_positions: int) -> int:
+    """The token budget that fits the model's positions; a prompt that does not fit at all is an error."""
+    if prompt_len > max_positions:
+        raise ValueError(f"the prompt is {prompt_len} tokens with the image's, more than the model's "
+                         f"{max_positions} positions")
+    if prompt_len + budget > max_positions:
+        log(f"note: only {max_positions - prompt_len} tokens fit after the {prompt_len}-token prompt")
+        return max_positions - prompt_len
+    return budget
 
-    def __init__(self, total: int, skipped: int):
-        self.total, self.done, self.start = total, 0, time.monotonic()
-        if skipped:
-            print(f"resuming: {skipped} inputs already done", file=sys.stderr)
 
-    def advance(self, n: int):
-        self.done += n
-        rate = self.done / max(time.monotonic() - self.start, 1e-9)
-        width = 30
-        bar = "#" * (width * self.done // self.total) + "." * (width - width * self.done // self.total)
-        end = "\n" if self.done == self.total or not sys.stderr.isatty() else ""
-        print(f"\r[{bar}] {self.done}/{self.total} inputs, {rate:.2f} images/s", end=end, file=sys.stderr,
-              flush=True)
+def answer_batch(session: Session, todo: list[Item], total: int, *, max_tokens: int, batch_size: int,
+                 output: Path | None, annotate: Path | None, max_pixels: int, clock: Stopwatch) -> int:
+    """Answer the items batch_size at a time, appending one JSON line per input, in input order, as each batch is
+    done; total counts the inputs already done in an earlier run too. Returns how many inputs failed (their
+    records say why)."""
+    results, failed = Results(output), 0
+    max_positions = session.model.config.text_config.max_position_embeddings
+    if annotate is not None:
+        annotate.mkdir(parents=True, exist_ok=True)
+    if len(todo) < total:
+        log(f"resuming: {total - len(todo)} inputs already done")
+    try:
+        with progress(total, "answering", "image", initial=total - len(todo)) as bar:
+            for first in range(0, len(todo), batch_size):
+                chunk, records, images = todo[first:first + batch_size], {}, {}
+                for item in chunk:
+                    try:
+                        images[item] = load_image(item.image, max_pixels)
+                        length = session.processor([item.prompt], [images[item]])["input_ids"].shape[1]
+                        fit_budget(length, 0, max_positions)
+                    except (ValueError, OSError) as e:
+                        records[item], failed = {**vars(item), "error": one_line(e)}, failed + 1
+                        log(f"warning: input {item.index}: {one_line(e)}")
+                ready = [item for item in chunk if item not in records]
+                if ready:
+                    inputs = session.processor([i.prompt for i in ready], [images[i] for i in ready])
+                    budget = min(max_tokens, max_positions - inputs["input_ids"].shape[1])
+                    with clock("generate_s"):
+                        rows = session.answer(inputs, budget)
+                    for item, (ids, logprobs) in zip(ready, rows):
+                        name = f"{item.index:05d}-{Path(item.image).stem}.png"
+                        record = {**vars(item), "text": session.tokenizer.decode(ids, skip_special_tokens=True),
+                                  "token_ids": ids, "logprobs": logprobs}
+                        records[item] = detection.describe(record, images[item], item.prompt,
+                                                           None if annotate is None else str(annotate / name),
+                                                           session.vae)
+                results.write([records[item] for item in chunk])
+                bar.update(len(chunk))
+    finally:
+        results.close()
+    return failed

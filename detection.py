@@ -45,6 +45,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
+from console import log
+
 LOC_MAX = 1023  # <loc0000>..<loc1023>
 SEG_MAX = 127  # <seg000>..<seg127>
 SEG_CODES = 16  # codes per mask, a 4x4 grid
@@ -273,3 +275,22 @@ def annotate(image: Image.Image, detections: list[dict], masks=None) -> Image.Im
         if det.get("label"):
             _draw_label(draw, font, det["label"], colour, x0, y0, (width, height))
     return out
+
+
+def describe(record: dict, image: Image.Image, prompt: str, picture: str | None, vae: MaskDecoder | None) -> dict:
+    """The answer's record with its detections or segments parsed (a `detect` or `segment` prompt), and the
+    annotated picture written to the path `picture` when given (masks decoded with vae when given)."""
+    task = prompt.strip().split(" ", 1)[0]
+    if task not in ("detect", "segment"):
+        return record
+    objects, warnings = (parse_detections if task == "detect" else parse_segments)(record["text"], *image.size)
+    for warning in warnings:
+        log(f"warning: {warning}")
+    record = {**record, "detections" if task == "detect" else "segments": objects}
+    if picture is not None:
+        masks = None
+        if task == "segment" and vae is not None and objects:
+            masks64 = decode_masks(vae, [o["codes"] for o in objects])
+            masks = [mask_to_image(m, o["box"], *image.size) for m, o in zip(masks64, objects)]
+        annotate(image, objects, masks).save(picture)
+    return record

@@ -1,29 +1,22 @@
-"""Generation as a handful of small functions, as in gpt-fast: `prefill` runs the vision tower and the whole prompt
-once, `decode_one_token` feeds one token per row through the KV cache, `generate` loops, `sample` picks tokens.
+"""Generation as a handful of small functions, as in gpt-fast: `prefill` runs the image and the whole prompt once,
+`decode_one_token` feeds one token per row through the KV cache, `generate` loops, `sample` picks tokens; and the
+`Session` that holds a loaded model with what answering needs.
 
-A decode step keeps the same shapes from token to token (one query over the whole preallocated cache, masked, at a
-position held in a tensor), so `compile_decode` can hand it to torch.compile, which on CUDA also captures it as a
-CUDA graph. On the CPU the hand-written kernels are faster than anything compiled, and the step stays eager.
+A decode step keeps the same shapes from token to token and from prompt to prompt (one query over the model's
+whole cache, masked, at a cache position held in a tensor; the caches are allocated once and only grown), so
+`compile_decode` hands it to torch.compile once per process, and on CUDA that also captures it as a CUDA graph.
+On the CPU the hand-written kernels are faster than anything compiled, and the step stays eager.
 """
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-from kernels import prefill_dtype
-from modeling_gemma import PaliGemmaForConditionalGeneration, attention_masks
-
-
-@dataclass
-class Cache:
-    """Per-sequence bookkeeping beside the model's KV cache."""
-
-    key_valid: torch.Tensor  # (B, T) bool: cache position holds a real token (not left padding, not yet written)
-    prefix: torch.Tensor  # (B, T) bool: cache position belongs to the bidirectional prefix
-    next_pos: torch.Tensor  # (B,) RoPE position of the next token
-    index: torch.Tensor  # (1,) cache position the next token is written to
+from modeling_paligemma import PaliGemmaForConditionalGeneration
+from processing_paligemma import PaliGemmaProcessor
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
@@ -39,55 +32,37 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=Non
     return order.gather(-1, choice)[:, 0]
 
 
-def prefill(model: PaliGemmaForConditionalGeneration, inputs: dict, max_len: int,
-            all_logits: bool = False) -> tuple[torch.Tensor, Cache]:
-    """Run the image and the whole (left-padded) prompt; returns the last position's logits (B, V), or every
-    position's (B, L, V) with all_logits, and the filled cache."""
-    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"].bool()
-    B, L = input_ids.shape
-    device = input_ids.device
-    model.setup_caches(B, max_len)
-    key_valid = torch.zeros(B, max_len, dtype=torch.bool, device=device)
-    key_valid[:, :L] = attention_mask
-    prefix = torch.zeros(B, max_len, dtype=torch.bool, device=device)
-    prefix[:, :L] = inputs["token_type_ids"] == 0
-    positions = attention_mask.long().cumsum(-1)  # 1-based, left padding skipped (REFERENCE.md §3.3)
-    masks = attention_masks(model.config.text_config, key_valid, prefix, torch.arange(L, device=device), L)
-    logits = model(input_ids, positions, masks, 0, inputs["pixel_values"], last_only=not all_logits,
-                   dtype=prefill_dtype(model.language_model.lm_head.weight))
-    cache = Cache(key_valid, prefix, positions[:, -1] + 1, torch.tensor([L], device=device))
-    return (logits if all_logits else logits[:, -1]), cache
+def prefill(model: PaliGemmaForConditionalGeneration, inputs: dict, max_new_tokens: int,
+            all_logits: bool = False) -> torch.Tensor:
+    """Run the image and the whole (left-padded) prompt, with room in the cache for max_new_tokens more; returns
+    the last position's logits (B, V), or every position's (B, L, V) with all_logits."""
+    B, L = inputs["input_ids"].shape
+    model.setup_caches(B, L + max_new_tokens)
+    logits = model(inputs["input_ids"], torch.arange(L, device=inputs["input_ids"].device), inputs["pixel_values"],
+                   inputs["attention_mask"], inputs["token_type_ids"], last_only=not all_logits)
+    return logits if all_logits else logits[:, -1]
 
 
-def decode_forward(model, tokens, positions, index, key_valid, prefix) -> torch.Tensor:
-    """(B, 1) tokens at cache position index -> logits (B, V): the step that compile_decode compiles."""
-    masks = attention_masks(model.config.text_config, key_valid, prefix, index, key_valid.shape[1])
-    return model(tokens, positions, masks, index)[:, -1]
-
-
-def decode_one_token(model, token: torch.Tensor, cache: Cache, forward=decode_forward) -> torch.Tensor:
-    """Feed (B,) tokens at the next cache position; returns the logits (B, V) for the token after them."""
-    cache.key_valid.index_fill_(1, cache.index, True)
-    logits = forward(model, token[:, None], cache.next_pos[:, None], cache.index, cache.key_valid, cache.prefix)
-    cache.next_pos += 1
-    cache.index += 1
-    return logits
+def decode_one_token(model: PaliGemmaForConditionalGeneration, token: torch.Tensor,
+                     input_pos: torch.Tensor) -> torch.Tensor:
+    """(B,) tokens written at cache position input_pos (1,) -> the logits (B, V) for the tokens after them."""
+    return model(token[:, None], input_pos)[:, -1]
 
 
 def compile_decode(device: torch.device, log=lambda msg: print(msg, file=sys.stderr)):
-    """decode_forward compiled for the device (CUDA: with CUDA graphs), or the eager step where that cannot help
-    or fails. Compiling costs seconds to tens of seconds, paid on the first decode steps."""
+    """decode_one_token compiled for the device (CUDA: with CUDA graphs), or the eager step where that cannot help
+    or fails. Compiling costs seconds to tens of seconds, paid once, on the first decode step."""
     if device.type != "cuda":
         log("note: --compile helps on CUDA only; on the CPU the hand-written kernels are faster, decoding eagerly")
-        return decode_forward
+        return decode_one_token
     try:
-        compiled = torch.compile(decode_forward, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        compiled = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True, dynamic=False)
     except Exception as e:  # an old torch, no Triton, ...: the eager step gives the same tokens
         log(f"note: cannot compile the decode step ({type(e).__name__}: {e}); decoding eagerly")
-        return decode_forward
+        return decode_one_token
     first = True
 
-    def forward(*args):  # the first call compiles and captures: say what it cost, fall back if it fails
+    def step(*args):  # the first call compiles and captures: say what it cost, fall back if it fails
         nonlocal first, compiled
         if not first:
             return compiled(*args)
@@ -96,18 +71,18 @@ def compile_decode(device: torch.device, log=lambda msg: print(msg, file=sys.std
             out = compiled(*args)
         except Exception as e:
             log(f"note: compiling the decode step failed ({type(e).__name__}); decoding eagerly")
-            compiled = decode_forward
-            return decode_forward(*args)
-        forward.compile_s = time.monotonic() - start
-        log(f"decode step compiled and captured in {forward.compile_s:.1f} s")
+            compiled = decode_one_token
+            return decode_one_token(*args)
+        step.compile_s = time.monotonic() - start
+        log(f"decode step compiled and captured in {step.compile_s:.1f} s")
         return out
 
-    forward.compile_s = 0.0
-    return forward
+    step.compile_s = 0.0
+    return step
 
 
 def generate(model, inputs: dict, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             stop_ids: tuple[int, ...] = (1,), generator=None, forward=decode_forward):
+             stop_ids: tuple[int, ...] = (1,), generator=None, step=decode_one_token):
     """Yield (tokens (B,), logprobs (B,)) one step at a time, until every row has stopped or the budget is spent.
 
     logprobs are natural-log probabilities under the model's own distribution, before temperature and top-p.
@@ -116,15 +91,78 @@ def generate(model, inputs: dict, max_new_tokens: int, temperature: float = 0.0,
     """
     if max_new_tokens <= 0:
         return
-    logits, cache = prefill(model, inputs, inputs["input_ids"].shape[1] + max_new_tokens)
+    logits = prefill(model, inputs, max_new_tokens)
+    input_pos = torch.tensor([inputs["input_ids"].shape[1]], device=logits.device)
     stop = torch.tensor(stop_ids, device=logits.device)
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-    for step in range(max_new_tokens):
+    for i in range(max_new_tokens):
         token = sample(logits, temperature, top_p, generator)
         logprob = torch.log_softmax(logits.float(), dim=-1).gather(-1, token[:, None])[:, 0]
         token = token.masked_fill(done, 0)
         yield token, logprob
         done |= torch.isin(token, stop)
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if bool(done.all()) or i == max_new_tokens - 1:
             return
-        logits = decode_one_token(model, token, cache, forward)
+        logits = step(model, token, input_pos)
+        input_pos += 1
+
+
+class Stopwatch:
+    """Seconds spent in named stages, summed over every `with clock(name):` block (a monotonic clock)."""
+
+    def __init__(self):
+        self.totals = {}
+
+    def __getitem__(self, name: str) -> float:
+        return self.totals.get(name, 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.totals[name] = self[name] + time.monotonic() - start
+
+
+@dataclass
+class Session:
+    """A loaded model with everything needed to answer: tokenizer, processor, stop ids, sampling settings."""
+
+    model: PaliGemmaForConditionalGeneration
+    tokenizer: object
+    processor: PaliGemmaProcessor
+    stop_ids: tuple[int, ...]
+    temperature: float = 0.0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+    step: object = decode_one_token  # the decode step, eager or compiled
+    vae: object = None  # the segmentation mask decoder, or None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.language_model.model.norm.weight.device
+
+    def answer(self, inputs: dict, budget: int, clock: Stopwatch | None = None,
+               on_token=None) -> list[tuple[list[int], list[float]]]:
+        """(token ids, logprobs) per row, each up to and including its stop token; on_token(ids of the first row)
+        is called after every step (for streaming)."""
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        rows = [([], []) for _ in range(inputs["input_ids"].shape[0])]
+        clock = clock or Stopwatch()
+        with torch.inference_mode():
+            steps = generate(self.model, inputs, budget, self.temperature, self.top_p, self.stop_ids,
+                             self.generator, self.step)
+            while True:
+                with clock("prefill_s" if not rows[0][0] else "decode_s"):
+                    step = next(steps, None)
+                    if step is not None:  # tolist() waits for the device: the clock sees the real time
+                        tokens, logprobs = step[0].tolist(), step[1].tolist()
+                if step is None:
+                    return rows
+                for (ids, lps), token, logprob in zip(rows, tokens, logprobs):
+                    if not ids or ids[-1] not in self.stop_ids:
+                        ids.append(token)
+                        lps.append(logprob)
+                if on_token:
+                    on_token(rows[0][0])

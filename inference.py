@@ -1,16 +1,14 @@
-"""Run PaliGemma on an image from the command line: `python inference.py --model_path DIR --prompt "caption en" ...`.
+"""Run PaliGemma on images from the command line: `python inference.py --model_path DIR --prompt "caption en" ...`.
 
-The flags are checked, the image, tokenizer and prompt prepared, the weights loaded (utils.py), and generate.py
-produces the answer. stdout carries only the answer; progress and diagnostics go to stderr.
+Everything that can be wrong with the input is checked first. Then the weights stream in (utils.py) while the
+tokenizer loads beside them, kernels.accelerate swaps in the CPU fast path, and generate.py answers. stdout carries
+only the answer; progress and diagnostics go to stderr.
 """
 
-import contextlib
 import inspect
 import json
 import os
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import fire
@@ -19,22 +17,41 @@ from PIL import Image
 
 import batch
 import detection
-from detection import load_vae
-from generate import compile_decode, decode_forward, generate
-from processing_paligemma import DEFAULT_MAX_PIXELS, PaliGemmaProcessor, load_image
-from utils import (
-    DTYPES,
-    LoadError,
-    is_number,
-    load_config,
-    load_hf_model,
-    load_tokenizer,
-    log,
-    peak_rss_gib,
-    stop_tokens,
+import kernels
+from checkpoint import DTYPES, LoadError, load_config, load_tokenizer, stop_tokens
+from console import is_number, log, one_line, peak_rss_gib
+from generate import Session, Stopwatch, compile_decode, decode_one_token
+from processing_paligemma import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_TOKEN,
+    PaliGemmaProcessor,
+    load_image,
+    max_prompt_length,
+    read_image_settings,
 )
+from utils import load_hf_model
 
 DEFAULT_IMAGE = Path(__file__).resolve().parent / "test_images" / "cat.jpg"
+FLAG_RULES = {  # flag -> (test of its value, what it must be)
+    "max_tokens_to_generate": (lambda v: type(v) is int and v >= 0, "a whole number >= 0"),
+    "temperature": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
+    "top_p": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "dtype": (lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
+    "output_format": (lambda v: v in ("text", "json"), "text or json"),
+    "seed": (lambda v: v is None or type(v) is int, "a whole number"),
+    "max_image_pixels": (lambda v: type(v) is int and v > 0, "a whole number > 0"),
+    "stream": (lambda v: v is None or isinstance(v, bool), "True or False"),
+    "batch_size": (lambda v: type(v) is int and v >= 1, "a whole number >= 1"),
+    **{name: (lambda v: isinstance(v, bool), "True or False")
+       for name in ("do_sample", "only_cpu", "ignore_memory_check", "verbose", "compile")},
+}
+
+
+def check_flags(flags: dict):
+    """Every flag's type and range, before anything is loaded; a ValueError names the first bad one."""
+    for name, (valid, what) in FLAG_RULES.items():
+        if not valid(flags[name]):
+            raise ValueError(f"--{name} must be {what}, not {flags[name]!r}")
 
 
 def choose_device(only_cpu: bool) -> tuple[torch.device, str | None]:
@@ -46,44 +63,39 @@ def choose_device(only_cpu: bool) -> tuple[torch.device, str | None]:
     return torch.device("cpu"), "note: CUDA is not available; running on the CPU"
 
 
-def check_flags(max_tokens_to_generate, temperature, top_p, do_sample, only_cpu, dtype, output_format, seed,
-                max_image_pixels, ignore_memory_check, verbose, compile, stream, batch_size):
-    """Every flag's type and range, before anything is loaded; a ValueError names the first bad one."""
-    if type(max_tokens_to_generate) is not int or max_tokens_to_generate < 0:
-        raise ValueError(f"--max_tokens_to_generate must be a whole number >= 0, not {max_tokens_to_generate!r}")
-    if not is_number(temperature) or not temperature >= 0:
-        raise ValueError(f"--temperature must be a number >= 0, not {temperature!r}")
-    if not is_number(top_p) or not 0 < top_p <= 1:
-        raise ValueError(f"--top_p must be a number in (0, 1], not {top_p!r}")
-    for name, value in [("do_sample", do_sample), ("only_cpu", only_cpu), ("ignore_memory_check", ignore_memory_check),
-                        ("verbose", verbose), ("compile", compile)]:
-        if not isinstance(value, bool):
-            raise ValueError(f"--{name} must be True or False, not {value!r}")
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    if output_format not in ("text", "json"):
-        raise ValueError(f"--output_format must be text or json, not {output_format!r}")
-    if seed is not None and type(seed) is not int:
-        raise ValueError(f"--seed must be a whole number, not {seed!r}")
-    if type(max_image_pixels) is not int or max_image_pixels <= 0:
-        raise ValueError(f"--max_image_pixels must be a whole number > 0, not {max_image_pixels!r}")
-    if stream is not None and not isinstance(stream, bool):
-        raise ValueError(f"--stream must be True or False, not {stream!r}")
-    if type(batch_size) is not int or batch_size < 1:
-        raise ValueError(f"--batch_size must be a whole number >= 1, not {batch_size!r}")
-
-
 def main(model_path: str, prompt: str = "caption en", image_file_path: str = str(DEFAULT_IMAGE),
          max_tokens_to_generate: int = 100, temperature: float = 0.8, top_p: float = 0.9, do_sample: bool = False,
          only_cpu: bool = False, dtype: str = "float16", output_format: str = "text", seed: int | None = None,
          max_image_pixels: int = DEFAULT_MAX_PIXELS, ignore_memory_check: bool = False, verbose: bool = False,
          compile: bool = False, stream: bool | None = None, annotate: str | None = None, vae_path: str | None = None,
          prompts_file: str | None = None, batch_size: int = 1, output: str | None = None):
-    """Answer PROMPT about the image, or about every image of a folder, a glob or --prompts_file; prints the
-    answer (text) or one JSON object per line (json, and always for several images)."""
-    check_flags(max_tokens_to_generate, temperature, top_p, do_sample, only_cpu, dtype, output_format, seed,
-                max_image_pixels, ignore_memory_check, verbose, compile, stream, batch_size)
-    clock = Stopwatch()
+    """Answer a prompt about an image, or about every image of a folder, a glob or a prompts file.
+
+    Args:
+        model_path: the checkpoint folder: config.json, safetensors weights and the tokenizer
+        prompt: the task prompt, e.g. "caption en", "answer en what is this?", "detect cat ; dog"
+        image_file_path: an image file, a folder of images, or a quoted glob such as 'photos/*.jpg'
+        max_tokens_to_generate: the most tokens to generate; generation also stops at a stop token
+        temperature: the sampling temperature, with --do_sample True (0 means greedy)
+        top_p: sample from the smallest set of likeliest tokens whose probability reaches this, in (0, 1]
+        do_sample: True to sample with --temperature and --top_p, False for greedy decoding
+        only_cpu: True to never use CUDA, False to use it when present
+        dtype: the weights' dtype: float16, bfloat16 or float32
+        output_format: text (the answer alone) or json (one object per line with ids, logprobs and timings)
+        seed: a seed for sampling, for reproducible samples
+        max_image_pixels: refuse images with more pixels than this (a guard against decompression bombs)
+        ignore_memory_check: True to load even when the weights look larger than the memory available
+        verbose: True to print timings and peak memory on stderr
+        compile: True to compile the decode step and capture it as a CUDA graph (CUDA only)
+        stream: True to print the answer as it is generated (on by default when stdout is a terminal)
+        annotate: write a copy of the image with the detected boxes, labels and masks drawn to this path
+        vae_path: big_vision's vae-oid.npz, to decode the masks of segment answers
+        prompts_file: a JSON Lines file of {"image": "path", "prompt": "text"} to answer in one run
+        batch_size: inputs answered together when there are several
+        output: append the answers to this JSON Lines file; a rerun skips the inputs already there
+    """
+    check_flags(locals())
+    clock, folder = Stopwatch(), Path(model_path)
     items = batch.gather(image_file_path, prompts_file, prompt)
     if items is None and output is not None:  # one image, written to a results file like a batch of one
         items = [batch.Item(0, image_file_path, prompt)]
@@ -92,40 +104,53 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
             image = load_image(image_file_path, max_image_pixels)
     check_outputs(annotate, output, vae_path, [image_file_path] if items is None else [i.image for i in items],
                   single=items is None)
-    vae = load_vae(vae_path) if vae_path is not None else None
-    # Everything that can be wrong with the input is found before the weights are loaded.
-    with clock("load_s"):
-        config, tokenizer = load_config(model_path), load_tokenizer(Path(model_path))
-        stop_ids = stop_tokens(Path(model_path), config)
-        processor = PaliGemmaProcessor.from_folder(model_path, tokenizer, config.vision_config.image_size,
-                                                   config.num_image_tokens)
-    max_positions = config.text_config.max_position_embeddings
-    if items is None:
-        with clock("image_s"):
-            inputs = processor([prompt], [image])
-        budget = fit_budget(inputs["input_ids"].shape[1], max_tokens_to_generate, max_positions)
-    else:
-        todo = batch.resume(Path(output) if output else None, items)
+    vae = detection.load_vae(vae_path) if vae_path is not None else None
+    config, settings = load_config(folder), read_image_settings(folder)
+    stop_ids, max_positions = stop_tokens(folder, config), config.text_config.max_position_embeddings
+    for text in [prompt] if items is None else dict.fromkeys(i.prompt for i in items):
+        if text.count(IMAGE_TOKEN) > 1:
+            raise ValueError(f"the prompt {text[:40]!r} has {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} tokens; "
+                             "PaliGemma takes one image")
+    tokenizer = None
+    if items is None and max_prompt_length(prompt, config.num_image_tokens) > max_positions:
+        # A prompt that may not fit: tokenise it before loading, which then cannot overlap the tokenizer.
+        tokenizer = load_tokenizer(folder)
+        processor = PaliGemmaProcessor(tokenizer, config.vision_config.image_size, config.num_image_tokens, **settings)
+        batch.fit_budget(processor([prompt], [image])["input_ids"].shape[1], 0, max_positions)
+    todo = batch.resume(Path(output) if output else None, items) if items is not None else None
     device, note = choose_device(only_cpu)
     with clock("load_s"):
-        model, _ = load_hf_model(model_path, device, DTYPES[dtype], memory_check=not ignore_memory_check,
-                                 tokenizer=tokenizer)
+        model, tokenizer = load_hf_model(folder, device, DTYPES[dtype], memory_check=not ignore_memory_check,
+                                         tokenizer=tokenizer)
+        model = kernels.accelerate(model)
+        processor = PaliGemmaProcessor(tokenizer, config.vision_config.image_size, config.num_image_tokens, **settings)
     for message in (note, do_sample and temperature == 0 and "note: --temperature 0 means greedy decoding"):
         if message:
             log(message)
     session = Session(model, tokenizer, processor, stop_ids, temperature if do_sample else 0.0, top_p,
                       torch.Generator(device).manual_seed(seed) if seed is not None else None,
-                      compile_decode(device, log) if compile else decode_forward, vae)
+                      compile_decode(device, log) if compile else decode_one_token, vae)
     if items is not None:
-        return answer_batch(session, items, todo, max_tokens_to_generate, batch_size, max_positions, output,
-                            annotate, max_image_pixels, verbose, clock)
+        failed = batch.answer_batch(session, todo, len(items), max_tokens=max_tokens_to_generate,
+                                    batch_size=batch_size, output=Path(output) if output else None,
+                                    annotate=Path(annotate) if annotate else None, max_pixels=max_image_pixels,
+                                    clock=clock)
+        if verbose:
+            log(f"{len(todo)} inputs in {clock['generate_s']:.1f} s of generation, "
+                f"{len(todo) / max(clock['generate_s'], 1e-9):.2f} images/s, peak memory {peak_rss_gib():.2f} GiB")
+        if failed:
+            raise ValueError(f"{failed} of {len(todo)} inputs failed; their records say why")
+        return
+    with clock("image_s"):
+        inputs = processor([prompt], [image])
+    budget = batch.fit_budget(inputs["input_ids"].shape[1], max_tokens_to_generate, max_positions)
     streaming = stream if stream is not None else output_format == "text" and sys.stdout.isatty()
     printer = StreamPrinter(tokenizer) if streaming and output_format == "text" else None
-    [(ids, logprobs)] = session.answer({k: v.to(device) for k, v in inputs.items()}, budget, clock, printer)
+    [(ids, logprobs)] = session.answer(inputs, budget, clock, printer and printer.add)
     timings = {"load_s": clock["load_s"], "first_token_s": clock["image_s"] + clock["prefill_s"],
                "decode_s": clock["decode_s"], "decode_tokens": max(len(ids) - 1, 0), "peak_rss_gib": peak_rss_gib()}
-    if hasattr(session.forward, "compile_s"):  # --compile on CUDA: the part of decode_s spent compiling
-        timings["compile_s"] = session.forward.compile_s
+    if hasattr(session.step, "compile_s"):  # --compile on CUDA: the part of decode_s spent compiling
+        timings["compile_s"] = session.step.compile_s
     if device.type == "cuda":
         timings["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if verbose:
@@ -134,111 +159,14 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
             f"decode {timings['decode_tokens']} tokens in {timings['decode_s']:.2f} s, "
             f"{timings['decode_tokens'] / max(timings['decode_s'], 1e-9):.2f} tok/s | "
             f"peak memory {timings['peak_rss_gib']:.2f} GiB")
-    record = session.describe({"text": tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids,
-                               "logprobs": logprobs}, image, prompt, annotate)
+    record = detection.describe({"text": tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids,
+                                 "logprobs": logprobs}, image, prompt, annotate, vae)
     if output_format == "json":
         print(json.dumps({**record, "timings": timings}, ensure_ascii=False))
     elif printer:
         printer.close(record["text"])
     elif ids:  # a zero token budget prints nothing
         print(record["text"])
-
-
-@dataclass
-class Session:
-    """A loaded model with everything needed to answer: tokenizer, processor, stop ids, sampling settings."""
-
-    model: torch.nn.Module
-    tokenizer: object
-    processor: PaliGemmaProcessor
-    stop_ids: tuple[int, ...]
-    temperature: float
-    top_p: float
-    generator: torch.Generator | None
-    forward: object  # the decode step, eager or compiled
-    vae: object  # the segmentation mask decoder, or None
-
-    def answer(self, inputs: dict, budget: int, clock=None, printer=None) -> list[tuple[list[int], list[float]]]:
-        """(token ids, logprobs) per row, each up to and including its stop token."""
-        rows = [([], []) for _ in range(inputs["input_ids"].shape[0])]
-        clock = clock or Stopwatch()
-        with torch.inference_mode():
-            steps = generate(self.model, inputs, budget, self.temperature, self.top_p, self.stop_ids,
-                             self.generator, self.forward)
-            while True:
-                with clock("prefill_s" if not rows[0][0] else "decode_s"):
-                    step = next(steps, None)
-                    if step is not None:  # tolist() waits for the device: the clock sees the real time
-                        tokens, logprobs = step[0].tolist(), step[1].tolist()
-                if step is None:
-                    return rows
-                for (ids, lps), token, logprob in zip(rows, tokens, logprobs):
-                    if not ids or ids[-1] not in self.stop_ids:
-                        ids.append(token)
-                        lps.append(logprob)
-                if printer:
-                    printer.add(rows[0][0])
-
-    def describe(self, record: dict, image, prompt: str, annotate: str | None) -> dict:
-        """The answer's record, with its detections or segments parsed, and the annotated image written."""
-        task = prompt.strip().split(" ", 1)[0]
-        if task not in ("detect", "segment"):
-            return record
-        parse = detection.parse_detections if task == "detect" else detection.parse_segments
-        objects, warnings = parse(record["text"], *image.size)
-        for warning in warnings:
-            log(f"warning: {warning}")
-        record = {**record, "detections" if task == "detect" else "segments": objects}
-        if annotate is not None:
-            masks = None
-            if task == "segment" and self.vae is not None and objects:
-                masks64 = detection.decode_masks(self.vae, [o["codes"] for o in objects])
-                masks = [detection.mask_to_image(m, o["box"], *image.size) for m, o in zip(masks64, objects)]
-            detection.annotate(image, objects, masks).save(annotate)
-        return record
-
-
-def answer_batch(session, items, todo, max_tokens, batch_size, max_positions, output, annotate, max_pixels,
-                 verbose, clock):
-    """Answer every item in batches, appending one JSON line per input, in input order, as each batch is done."""
-    results = batch.Results(Path(output) if output else None)
-    progress, failed = batch.Progress(len(items), len(items) - len(todo)), 0
-    if annotate is not None:
-        Path(annotate).mkdir(parents=True, exist_ok=True)
-    try:
-        progress.advance(0)
-        for first in range(0, len(todo), batch_size):
-            chunk, records, images = todo[first:first + batch_size], {}, {}
-            for item in chunk:
-                try:
-                    images[item] = load_image(item.image, max_pixels)
-                    length = session.processor([item.prompt], [images[item]])["input_ids"].shape[1]
-                    fit_budget(length, 0, max_positions)
-                except (ValueError, OSError) as e:
-                    records[item], failed = {**vars(item), "error": one_line(e)}, failed + 1
-                    log(f"warning: input {item.index}: {one_line(e)}")
-            ready = [item for item in chunk if item not in records]
-            if ready:
-                inputs = session.processor([i.prompt for i in ready], [images[i] for i in ready])
-                budget = min(max_tokens, max_positions - inputs["input_ids"].shape[1])
-                device = session.model.language_model.lm_head.weight.device
-                with clock("generate_s"):
-                    rows = session.answer({k: v.to(device) for k, v in inputs.items()}, budget)
-                for item, (ids, logprobs) in zip(ready, rows):
-                    name = f"{item.index:05d}-{Path(item.image).stem}.png"
-                    path = None if annotate is None else str(Path(annotate) / name)
-                    records[item] = session.describe(
-                        {**vars(item), "text": session.tokenizer.decode(ids, skip_special_tokens=True),
-                         "token_ids": ids, "logprobs": logprobs}, images[item], item.prompt, path)
-            results.write([records[item] for item in chunk])
-            progress.advance(len(chunk))
-    finally:
-        results.close()
-    if verbose:
-        log(f"{len(todo)} inputs in {clock['generate_s']:.1f} s of generation, "
-            f"{len(todo) / max(clock['generate_s'], 1e-9):.2f} images/s, peak memory {peak_rss_gib():.2f} GiB")
-    if failed:
-        raise ValueError(f"{failed} of {len(todo)} inputs failed; their records say why")
 
 
 def check_outputs(annotate: str | None, output: str | None, vae_path: str | None, inputs: list[str], single: bool):
@@ -277,35 +205,6 @@ class StreamPrinter:
             sys.stdout.flush()
 
 
-class Stopwatch:
-    """Seconds spent in named stages, summed over every `with clock(name):` block (a monotonic clock)."""
-
-    def __init__(self):
-        self.totals = {}
-
-    def __getitem__(self, name: str) -> float:
-        return self.totals.get(name, 0.0)
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        start = time.monotonic()
-        try:
-            yield
-        finally:
-            self.totals[name] = self[name] + time.monotonic() - start
-
-
-def fit_budget(prompt_len: int, budget: int, max_positions: int) -> int:
-    """The token budget that fits the model's positions; a prompt that does not fit at all is an error."""
-    if prompt_len > max_positions:
-        raise ValueError(f"the prompt is {prompt_len} tokens with the image's, more than the model's "
-                         f"{max_positions} positions")
-    if prompt_len + budget > max_positions:
-        log(f"note: only {max_positions - prompt_len} tokens fit after the {prompt_len}-token prompt")
-        return max_positions - prompt_len
-    return budget
-
-
 STRING_FLAGS = ("model_path", "prompt", "image_file_path", "dtype", "output_format", "annotate", "vae_path",
                 "prompts_file", "output")
 
@@ -335,10 +234,6 @@ def check_flag_names(argv: list[str]):
             raise ValueError(f"unknown flag --{name}; the flags are --{', --'.join(known)}")
     if "model_path" not in names and "help" not in names and not (argv and not argv[0].startswith("-")):
         raise ValueError("--model_path is required: the folder of a PaliGemma checkpoint")
-
-
-def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def cli():

@@ -1,21 +1,31 @@
-"""`linears`: F.linear, made fast on the CPU for float16 and bfloat16 weights.
+"""The CPU fast path: gemv.c's kernels, declared here once, and `accelerate(model)`, which swaps them in.
 
 Two facts about CPUs shape it (measured figures in README.md):
 - A decode step multiplies a single row by every weight matrix, so it runs at the speed weights stream from
   memory. PyTorch's half-precision matrix-vector kernels widen weights to float32 too slowly for that on many CPUs;
   gemv.c's do it in registers and accumulate in float32, split by weight rows across torch's own OpenMP threads
   (the library is linked to the libgomp torch has loaded, so the two never compete for cores).
-- A prefill multiplies hundreds of rows, which is arithmetic-bound, and many CPUs multiply bfloat16 several times
-  faster than float16 (some have no float16 arithmetic at all). So float16 weights are rounded to bfloat16, a
-  matrix at a time into a scratch buffer, and the product is taken in bfloat16; the result is float16 again.
+- A prompt multiplies hundreds of rows, which is arithmetic-bound, and many CPUs multiply bfloat16 several times
+  faster than float16 (some have no float16 arithmetic at all, and even their float16 convolutions and additions
+  are slow). So a float16 model computes a prompt in bfloat16: its token embeddings come out in bfloat16, and its
+  float16 weights are rounded to bfloat16, a matrix at a time into a scratch buffer, for each product. A decode
+  step stays in float16.
+
+`accelerate(model)` is the one explicit step after loading that turns the plain model of modeling_*.py into this:
+each `nn.Linear` becomes a `Linear`, each `Fused` group (q, k, v; gate, up) a `Fused` that reads all its weights
+in one pass, each tanh GELU the one-pass C version, and a float16 token embedding an `Embedding` that picks the
+dtype a forward computes in. The weights are the model's own parameters, shared, whether they were copied or are
+used in place from the checkpoint's files.
 
 gemv.c is compiled once per machine with the system's C compiler (`-O3 -march=native -fopenmp`) into
-~/.cache/pytorch-paligemma/. Without a compiler, or with PALIGEMMA_NO_KERNELS=1, everything falls back to PyTorch.
+~/.cache/pytorch-paligemma/. Without a compiler the swapped modules use PyTorch's own operations (the same results
+within half precision); with PALIGEMMA_NO_KERNELS=1 `accelerate` leaves the plain model as it is.
 """
 
 import ctypes
 import functools
 import hashlib
+import mmap
 import os
 import platform
 import shutil
@@ -27,9 +37,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import modeling_siglip
+
 SOURCE = Path(__file__).resolve().with_name("gemv.c")
 HALF = (torch.float16, torch.bfloat16)
 MAX_GEMV_ROWS = 16  # rows of x up to which streaming the weights beats a matrix-matrix product
+PIECE_BYTES = 64 << 20  # what the loader converts from a shard at a time
+KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # as gemv.c's convert_shard numbers them
+
+
+class ConvertJob(ctypes.Structure):
+    """One tensor for gemv.c's convert_shard: where it starts in the mapping, where it goes, how many, which dtypes."""
+
+    _fields_ = [("src_offset", ctypes.c_int64), ("dst", ctypes.c_void_p), ("n", ctypes.c_int64),
+                ("src_kind", ctypes.c_int32), ("dst_kind", ctypes.c_int32)]
 
 
 def cpu_signature() -> bytes:
@@ -61,11 +82,11 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(built))
     except (OSError, subprocess.SubprocessError):  # no AVX2 / F16C, a broken compiler, a read-only home, ...
         return None
-    lib.gemv.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int]
-    lib.f16_to_bf16.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64]
-    lib.convert_shard.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
-    lib.gelu_tanh_mul.argtypes = [ctypes.c_void_p, ctypes.c_int64] * 2 + [ctypes.c_void_p] + [ctypes.c_int64] * 2 + [
-        ctypes.c_int]
+    pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.gemv.argtypes = [i64, pointer, pointer, pointer, pointer, i64, i64, i32]
+    lib.f16_to_bf16.argtypes = [pointer, pointer, i64]
+    lib.gelu_tanh_mul.argtypes = [pointer, i64, pointer, i64, pointer, i64, i64, i32]
+    lib.convert_shard.argtypes = [pointer, pointer, i64, i64, pointer]
     return lib
 
 
@@ -83,89 +104,138 @@ def gemv(weights: list[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
 _scratch: dict[str, torch.Tensor] = {}
 
 
-def as_bfloat16(weights: list[torch.Tensor]) -> torch.Tensor:
-    """The float16 weights rounded to bfloat16 and stacked by rows, in a scratch buffer the next call overwrites."""
-    n = sum(w.numel() for w in weights)
+def as_bfloat16(weight: torch.Tensor) -> torch.Tensor:
+    """A float16 weight rounded to bfloat16 (exactly as .to(torch.bfloat16)), in a scratch buffer that the next
+    call overwrites: a copy of one matrix at a time, never of the model."""
+    n = weight.numel()
     if _scratch.get("buffer") is None or _scratch["buffer"].numel() < n:
         with torch.inference_mode(False):  # a normal tensor, writable in and out of inference mode alike
             _scratch["buffer"] = torch.empty(n, dtype=torch.bfloat16)
-    out = _scratch["buffer"][:n].view(-1, weights[0].shape[1])
-    lib, row = library(), 0
-    for w in weights:
-        dest = out[row:row + w.shape[0]]
-        if lib is None:
-            dest.copy_(w)
-        else:
-            lib.f16_to_bf16(w.data_ptr(), dest.data_ptr(), w.numel())
-        row += w.shape[0]
-    return out
-
-
-def prefill_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype a forward over many tokens computes in: bfloat16 for float16 weights on the CPU, so that neither
-    the products nor the conversions around them run at float16 speed; otherwise the weights' own."""
-    return torch.bfloat16 if weight.device.type == "cpu" and weight.dtype == torch.float16 else weight.dtype
-
-
-def side_by_side(weights: list[torch.Tensor]) -> torch.Tensor | None:
-    """The weights as one (sum of rows, cols) matrix, if they already lie one after another in memory."""
-    first = weights[0]
-    for a, b in zip(weights, weights[1:]):
-        if b.data_ptr() != a.data_ptr() + a.nbytes or b.shape[1] != first.shape[1] or (
-                b.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
-            return None
-    return first.as_strided((sum(w.shape[0] for w in weights), first.shape[1]), (first.shape[1], 1))
-
-
-def linears(x: torch.Tensor, *layers: nn.Linear) -> list[torch.Tensor]:
-    """[layer(x) for layer in layers], multiplying x by all their weights together where that is faster on the
-    CPU; the results are in the dtype of x, and match F.linear's up to the order of float32 additions."""
-    ys = None if torch.compiler.is_compiling() or x.device.type != "cpu" else cpu_products(x, layers)
-    if ys is None:
-        return [F.linear(x, layer.weight, layer.bias) for layer in layers]
-    return [(y if layer.bias is None else y + layer.bias.to(y.dtype)).to(x.dtype).view(*x.shape[:-1], -1)
-            for y, layer in zip(ys, layers)]
-
-
-def cpu_products(x: torch.Tensor, layers) -> list[torch.Tensor] | None:
-    """x (rows flattened) times each layer's weight, without biases, by the fastest CPU path; None: plain F.linear."""
-    weights = [layer.weight for layer in layers]
-    if len({w.dtype for w in weights}) > 1 or weights[0].dtype not in HALF or not all(w.is_contiguous()
-                                                                                       for w in weights):
-        return None
-    rows = x.numel() // x.shape[-1]
-    if rows <= MAX_GEMV_ROWS and library() is not None:
-        return gemv(weights, x.reshape(rows, -1).float().contiguous())  # accumulated in float32, rounded once
-    if weights[0].dtype == torch.float16:
-        y = F.linear(x.reshape(rows, -1).to(torch.bfloat16), as_bfloat16(weights))
-    elif len(weights) > 1 and (stacked := side_by_side(weights)) is not None:  # one product instead of several
-        y = F.linear(x.reshape(rows, -1), stacked)
+    out = _scratch["buffer"][:n].view(weight.shape)
+    lib = library()
+    if lib is None:
+        out.copy_(weight)
     else:
-        return None
-    return y.split([w.shape[0] for w in weights], dim=-1)
-
-
-def gelu_tanh(x: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
-    """F.gelu(x, approximate="tanh"), times up if given: in one pass on the CPU for half-precision tensors."""
-    lib, cols, rows = None, x.shape[-1], []
-    if not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype in HALF:  # a compiler fuses it itself
-        lib = library()
-        try:
-            rows = [t.view(-1, cols) for t in (x, x if up is None else up)]  # row-strided views, e.g. of a split
-        except RuntimeError:
-            pass
-    if lib is None or not rows or any(t.stride(1) != 1 or t.dtype != x.dtype or t.shape != rows[0].shape
-                                      for t in rows):
-        y = F.gelu(x, approximate="tanh")
-        return y if up is None else y * up
-    out = torch.empty(x.shape, dtype=x.dtype)
-    lib.gelu_tanh_mul(rows[0].data_ptr(), rows[0].stride(0), None if up is None else rows[1].data_ptr(),
-                      rows[1].stride(0), out.data_ptr(), rows[0].shape[0], cols, int(x.dtype == torch.bfloat16))
+        lib.f16_to_bf16(weight.data_ptr(), out.data_ptr(), n)
     return out
 
 
-class Linear(nn.Linear):
-    """nn.Linear that multiplies through `linears`."""
+def products(x: torch.Tensor, weights: list[torch.Tensor], biases: list) -> list[torch.Tensor]:
+    """[F.linear(x, w, b) for each weight], by the fastest CPU path, in the dtype of x (which may differ from the
+    weights'); equal to F.linear up to the order of float32 additions and half-precision rounding."""
+    rows = x.numel() // x.shape[-1]
+    flat = x.reshape(rows, -1)
+    if rows <= MAX_GEMV_ROWS and weights[0].dtype in HALF and library() is not None and all(
+            w.is_contiguous() and w.dtype == weights[0].dtype for w in weights):
+        ys = gemv(weights, flat.float().contiguous())  # accumulated in float32, rounded once
+    elif rows > MAX_GEMV_ROWS and weights[0].dtype == torch.float16:
+        ys = [F.linear(flat.to(torch.bfloat16), as_bfloat16(w)) for w in weights]
+    else:
+        ys = [F.linear(flat.to(w.dtype), w) for w in weights]
+    return [(y if b is None else y + b.to(y.dtype)).to(x.dtype).view(*x.shape[:-1], -1) for y, b in zip(ys, biases)]
+
+
+class Linear(nn.Module):
+    """A linear layer over a half-precision weight, multiplied by `products`."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None):
+        super().__init__()
+        self.weight, self.bias = weight, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linears(x, self)[0]
+        return products(x, [self.weight], [self.bias])[0]
+
+
+class Fused(nn.Module):
+    """Linear layers that read the same input, multiplied in one pass over all their weights; returns each output.
+    Holds the layers' own parameters (not a concatenated copy), so weights used in place from a file fuse too."""
+
+    def __init__(self, weights: list[nn.Parameter], biases: list):
+        super().__init__()
+        self.weights, self.biases = list(weights), list(biases)  # lists: registered once, where the layers are
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(products(x, self.weights, self.biases))
+
+
+class GELUTanh(modeling_siglip.GELUTanh):
+    """gelu_tanh(x) [* up] in one pass of gemv.c for half-precision tensors on the CPU; PyTorch's otherwise."""
+
+    def forward(self, x: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+        lib, cols, rows = library() if x.dtype in HALF and x.device.type == "cpu" else None, x.shape[-1], []
+        if lib is not None:
+            try:
+                rows = [t.view(-1, cols) for t in (x, x if up is None else up)]  # row-strided views, e.g. of a split
+            except RuntimeError:
+                pass
+        if not rows or any(t.stride(1) != 1 or t.dtype != x.dtype or t.shape != rows[0].shape for t in rows):
+            return super().forward(x, up)
+        out = torch.empty(x.shape, dtype=x.dtype)
+        lib.gelu_tanh_mul(rows[0].data_ptr(), rows[0].stride(0), None if up is None else rows[1].data_ptr(),
+                          rows[1].stride(0), out.data_ptr(), rows[0].shape[0], cols, int(x.dtype == torch.bfloat16))
+        return out
+
+
+class Embedding(nn.Module):
+    """Token embeddings from a float16 table, in bfloat16 for a prompt: everything after them then computes in
+    bfloat16, which CPUs multiply several times faster than float16. A decode step (a few rows) stays in float16."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(input_ids, self.weight)
+        return x.to(torch.bfloat16) if input_ids.numel() > MAX_GEMV_ROWS else x
+
+
+def fast_module(name: str, module: nn.Module) -> nn.Module | None:
+    """The CPU-fast replacement of a half-precision model's module, or None to keep it."""
+    if isinstance(module, modeling_siglip.Fused):
+        return Fused([layer.weight for layer in module.layers], [layer.bias for layer in module.layers])
+    if isinstance(module, nn.Linear):
+        return Linear(module.weight, module.bias)
+    if isinstance(module, modeling_siglip.GELUTanh):
+        return GELUTanh()
+    if name == "embed_tokens" and module.weight.dtype == torch.float16:
+        return Embedding(module.weight)
+    return None
+
+
+def accelerate(model: nn.Module) -> nn.Module:
+    """Swap the CPU-fast modules into a loaded model, in place, and return it. Only a model whose weights are all
+    half precision and on the CPU has anything to gain; any other, and every model under PALIGEMMA_NO_KERNELS=1,
+    is returned as it is."""
+    params = list(model.parameters())
+    if os.environ.get("PALIGEMMA_NO_KERNELS") or not all(p.dtype in HALF and p.device.type == "cpu" for p in params):
+        return model
+    return swap_modules(model)
+
+
+def swap_modules(model: nn.Module) -> nn.Module:
+    """accelerate's swap without its policy: works for any dtype (in float32 the swapped modules compute exactly
+    what the plain ones do, which the tests use to check the wiring)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            replacement = fast_module(name, child)
+            if replacement is not None:
+                setattr(parent, name, replacement)
+    return model
+
+
+def convert_shard(mapped: mmap.mmap, jobs: list[tuple[int, torch.dtype, torch.Tensor]]) -> int | None:
+    """Convert (source offset, source dtype, destination) jobs from a mapped safetensors shard into their
+    destinations in one call of gemv.c, which runs without Python's lock and drops each converted piece's pages
+    from the process; returns the source bytes converted, or None where the library cannot take the jobs."""
+    lib = library()
+    kinds = [(KINDS.get(dtype), KINDS.get(dest.dtype)) for _, dtype, dest in jobs]
+    if lib is None or not mapped or any(dest.device.type != "cpu" or None in k for (_, _, dest), k in zip(jobs, kinds)):
+        return None
+    table = (ConvertJob * len(jobs))(*(ConvertJob(offset, dest.data_ptr(), dest.numel(), *k)
+                                       for (offset, _, dest), k in zip(jobs, kinds)))
+    done, base = ctypes.c_int64(0), ctypes.c_char.from_buffer(mapped)
+    try:
+        lib.convert_shard(ctypes.addressof(base), table, len(jobs), PIECE_BYTES, ctypes.byref(done))
+    finally:
+        del base  # the mapping can only be closed once nothing points into it
+    return done.value

@@ -1,8 +1,9 @@
-"""Gemma and Gemma 2 decoders, the linear projector, and PaliGemma that joins them to the SigLIP tower.
+"""Gemma and Gemma 2 decoders, as PaliGemma uses them, with a preallocated KV cache.
 
-Module and parameter names mirror the published checkpoint keys (`language_model.model.*`,
-`multi_modal_projector.linear.*`, `vision_tower.vision_model.*`), and every rounding point follows
-../shared/REFERENCE.md §3, so that float32 logits match transformers' eager attention.
+Plain PyTorch. Module and parameter names mirror the checkpoint keys under `language_model.model.`, and every
+rounding point follows docs/NUMERICS.md §3, so that float32 logits match transformers' eager attention. The masks
+come from the caller (modeling_paligemma.py builds PaliGemma's prefix-LM masks); every module computes in the dtype
+of the hidden states it is given.
 """
 
 from dataclasses import dataclass, field, fields
@@ -11,20 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import Linear, linears
-from modeling_siglip import ACTIVATIONS, SiglipVisionConfig, SiglipVisionModel, embedding
+from modeling_siglip import ACTIVATIONS, Fused, embedding, positive_ints
 
-# Class defaults of transformers' GemmaConfig / Gemma2Config for keys a config.json may omit (REFERENCE.md §1.3).
+# Class defaults of transformers' GemmaConfig / Gemma2Config for keys a config.json may omit (docs/NUMERICS.md §1).
 GEMMA_DEFAULTS = dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
                       num_attention_heads=16, num_key_value_heads=16)
 GEMMA2_DEFAULTS = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
                        num_attention_heads=8, num_key_value_heads=4, query_pre_attn_scalar=256, sliding_window=4096,
                        final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
-# What PaliGemmaConfig builds when config.json has no text_config / vision_config at all.
-PALIGEMMA_TEXT_DEFAULTS = dict(model_type="gemma", hidden_size=2048, num_hidden_layers=18, intermediate_size=16384,
-                               num_attention_heads=8, num_key_value_heads=1, vocab_size=257152)
-PALIGEMMA_VISION_DEFAULTS = dict(intermediate_size=4096, hidden_size=1152, patch_size=14, image_size=224,
-                                 num_hidden_layers=27, num_attention_heads=16, vision_use_head=False)
+GEMMA2_ONLY = ("query_pre_attn_scalar", "sliding_window", "final_logit_softcapping", "attn_logit_softcapping")
 
 
 @dataclass
@@ -57,30 +53,45 @@ class GemmaConfig:
             raise ValueError(f"text_config.model_type {model_type!r} is not supported (gemma or gemma2)")
         kw = dict(GEMMA2_DEFAULTS if model_type == "gemma2" else GEMMA_DEFAULTS)
         names = {f.name for f in fields(cls)} - {"rope_theta", "hidden_act"}
-        kw.update({k: v for k, v in d.items() if k in names and v is not None})
+        if model_type == "gemma":  # Gemma 1 has no soft-caps, window or query scalar, whatever the file says
+            names -= set(GEMMA2_ONLY)
+        kw.update({k: v for k, v in d.items() if k in names and (v is not None or k in GEMMA2_ONLY)})
         # Gemma 2 reads `hidden_activation`; Gemma 1 reads `hidden_act` and, like transformers, takes a legacy
         # "gelu" to mean the tanh approximation.
         act = d.get("hidden_activation" if model_type == "gemma2" else "hidden_act") or "gelu_pytorch_tanh"
         kw["hidden_act"] = "gelu_pytorch_tanh" if act == "gelu" and model_type == "gemma" else act
         # transformers 5 writes `rope_parameters`, 4.x writes `rope_theta` (and `rope_scaling`, null here).
         rope = d.get("rope_parameters") or {"rope_theta": d.get("rope_theta", 10000.0), "rope_type": "default"}
-        if rope.get("rope_type", "default") != "default" or d.get("rope_scaling"):
+        if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default" or d.get("rope_scaling"):
             raise ValueError("text_config: only the default RoPE is supported")
-        kw["rope_theta"] = float(rope.get("rope_theta", 10000.0))
+        kw["rope_theta"] = rope.get("rope_theta", 10000.0)
         if model_type == "gemma2" and not kw.get("layer_types"):
+            layers = kw["num_hidden_layers"]
             kw["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention"
-                                 for i in range(kw["num_hidden_layers"])]
+                                 for i in range(layers if type(layers) is int and layers > 0 else 0)]
         return cls(**kw)
 
     def __post_init__(self):
+        positive_ints("text_config", self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                            "num_attention_heads", "num_key_value_heads", "head_dim",
+                                            "max_position_embeddings"))
+        for name in ("rms_norm_eps", "rope_theta", *GEMMA2_ONLY):
+            value = getattr(self, name)
+            if value is not None and (type(value) not in (int, float) or not value > 0):
+                raise ValueError(f"text_config.{name} must be a number above 0, not {value!r}")
+        if self.sliding_window is not None and type(self.sliding_window) is not int:
+            raise ValueError(f"text_config.sliding_window must be a whole number, not {self.sliding_window!r}")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"text_config activation {self.hidden_act!r} is not supported")
+        if self.head_dim % 2:
+            raise ValueError("text_config.head_dim must be even (rotary embeddings rotate pairs)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("text_config.num_attention_heads must be a multiple of num_key_value_heads")
-        if self.layer_types and len(self.layer_types) != self.num_hidden_layers:
+        if not isinstance(self.layer_types, list) or self.layer_types and len(self.layer_types) != \
+                self.num_hidden_layers:
             raise ValueError("text_config.layer_types must name one type per layer")
         if set(self.layer_types) - {"sliding_attention", "full_attention"}:
-            raise ValueError(f"text_config.layer_types has unknown types: {sorted(set(self.layer_types))}")
+            raise ValueError(f"text_config.layer_types has unknown types: {sorted(map(str, self.layer_types))}")
 
     @property
     def is_gemma2(self) -> bool:
@@ -89,42 +100,6 @@ class GemmaConfig:
     def window(self, layer_idx: int) -> int | None:
         sliding = self.layer_types and self.layer_types[layer_idx] == "sliding_attention"
         return self.sliding_window if sliding else None
-
-
-@dataclass
-class PaliGemmaConfig:
-    """The two towers, and the token id whose slots receive the image features."""
-
-    text_config: GemmaConfig
-    vision_config: SiglipVisionConfig
-    image_token_index: int = 256000
-    projection_dim: int = 2048
-    pad_token_id: int = 0
-    bos_token_id: int = 2
-    eos_token_id: int = 1
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PaliGemmaConfig":
-        if d.get("model_type") != "paligemma":
-            raise ValueError(f"model_type is {d.get('model_type')!r}, not 'paligemma'")
-        text = d.get("text_config") or PALIGEMMA_TEXT_DEFAULTS
-        vision = d.get("vision_config") or PALIGEMMA_VISION_DEFAULTS
-        if not isinstance(text, dict) or not isinstance(vision, dict):
-            raise ValueError("text_config and vision_config must be JSON objects")
-        config = cls(GemmaConfig.from_dict(text), SiglipVisionConfig.from_dict(vision))
-        for name in ("image_token_index", "projection_dim", "pad_token_id", "bos_token_id", "eos_token_id"):
-            if isinstance(d.get(name), int):
-                setattr(config, name, d[name])
-        if isinstance(d.get("image_token_id"), int):
-            config.image_token_index = d["image_token_id"]
-        if config.projection_dim != config.text_config.hidden_size:
-            raise ValueError(f"projection_dim {config.projection_dim} differs from the text hidden size "
-                             f"{config.text_config.hidden_size}")
-        return config
-
-    @property
-    def num_image_tokens(self) -> int:
-        return self.vision_config.num_patches
 
 
 class GemmaRMSNorm(nn.Module):
@@ -142,7 +117,7 @@ class GemmaRMSNorm(nn.Module):
 
 
 class GemmaRotaryEmbedding(nn.Module):
-    """Rotary position angles; inv_freq stays float32 whatever the model dtype (REFERENCE.md §3.4)."""
+    """Rotary position angles; inv_freq stays float32 whatever the model dtype (docs/NUMERICS.md §3.4)."""
 
     def __init__(self, config: GemmaConfig):
         super().__init__()
@@ -151,7 +126,7 @@ class GemmaRotaryEmbedding(nn.Module):
         if not self.inv_freq.is_meta:  # on the meta device it is computed by reset_buffers, once materialised
             self.reset_buffers(self.inv_freq.device)
 
-    def reset_buffers(self, device):
+    def reset_buffers(self, device: torch.device):
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
         self.inv_freq = 1.0 / (self.theta**exponents)
 
@@ -176,66 +151,29 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 class KVCache(nn.Module):
-    """Keys (after RoPE) and values of one layer, preallocated and written in place at the step's positions."""
+    """Keys (after RoPE) and values of one layer, for up to max_batch rows and max_len positions, written in place."""
 
-    def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+    def __init__(self, max_batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device=None):
         super().__init__()
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        shape = (max_batch, n_kv_heads, max_len, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, nkv, L, hd) from cache position start; returns the keys and values to attend over."""
-        if isinstance(start, int):  # a prompt: the filled part of the cache
-            end = start + k.shape[2]
-            self.k_cache[:, :, start:end] = k
-            self.v_cache[:, :, start:end] = v
-            return self.k_cache[:, :, :end].to(k.dtype), self.v_cache[:, :, :end].to(v.dtype)  # (B, nkv, end, hd)
-        # A decode step at a tensor position: the whole cache, masked, so shapes never change and the step can be
-        # compiled and captured as a CUDA graph.
-        self.k_cache.index_copy_(2, start, k.to(self.k_cache.dtype))
-        self.v_cache.index_copy_(2, start, v.to(self.v_cache.dtype))
-        return self.k_cache.to(k.dtype), self.v_cache.to(v.dtype)  # (B, nkv, T, hd)
-
-
-class GemmaAttention(nn.Module):
-    """Grouped-query attention with RoPE; Gemma 2 adds a tanh soft-cap on the scores."""
-
-    def __init__(self, config: GemmaConfig, layer_idx: int):
-        super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.scale = (config.query_pre_attn_scalar or config.head_dim) ** -0.5
-        self.softcap = config.attn_logit_softcapping
-        bias, hidden = config.attention_bias, config.hidden_size
-        self.q_proj = Linear(hidden, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = Linear(hidden, self.n_kv * self.head_dim, bias=bias)
-        self.v_proj = Linear(hidden, self.n_kv * self.head_dim, bias=bias)
-        self.o_proj = Linear(self.n_heads * self.head_dim, hidden, bias=bias)
-        self.kv_cache: KVCache | None = None
-
-    def forward(self, x, cos, sin, mask: torch.Tensor, start, last_only: bool = False) -> torch.Tensor:
-        """(B, L, hidden) -> (B, L, hidden), or (B, 1, hidden) for the last position alone with last_only (whose
-        keys and values are still computed and cached for every position)."""
-        B, L, _ = x.shape
-        if last_only:
-            q, (k, v) = self.q_proj(x[:, -1:]), linears(x, self.k_proj, self.v_proj)
-            cos_q, sin_q, mask = cos[:, :, -1:], sin[:, :, -1:], mask[:, :, -1:]
-        else:
-            (q, k, v), cos_q, sin_q = linears(x, self.q_proj, self.k_proj, self.v_proj), cos, sin
-        q = q.view(B, -1, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, Lq, hd)
-        k = k.view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, L, hd)
-        v = v.view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos_q, sin_q), apply_rope(k, cos, sin)
-        k, v = self.kv_cache.update(start, k, v)  # (B, nkv, T, hd), T = start + L
-        y = attend(q, k, v, mask, self.scale, self.softcap)  # (B, nh, Lq, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, q.shape[2], -1))  # (B, Lq, hidden)
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nkv, L, hd) at cache positions input_pos (L,); returns the B rows' whole cache."""
+        B = k.shape[0]
+        k_out, v_out = self.k_cache[:B], self.v_cache[:B]
+        k_out.index_copy_(2, input_pos, k.to(k_out.dtype))
+        v_out.index_copy_(2, input_pos, v.to(v_out.dtype))
+        return k_out, v_out  # (B, nkv, T, hd)
 
 
 QUERY_CHUNK = 512  # queries per pass where the scores are materialised: 16 heads x 512 x 4.1k keys in float32 = 134 MB
 
 
 def attend(q, k, v, mask: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
-    """softmax(q k^T * scale [soft-capped], masked) v for (B, nh, L, hd) queries and (B, nkv, T, hd) keys/values."""
+    """softmax(q k^T * scale [soft-capped], masked) v for (B, nh, L, hd) queries and (B, nkv, T, hd) keys/values;
+    mask (B, 1, L, T) is True where a query may read a key."""
     B, n_heads, L, hd = q.shape
     n_kv, T = k.shape[1], k.shape[2]
     if softcap is None and L > 1:  # a fused kernel keeps the L x T scores of a long prompt out of memory
@@ -245,7 +183,7 @@ def attend(q, k, v, mask: torch.Tensor, scale: float, softcap: float | None) -> 
         return torch.cat([attend(q[:, :, i:i + QUERY_CHUNK], k, v, mask[:, :, i:i + QUERY_CHUNK], scale, softcap)
                           for i in range(0, L, QUERY_CHUNK)], dim=2)
     # Otherwise the query heads that share a kv head are laid side by side: no copies of the cache for the heads,
-    # and the small products are taken in float32, which CPUs do several times faster than half-precision ones.
+    # and the scores and softmax are taken in float32 (docs/NUMERICS.md §3.6), rounded once at the end.
     q = q.reshape(B, n_kv, -1, hd).float()  # (B, nkv, group * L, hd)
     scores = torch.matmul(q, k.float().transpose(2, 3)) * scale  # (B, nkv, group * L, T)
     if softcap is not None:  # the cap sits between the product and the mask, which no fused kernel offers
@@ -255,19 +193,55 @@ def attend(q, k, v, mask: torch.Tensor, scale: float, softcap: float | None) -> 
     return torch.matmul(probs, v.float()).to(v.dtype).view(B, n_heads, L, hd)
 
 
-class GemmaMLP(nn.Module):
-    """GeGLU feed-forward: down(act(gate(x)) * up(x)), no biases."""
+class GemmaAttention(nn.Module):
+    """Grouped-query attention with RoPE over the KV cache; Gemma 2 adds a tanh soft-cap on the scores."""
 
     def __init__(self, config: GemmaConfig):
         super().__init__()
-        self.act = ACTIVATIONS[config.hidden_act]
-        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.scale = (config.query_pre_attn_scalar or config.head_dim) ** -0.5
+        self.softcap = config.attn_logit_softcapping
+        bias, hidden = config.attention_bias, config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=bias)
+        self.qkv = Fused(self.q_proj, self.k_proj, self.v_proj)
+        self.kv_cache: KVCache | None = None  # set by PaliGemmaForConditionalGeneration.setup_caches
+
+    def forward(self, x, cos, sin, input_pos: torch.Tensor, mask: torch.Tensor, last_only: bool = False):
+        """(B, L, hidden) -> (B, L, hidden); with last_only just the last position's (B, 1, hidden), while the keys
+        and values of every position are still cached. The keys attended are the cache's first mask.shape[-1]."""
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x)
+        q = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, L, hd)
+        k = k.view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, L, hd)
+        v = v.view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
+        if last_only:
+            q, cos_q, sin_q, mask = q[:, :, -1:], cos[:, :, -1:], sin[:, :, -1:], mask[:, :, -1:]
+        else:
+            cos_q, sin_q = cos, sin
+        q, k = apply_rope(q, cos_q, sin_q), apply_rope(k, cos, sin)
+        k, v = self.kv_cache.update(input_pos, k, v)
+        T = mask.shape[-1]
+        y = attend(q, k[:, :, :T].to(q.dtype), v[:, :, :T].to(q.dtype), mask, self.scale, self.softcap)
+        return self.o_proj(y.transpose(1, 2).reshape(B, q.shape[2], -1))  # (B, Lq, hidden)
+
+
+class GemmaMLP(nn.Module):
+    """Gated feed-forward: down(act(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.act = ACTIVATIONS[config.hidden_act]()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up = Fused(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linears(x, self.gate_proj, self.up_proj)
-        return self.down_proj(self.act(gate, up))  # act(gate) * up
+        gate, up = self.gate_up(x)
+        return self.down_proj(self.act(gate, up))
 
 
 class GemmaDecoderLayer(nn.Module):
@@ -275,18 +249,18 @@ class GemmaDecoderLayer(nn.Module):
 
     def __init__(self, config: GemmaConfig, layer_idx: int):
         super().__init__()
-        self.window = config.window(layer_idx)
+        self.sliding = config.window(layer_idx) is not None
         self.gemma2 = config.is_gemma2
         self.input_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = GemmaAttention(config, layer_idx)
+        self.self_attn = GemmaAttention(config)
         self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = GemmaMLP(config)
         if self.gemma2:
             self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
             self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, masks: dict, start, last_only: bool = False) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), cos, sin, masks[self.window], start, last_only)
+    def forward(self, x, cos, sin, input_pos, mask, last_only: bool = False) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask, last_only)
         x = x[:, -h.shape[1]:]  # (B, 1, hidden) with last_only
         if not self.gemma2:  # Gemma 1's "post_attention_layernorm" is the norm in front of the MLP
             x = x + h
@@ -308,15 +282,17 @@ class GemmaModel(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (B, L, H)
-        # sqrt(hidden) is held in float32 and rounded to the model dtype, as transformers does (REFERENCE.md §3.2)
+        # sqrt(hidden) is held in float32 and rounded to the hidden states' dtype, as transformers does (§3.2)
         return x * torch.tensor(self.config.hidden_size**0.5, dtype=torch.float32).to(x.dtype)
 
-    def forward(self, x, positions, masks: dict, start, last_only: bool = False) -> torch.Tensor:
-        """Final hidden states (B, L, hidden); with last_only just the last position's (B, 1, hidden), which lets the
-        last layer skip its queries, attention output and MLP for every other position."""
+    def forward(self, x, positions, input_pos, mask, sliding_mask=None, last_only: bool = False) -> torch.Tensor:
+        """Final hidden states (B, L, hidden) of x (B, L, hidden) at RoPE positions (B, L) and cache positions
+        input_pos (L,); sliding layers read sliding_mask. With last_only just the last position's (B, 1, hidden),
+        which lets the last layer skip its queries, attention output and MLP for every other position."""
         cos, sin = self.rotary_emb(positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, masks, start, last_only and i == len(self.layers) - 1)
+            x = layer(x, cos, sin, input_pos, sliding_mask if layer.sliding else mask,
+                      last_only and i == len(self.layers) - 1)
         return self.norm(x)
 
 
@@ -327,94 +303,13 @@ class GemmaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = GemmaModel(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self):
         self.lm_head.weight = self.model.embed_tokens.weight
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(h)  # (B, L, vocab), in the model dtype
+        logits = self.lm_head(h)  # (B, L, vocab), in the hidden states' dtype
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
-
-
-class PaliGemmaMultiModalProjector(nn.Module):
-    """One linear layer from SigLIP width to the decoder's width."""
-
-    def __init__(self, config: PaliGemmaConfig):
-        super().__init__()
-        self.linear = Linear(config.vision_config.hidden_size, config.projection_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x)
-
-
-def attention_masks(config: GemmaConfig, key_valid, prefix, queries: torch.Tensor, n_keys: int) -> dict:
-    """Boolean masks (B, 1, len(queries), n_keys), True where query q may read key k, one per window size.
-
-    big_vision's prefix-LM rule over absolute cache positions: a key is readable if it is not padding and either
-    causal (k <= q, and k > q - window in sliding layers) or both q and k lie in the prefix (image, <bos>, prompt,
-    "\n"), where attention is bidirectional and overrides the window (REFERENCE.md §3.7). For a 2-token prefix
-    and 2 generated tokens (P = prefix, G = generated), full layers get:
-          k: P P G G
-        q=P  1 1 0 0
-        q=P  1 1 0 0
-        q=G  1 1 1 0
-        q=G  1 1 1 1
-    key_valid, prefix: (B, T) booleans over cache positions; queries: the queries' cache positions, a tensor, so
-    that a decode step (one query, n_keys = the whole cache) keeps the same shapes from token to token.
-    """
-    q = queries[:, None]
-    k = torch.arange(n_keys, device=key_valid.device)[None, :]
-    both_prefix = prefix[:, queries, None] & prefix[:, None, :n_keys]  # (B, Lq, Lk)
-    valid = key_valid[:, None, :n_keys]
-    windows = {None} | {config.window(i) for i in range(config.num_hidden_layers)}
-    masks = {}
-    for w in windows:
-        causal = (k <= q) if w is None else (k <= q) & (k > q - w)
-        masks[w] = (valid & (causal | both_prefix))[:, None]
-    return masks
-
-
-class PaliGemmaForConditionalGeneration(nn.Module):
-    """SigLIP features, projected, fill the <image> slots of the prompt; the Gemma decoder does the rest."""
-
-    def __init__(self, config: PaliGemmaConfig):
-        super().__init__()
-        self.config = config
-        self.vision_tower = SiglipVisionModel(config.vision_config)
-        self.multi_modal_projector = PaliGemmaMultiModalProjector(config)
-        self.language_model = GemmaForCausalLM(config.text_config)
-
-    def reset_buffers(self):
-        """Tie the head again and compute the non-persistent buffers afresh, after materialising from meta."""
-        self.language_model.tie_weights()
-        self.language_model.model.rotary_emb.reset_buffers(self.language_model.lm_head.weight.device)
-
-    def setup_caches(self, batch_size: int, max_len: int):
-        text, w = self.config.text_config, self.language_model.model.embed_tokens.weight
-        for layer in self.language_model.model.layers:
-            layer.self_attn.kv_cache = KVCache(batch_size, max_len, text.num_key_value_heads, text.head_dim,
-                                               w.dtype, w.device)
-
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        """Token embeddings, in dtype, with the projected image features written into the <image> slots."""
-        lm = self.language_model.model
-        slots = input_ids == self.config.image_token_index
-        ids = input_ids.masked_fill(slots, 0) if self.config.image_token_index >= lm.config.vocab_size else input_ids
-        x = lm.embed(ids).to(dtype)  # (B, L, H)
-        if pixel_values is None:
-            return x
-        features = self.multi_modal_projector(self.vision_tower(pixel_values.to(dtype))).to(dtype)  # (B, N, H)
-        if int(slots.sum()) != features.shape[0] * features.shape[1]:
-            raise ValueError(f"the prompt has {int(slots.sum())} <image> tokens for "
-                             f"{features.shape[0] * features.shape[1]} image features")
-        return x.masked_scatter(slots[..., None], features)
-
-    def forward(self, input_ids, positions, masks: dict, start, pixel_values=None, last_only=False, dtype=None):
-        """Logits (B, L or 1, vocab) for tokens written to the cache from position start (an int for a prompt, a
-        one-element tensor for a decode step; see KVCache.update), computed in dtype (the weights' by default;
-        kernels.prefill_dtype explains when another one is faster)."""
-        x = self.embed(input_ids, pixel_values, dtype or self.language_model.lm_head.weight.dtype)
-        return self.language_model.logits(self.language_model.model(x, positions, masks, start, last_only))

@@ -1,7 +1,10 @@
 """SigLIP vision tower, as PaliGemma uses it: patch embedding, pre-LN transformer encoder, final LayerNorm, no head.
 
-Module and parameter names mirror the checkpoint keys under `vision_tower.vision_model.` (REFERENCE.md §2.1) and
-the arithmetic follows REFERENCE.md §3.1 step by step.
+Plain PyTorch. Module and parameter names mirror the checkpoint keys under `vision_tower.vision_model.`, and the
+arithmetic follows docs/NUMERICS.md §3 step by step. The tower computes in the dtype of the pixel values it is
+given, so its small parameters (convolution, positions, norms) are cast to that dtype where they are used.
+
+Also home to three small building blocks the Gemma decoder shares: `Fused`, the GELU activations and `embedding`.
 """
 
 from dataclasses import dataclass, fields
@@ -10,13 +13,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import Linear, gelu_tanh
 
-# act(x), or act(x) * up for a gated MLP, by config name; the tanh one has a fused CPU kernel.
-ACTIVATIONS = {
-    "gelu_pytorch_tanh": gelu_tanh,
-    "gelu": lambda x, up=None: F.gelu(x) if up is None else F.gelu(x) * up,
-}
+class Fused(nn.Module):
+    """Linear layers that read the same input (q, k, v; gate, up), applied together: returns each one's output.
+
+    The layers stay registered where the checkpoint names them; this only groups them, so that
+    kernels.accelerate can swap in a module that multiplies all their weights in one pass.
+    """
+
+    def __init__(self, *layers: nn.Linear):
+        super().__init__()
+        self.layers = layers  # a tuple, so that the parameters are not registered a second time here
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(layer(x) for layer in self.layers)
+
+
+class GELUTanh(nn.Module):
+    """gelu(x) with the tanh approximation, times `up` when given (the gated activation of Gemma's MLP)."""
+
+    def forward(self, x: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+        y = F.gelu(x, approximate="tanh")
+        return y if up is None else y * up
+
+
+class GELU(nn.Module):
+    """The exact (erf) gelu(x), times `up` when given."""
+
+    def forward(self, x: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+        y = F.gelu(x)
+        return y if up is None else y * up
+
+
+ACTIVATIONS = {"gelu_pytorch_tanh": GELUTanh, "gelu": GELU}  # by the name config.json gives
 
 
 def embedding(rows: int, dim: int) -> nn.Embedding:
@@ -25,16 +54,17 @@ def embedding(rows: int, dim: int) -> nn.Embedding:
     return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
 
 
-class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm in the dtype of its input."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+def positive_ints(section: str, config, names: tuple[str, ...]):
+    """Refuse a size that is not a whole number above zero, naming the field: a config.json can say anything."""
+    for name in names:
+        value = getattr(config, name)
+        if type(value) is not int or value <= 0:
+            raise ValueError(f"{section}.{name} must be a whole number above 0, not {value!r}")
 
 
 @dataclass
 class SiglipVisionConfig:
-    """Shape of the vision tower; defaults are transformers' `SiglipVisionConfig` ones (REFERENCE.md §1.3)."""
+    """Shape of the vision tower; defaults are transformers' `SiglipVisionConfig` ones (docs/NUMERICS.md §1)."""
 
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -52,14 +82,25 @@ class SiglipVisionConfig:
         return cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
 
     def __post_init__(self):
+        positive_ints("vision_config", self, ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                              "num_attention_heads", "num_channels", "image_size", "patch_size"))
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"vision_config.hidden_act {self.hidden_act!r} is not supported")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("vision_config.hidden_size must be a multiple of num_attention_heads")
+        if self.patch_size > self.image_size:
+            raise ValueError("vision_config.patch_size must not exceed image_size")
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm in the dtype of its input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
 class SiglipVisionEmbeddings(nn.Module):
@@ -73,7 +114,7 @@ class SiglipVisionEmbeddings(nn.Module):
         self.position_embedding = embedding(config.num_patches, config.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        conv, dtype = self.patch_embedding, pixel_values.dtype  # the tower computes in the dtype it is given
+        conv, dtype = self.patch_embedding, pixel_values.dtype
         x = F.conv2d(pixel_values, conv.weight.to(dtype), conv.bias.to(dtype), stride=conv.stride)  # (B, D, S/p, S/p)
         x = x.flatten(2).transpose(1, 2)  # (B, N, D), patches in row-major order
         return x + self.position_embedding.weight.to(dtype)  # positions are simply 0..N-1
@@ -86,15 +127,15 @@ class SiglipAttention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
-        self.q_proj = Linear(config.hidden_size, config.hidden_size)
-        self.k_proj = Linear(config.hidden_size, config.hidden_size)
-        self.v_proj = Linear(config.hidden_size, config.hidden_size)
-        self.out_proj = Linear(config.hidden_size, config.hidden_size)
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.qkv = Fused(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
-        q, k, v = (p(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2) for p in
-                   (self.q_proj, self.k_proj, self.v_proj))  # (B, nh, N, hd)
+        q, k, v = (t.view(B, N, self.num_heads, self.head_dim).transpose(1, 2) for t in self.qkv(x))  # (B, nh, N, hd)
         # No mask: every patch sees every patch. The fused kernel keeps the N x N scores out of memory,
         # which matters at 896 px (4096 patches).
         y = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)  # (B, nh, N, hd)
@@ -106,9 +147,9 @@ class SiglipMLP(nn.Module):
 
     def __init__(self, config: SiglipVisionConfig):
         super().__init__()
-        self.act = ACTIVATIONS[config.hidden_act]
-        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
+        self.act = ACTIVATIONS[config.hidden_act]()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))

@@ -1,15 +1,20 @@
 """Prompt building, tokenisation and image preprocessing, exactly as transformers' PaliGemmaProcessor (PIL backend).
 
-REFERENCE.md §4: the prompt becomes `<image>` * n_image_tokens + `<bos>` + prompt + `\\n`, tokenised without added
+docs/NUMERICS.md §4: the prompt becomes `<image>` * n_image_tokens + `<bos>` + prompt + `\\n`, tokenised without added
 special tokens; the image is converted to RGB, resized to a square with bicubic resampling (aspect ratio not
 kept), scaled to [0, 1] and normalised with mean = std = 0.5 to [-1, 1]; transparent pixels become white.
 """
 
+import contextlib
+import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from checkpoint import LoadError, read_json
+from console import is_number
 
 IMAGE_TOKEN = "<image>"
 # Location and segmentation codewords: already in the vocabulary, added so that each one is matched whole.
@@ -18,7 +23,19 @@ PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
 DEFAULT_MAX_PIXELS = 100_000_000  # 10000 x 10000; a 4000 x 3000 photo is 12 million
-Image.MAX_IMAGE_PIXELS = None  # load_image applies its own limit, with a clear message, before decoding
+_PILLOW_LIMIT = threading.Lock()
+
+
+@contextlib.contextmanager
+def without_pillow_limit():
+    """Pillow's own pixel limit lifted for one open (which reads only the header): load_image applies its own,
+    with a message that names the flag. Restored afterwards, so that other users of pillow keep theirs."""
+    with _PILLOW_LIMIT:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -27,7 +44,8 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     if not path.is_file():
         raise ValueError(f"{path}: image file does not exist")
     try:
-        image = Image.open(path)
+        with without_pillow_limit():
+            image = Image.open(path)
     except (Image.UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{path}: not an image pillow can read ({e})") from None
     width, height = image.size
@@ -49,6 +67,36 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
 
 
+def max_prompt_length(prompt: str, image_seq_length: int) -> int:
+    """An upper bound on the tokens of a prompt with its image, known without the tokenizer: no token covers less
+    than a byte of the text (byte fallback spells a character as its bytes), plus <bos>, the closing "\n" and a
+    leading "▁" that some tokenizers add."""
+    return image_seq_length + len(prompt.replace(IMAGE_TOKEN, "").encode("utf-8")) + 3
+
+
+def read_image_settings(folder: str | Path) -> dict:
+    """The image mean, std, rescale factor and resampling a checkpoint folder stores (transformers 4 or 5 file),
+    checked; LoadError names the file."""
+    settings, path = {}, None
+    for name in PROCESSOR_FILES:
+        if (Path(folder) / name).is_file():
+            path = Path(folder) / name
+            data = read_json(path, name)
+            settings = data.get("image_processor", data)
+            break
+    if not isinstance(settings, dict):
+        raise LoadError(f"{path}: image_processor is not a JSON object")
+    kwargs = {k: settings[k] for k in ("image_mean", "image_std", "rescale_factor", "resample")
+              if settings.get(k) is not None}
+    for key in ("image_mean", "image_std"):
+        value = kwargs.get(key, [0.5] * 3)
+        if not (isinstance(value, list) and len(value) == 3 and all(is_number(v) and v for v in value)):
+            raise LoadError(f"{path}: {key} must be 3 non-zero numbers, not {value!r}")
+    if not is_number(kwargs.get("rescale_factor", 1)) or kwargs.get("resample", 3) not in range(6):
+        raise LoadError(f"{path}: rescale_factor or resample is not valid")
+    return kwargs
+
+
 class PaliGemmaProcessor:
     """Turns prompts and PIL images into left-padded `input_ids`, masks and `pixel_values`."""
 
@@ -68,28 +116,11 @@ class PaliGemmaProcessor:
 
     @classmethod
     def from_folder(cls, folder: str | Path, tokenizer, image_size: int, image_seq_length: int):
-        """Read the image settings a checkpoint folder stores (transformers 4 or 5 file); the model fixes the size."""
-        from utils import LoadError, is_number, read_json
-
-        settings, path = {}, None
-        for name in PROCESSOR_FILES:
-            if (Path(folder) / name).is_file():
-                path = Path(folder) / name
-                data = read_json(path, name)
-                settings = data.get("image_processor", data)
-                break
-        kwargs = {k: settings[k] for k in ("image_mean", "image_std", "rescale_factor", "resample")
-                  if settings.get(k) is not None}
-        for key in ("image_mean", "image_std"):
-            value = kwargs.get(key, [0.5] * 3)
-            if not (isinstance(value, list) and len(value) == 3 and all(is_number(v) and v for v in value)):
-                raise LoadError(f"{path}: {key} must be 3 non-zero numbers, not {value!r}")
-        if not is_number(kwargs.get("rescale_factor", 1)) or kwargs.get("resample", 3) not in range(6):
-            raise LoadError(f"{path}: rescale_factor or resample is not valid")
-        return cls(tokenizer, image_size, image_seq_length, **kwargs)
+        """The processor a checkpoint folder describes; the model fixes the image size and its token count."""
+        return cls(tokenizer, image_size, image_seq_length, **read_image_settings(folder))
 
     def build_prompt(self, prompt: str) -> str:
-        """`<image>`s, then `<bos>`, the prompt and the `\\n` that ends the prefix (REFERENCE.md §4.1)."""
+        """`<image>`s, then `<bos>`, the prompt and the `\\n` that ends the prefix (docs/NUMERICS.md §4)."""
         if IMAGE_TOKEN in prompt:  # the user placed the image token: <bos> goes after the last one
             end = prompt.rfind(IMAGE_TOKEN) + len(IMAGE_TOKEN)
             prompt = prompt[:end] + self.tokenizer.bos_token + prompt[end:] + "\n"

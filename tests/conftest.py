@@ -12,6 +12,8 @@ warnings.filterwarnings("ignore", message=".*PaliGemmaProcessor.*")
 
 import tiny  # noqa: E402
 
+ODD = dict(heads=3, kv_heads=1, hidden_size=54, intermediate_size=100, head_dim=14, vocab_size=1531,
+           vision_overrides=dict(hidden_size=36, intermediate_size=76, num_attention_heads=4))
 # Tiny checkpoints: each attention variant, each key layout, both decoders.
 CHECKPOINTS = {
     "v1_mqa": dict(version=1, kv_heads=1, layout="published"),
@@ -22,6 +24,9 @@ CHECKPOINTS = {
     "v2_448style": dict(version=2, kv_heads=2, layout="transformers5", image_size=56),
     # 28b-style: the attention scale comes from query_pre_attn_scalar (here 24), not from head_dim (16).
     "v2_28bstyle": dict(version=2, kv_heads=1, layout="model_prefix", query_pre_attn_scalar=24),
+    # Widths that are multiples of neither 8 nor 16, so that every kernel's row and column tails run.
+    "v1_odd": dict(version=1, **ODD),
+    "v2_odd": dict(version=2, query_pre_attn_scalar=14, **ODD),
 }
 
 

@@ -17,8 +17,8 @@ from test_model import load_ours
 import batch
 import detection
 import inference
+from checkpoint import load_tokenizer
 from generate import generate
-from utils import load_tokenizer
 
 PROMPTS = ["caption en", "answer en what colour is the cup on the wooden table?", "detect cat ; dog"]
 
@@ -162,29 +162,27 @@ def test_annotate_never_overwrites_the_input_image(checkpoint, tmp_path, capsys,
 
 
 @pytest.fixture(scope="module")
-def session(checkpoint, tmp_path_factory):
-    """A Session whose mask decoder has random weights in big_vision's vae-oid.npz layout."""
+def vae(tmp_path_factory):
+    """A mask decoder with random weights in big_vision's vae-oid.npz layout."""
     npz = tmp_path_factory.mktemp("vae") / "vae-oid.npz"
     np.savez(npz, **big_vision_vae_arrays())
-    model, processor = load_ours(checkpoint("v1_mqa"))
-    return inference.Session(model, load_tokenizer(checkpoint("v1_mqa")), processor, (1,), 0.0, 1.0, None,
-                             inference.decode_forward, detection.load_vae(npz))
+    return detection.load_vae(npz)
 
 
-def test_detect_answer_gives_pixel_boxes_and_an_annotated_copy(session, tmp_path):
+def test_detect_answer_gives_pixel_boxes_and_an_annotated_copy(vae, tmp_path):
     image = random_image(300, 200)
     record = {"text": loc(100, 200, 500, 800) + " cat ; " + loc(600, 100, 900, 300) + " dog"}
-    out = session.describe(dict(record), image, "detect cat ; dog", str(tmp_path / "annotated.png"))
+    out = detection.describe(dict(record), image, "detect cat ; dog", str(tmp_path / "annotated.png"), vae)
     assert [d["label"] for d in out["detections"]] == ["cat", "dog"]
     assert out["detections"][0]["box"] == [58.7, 19.6, 234.6, 97.8]  # x by 300/1023, y by 200/1023
     drawn = Image.open(tmp_path / "annotated.png")
     assert drawn.size == image.size and drawn.tobytes() != image.tobytes()
 
 
-def test_segment_answer_gives_codes_and_draws_decoded_masks(session, tmp_path):
+def test_segment_answer_gives_codes_and_draws_decoded_masks(vae, tmp_path):
     image = Image.new("RGB", (128, 96), (255, 255, 255))
     record = {"text": loc(0, 0, 1023, 1023) + seg(*range(16)) + " cup"}
-    out = session.describe(dict(record), image, "segment cup", str(tmp_path / "masks.png"))
+    out = detection.describe(dict(record), image, "segment cup", str(tmp_path / "masks.png"), vae)
     assert out["segments"] == [{"label": "cup", "box": [0.0, 0.0, 128.0, 96.0], "codes": list(range(16))}]
     drawn = np.asarray(Image.open(tmp_path / "masks.png"), dtype=np.int16)
     assert np.abs(drawn - 255).sum(-1)[10:-10, 10:-10].mean() > 5  # the translucent mask covers the box

@@ -1,10 +1,16 @@
-"""The CPU kernels: half-precision matrix-vector products, float16 -> bfloat16 rounding, and their fallbacks."""
+"""The CPU kernels and `kernels.accelerate`: matrix-vector products, float16 -> bfloat16 rounding, fused groups,
+and the fallbacks."""
 
 import pytest
+import tiny
 import torch
 import torch.nn.functional as F
+from conftest import CHECKPOINTS
 
 import kernels
+import modeling_siglip
+from generate import decode_one_token, prefill
+from utils import load_hf_model
 
 HALF = [torch.float16, torch.bfloat16]
 
@@ -39,34 +45,104 @@ def test_float16_to_bfloat16_rounds_exactly_as_torch(compiled):
     bits = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16)  # every float16 value there is
     values = bits.view(torch.float16)
     values = values[~values.isnan()]
-    out = kernels.as_bfloat16([values[None]])[0]
+    out = kernels.as_bfloat16(values[None])[0]
     assert torch.equal(out.view(torch.int16), values.to(torch.bfloat16).view(torch.int16))
 
 
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("rows", [1, 5, 40])
-def test_linears_equal_f_linear_within_half_precision(dtype, rows):
+def test_products_equal_f_linear_within_half_precision(dtype, rows):
     torch.manual_seed(0)
-    layers = [kernels.Linear(64, n, bias=bias).to(dtype) for n, bias in ((32, False), (48, True))]
+    weights = [(torch.randn(n, 64) / 8).to(dtype) for n in (32, 48)]  # nn.Linear's scale: outputs of about 1
+    biases = [None, (torch.randn(48) / 8).to(dtype)]
     x = torch.randn(2, rows, 64).to(dtype)
-    for got, layer in zip(kernels.linears(x, *layers), layers):
-        expected = F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
+    for got, weight, bias in zip(kernels.products(x, weights, biases), weights, biases):
+        expected = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
         assert got.dtype == dtype and got.shape == expected.shape
         torch.testing.assert_close(got.float(), expected, atol=0.05, rtol=0.02)
 
 
-def test_weights_side_by_side_in_memory_are_multiplied_as_one():
-    block = torch.randn(10, 8)
-    assert torch.equal(kernels.side_by_side([block[:3], block[3:7], block[7:]]), block)
-    assert kernels.side_by_side([block[:3], block[4:7]]) is None  # a gap
-    assert kernels.side_by_side([block[:3], torch.randn(4, 8)]) is None  # another tensor
+def test_float16_weights_multiply_many_rows_in_bfloat16_and_keep_the_input_dtype():
+    torch.manual_seed(0)
+    weight, x = torch.randn(24, 40).to(torch.float16), torch.randn(kernels.MAX_GEMV_ROWS + 1, 40)
+    for dtype in (torch.bfloat16, torch.float16):
+        (y,) = kernels.products(x.to(dtype), [weight], [None])
+        expected = F.linear(x.to(dtype).to(torch.bfloat16), weight.to(torch.bfloat16)).to(dtype)
+        assert y.dtype == dtype and torch.equal(y, expected)
 
 
-def test_float16_weights_prefill_in_bfloat16_on_the_cpu_only():
-    assert kernels.prefill_dtype(torch.empty(1, dtype=torch.float16)) == torch.bfloat16
-    assert kernels.prefill_dtype(torch.empty(1, dtype=torch.bfloat16)) == torch.bfloat16
-    assert kernels.prefill_dtype(torch.empty(1, dtype=torch.float32)) == torch.float32
-    assert kernels.prefill_dtype(torch.empty(1, dtype=torch.float16, device="meta")) == torch.float16
+def test_a_float16_embedding_gives_bfloat16_rows_for_a_prompt_and_float16_for_a_step():
+    embedding = kernels.Embedding(torch.nn.Parameter(torch.randn(10, 4).to(torch.float16)))
+    assert embedding(torch.zeros(1, kernels.MAX_GEMV_ROWS + 1, dtype=torch.long)).dtype == torch.bfloat16
+    assert embedding(torch.zeros(4, 1, dtype=torch.long)).dtype == torch.float16
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("with_up", [False, True])
+def test_fused_gelu_equals_torch_within_half_precision(dtype, with_up):
+    torch.manual_seed(0)
+    x, up = (torch.randn(7, 45).to(dtype) * 3 for _ in range(2))
+    expected = modeling_siglip.GELUTanh()(x.float(), up.float() if with_up else None)
+    got = kernels.GELUTanh()(x, up if with_up else None)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected, atol=0.02, rtol=0.01)
+
+
+def gemv_calls(monkeypatch) -> list[int]:
+    """Spy on kernels.gemv: the list receives the number of weights of each call."""
+    calls, real = [], kernels.gemv
+    monkeypatch.setattr(kernels, "gemv", lambda weights, x: calls.append(len(weights)) or real(weights, x))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("name", ["v1_mqa", "v1_gqa", "v1_mha", "v2_gqa"])
+def test_q_k_v_and_gate_up_are_multiplied_in_one_pass_in_every_layout_and_dtype(name, dtype, checkpoint, image,
+                                                                                 compiled, monkeypatch):
+    model, _ = load_hf_model(checkpoint(name), "cpu", dtype, verbose=False)
+    assert_fused_and_one_pass_per_group(kernels.accelerate(model), monkeypatch)
+
+
+def test_weights_used_in_place_from_a_bfloat16_file_fuse_too(tmp_path, compiled, monkeypatch):
+    tiny.build_checkpoint(tmp_path, dtype=torch.bfloat16, **CHECKPOINTS["v2_gqa"])
+    model, _ = load_hf_model(tmp_path, "cpu", torch.bfloat16, verbose=False)
+    q = model.language_model.model.layers[0].self_attn.q_proj.weight
+    assert q.untyped_storage().nbytes() > q.nbytes  # a view into the mapped shard, not a copy
+    assert_fused_and_one_pass_per_group(kernels.accelerate(model), monkeypatch)
+
+
+def assert_fused_and_one_pass_per_group(model, monkeypatch):
+    layers = model.language_model.model.layers
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        assert isinstance(attn.qkv, kernels.Fused) and isinstance(mlp.gate_up, kernels.Fused)
+        assert all(a is b for a, b in zip(attn.qkv.weights, (attn.q_proj.weight, attn.k_proj.weight,
+                                                               attn.v_proj.weight)))
+        assert all(a is b for a, b in zip(mlp.gate_up.weights, (mlp.gate_proj.weight, mlp.up_proj.weight)))
+    for layer in model.vision_tower.vision_model.encoder.layers:
+        assert isinstance(layer.self_attn.qkv, kernels.Fused) and len(layer.self_attn.qkv.weights) == 3
+    calls = gemv_calls(monkeypatch)
+    with torch.no_grad():
+        model.setup_caches(1, 8)
+        model(torch.tensor([[2, 40, 41]]), torch.arange(3), attention_mask=torch.ones(1, 3, dtype=torch.long))
+        calls.clear()
+        decode_one_token(model, torch.tensor([42]), torch.tensor([3]))
+    # one pass each for q/k/v, o, gate/up and down in every layer, and one for the head
+    assert calls == [3, 1, 2, 1] * len(layers) + [1]
+
+
+def test_accelerate_leaves_a_float32_model_and_a_model_under_no_kernels_as_they_are(checkpoint, monkeypatch):
+    model, _ = load_hf_model(checkpoint("v1_mqa"), "cpu", torch.float32, verbose=False)
+    assert not any(type(m).__module__ == "kernels" for m in kernels.accelerate(model).modules())
+    monkeypatch.setenv("PALIGEMMA_NO_KERNELS", "1")
+    model, _ = load_hf_model(checkpoint("v1_mqa"), "cpu", torch.float16, verbose=False)
+    assert not any(type(m).__module__ == "kernels" for m in kernels.accelerate(model).modules())
+
+
+def test_an_accelerated_model_keeps_the_plain_models_parameter_names(checkpoint):
+    model, _ = load_hf_model(checkpoint("v2_gqa"), "cpu", torch.bfloat16, verbose=False)
+    names = [name for name, _ in model.named_parameters()]
+    assert [name for name, _ in kernels.accelerate(model).named_parameters()] == names
 
 
 def test_library_is_built_once_into_the_cache_and_can_be_turned_off(tmp_path, monkeypatch):
@@ -86,9 +162,20 @@ def test_library_is_built_once_into_the_cache_and_can_be_turned_off(tmp_path, mo
 def test_scratch_buffer_made_in_inference_mode_is_reused_outside_it(monkeypatch):
     monkeypatch.setattr(kernels, "library", lambda: None)  # the PyTorch conversion, which writes the scratch in place
     monkeypatch.setattr(kernels, "_scratch", {})
-    layer = kernels.Linear(64, 4096, bias=False).to(torch.float16)  # bigger than any scratch an earlier test left
+    layer = kernels.Linear(torch.nn.Parameter(torch.randn(4096, 64).to(torch.float16)), None)
     x = torch.randn(20, 64, dtype=torch.float16)
     with torch.inference_mode():
-        first = kernels.linears(x, layer)[0]
+        first = layer(x)
     with torch.no_grad():
-        torch.testing.assert_close(kernels.linears(x, layer)[0], first, atol=0, rtol=0)
+        torch.testing.assert_close(layer(x), first, atol=0, rtol=0)
+
+
+def test_a_prompt_after_a_longer_one_reuses_the_cache(checkpoint, image):
+    from test_model import PROMPT, load_ours
+
+    model, processor = load_ours(checkpoint("v1_mqa"))
+    with torch.no_grad():
+        prefill(model, processor(["answer en " + "what is it? " * 5], [image]), 4)
+        caches = [layer.self_attn.kv_cache.k_cache for layer in model.language_model.model.layers]
+        prefill(model, processor([PROMPT], [image]), 4)
+    assert all(a is layer.self_attn.kv_cache.k_cache for a, layer in zip(caches, model.language_model.model.layers))

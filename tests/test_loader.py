@@ -12,9 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-import utils
+import checkpoint as checkpoint_files
+import kernels
+from checkpoint import LoadError
 from modeling_gemma import GemmaRotaryEmbedding
-from utils import LoadError, load_hf_model
+from utils import load_hf_model
 
 
 def transformers_name(ours: str) -> str:
@@ -78,7 +80,7 @@ def test_every_layout_loads_exactly_the_values_transformers_loads(name, checkpoi
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_values_equal_the_file_rounded_to_nearest(dtype, compiled, checkpoint, reference, monkeypatch):
     if not compiled:
-        monkeypatch.setattr(utils, "library", lambda: None)
+        monkeypatch.setattr(kernels, "library", lambda: None)
     ref, _ = reference("v1_mqa")
     model, _ = load_hf_model(checkpoint("v1_mqa"), "cpu", dtype, verbose=False)
     expected = ref.state_dict()
@@ -90,9 +92,9 @@ def test_half_precision_values_equal_the_file_rounded_to_nearest(dtype, compiled
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled converter", "torch converter"])
 def test_tensor_larger_than_the_read_piece_is_streamed_exactly(compiled, checkpoint, monkeypatch):
     if not compiled:
-        monkeypatch.setattr(utils, "library", lambda: None)
+        monkeypatch.setattr(kernels, "library", lambda: None)
     whole, _ = load_hf_model(checkpoint("v1_mqa"), "cpu", torch.float16, verbose=False)
-    monkeypatch.setattr(utils, "PIECE_BYTES", 1000)  # smaller than most tensors, and not a multiple of their rows
+    monkeypatch.setattr(kernels, "PIECE_BYTES", 1000)  # smaller than most tensors, and not a multiple of their rows
     pieces, _ = load_hf_model(checkpoint("v1_mqa"), "cpu", torch.float16, verbose=False)
     for (name, a), (_, b) in zip(whole.named_parameters(), pieces.named_parameters()):
         assert torch.equal(a, b), name
@@ -131,7 +133,7 @@ def test_rope_frequencies_are_computed_afresh_so_logits_stay_finite(checkpoint, 
         assert torch.equal(rope.inv_freq, GemmaRotaryEmbedding(model.config.text_config).inv_freq)
         inputs = processor(["caption en"], [image])
         with torch.no_grad():
-            logits, _ = prefill(model, inputs, 16, all_logits=True)
+            logits = prefill(model, inputs, 16, all_logits=True)
         assert torch.isfinite(logits).all()
 
 
@@ -255,7 +257,7 @@ def test_broken_folder_raises_an_error_naming_the_problem(case, folder):
 # LoadError; never another exception, never a hang, never an allocation beyond the file's size.
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(), st.text(max_size=8))
 tensor_info = st.fixed_dictionaries(
-    {"dtype": st.one_of(st.sampled_from(list(utils.SAFETENSORS_DTYPES)), json_scalars),
+    {"dtype": st.one_of(st.sampled_from(list(checkpoint_files.SAFETENSORS_DTYPES)), json_scalars),
      "shape": st.one_of(st.lists(st.integers(-3, 2**40), max_size=4), json_scalars),
      "data_offsets": st.one_of(st.lists(st.integers(-5, 300), min_size=2, max_size=2),
                                st.lists(json_scalars, max_size=3), json_scalars)})
@@ -271,7 +273,7 @@ def test_fuzzed_headers_never_crash_the_parser(tmp_path, header, declared, data)
     length = len(header) if declared is None else declared
     path.write_bytes(length.to_bytes(8, "little") + header + data)
     try:
-        entries = utils.read_safetensors_header(path)
+        entries = checkpoint_files.read_safetensors_header(path)
     except LoadError:
         return
     size, end = path.stat().st_size, 0

@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import random_image
 
+from checkpoint import load_tokenizer
 from processing_paligemma import PaliGemmaProcessor
-from utils import load_tokenizer
 
 
 @pytest.fixture(scope="module")

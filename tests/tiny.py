@@ -1,4 +1,4 @@
-"""Tiny random PaliGemma checkpoints built by transformers itself, offline (../shared/REFERENCE.md §6).
+"""Tiny random PaliGemma checkpoints built by transformers itself, offline.
 
 `build_checkpoint(path, ...)` writes a folder laid out like a hub download: config.json, generation_config.json,
 several safetensors shards with model.safetensors.index.json, tokenizer and processor files.
@@ -51,7 +51,7 @@ def build_processor():
 
 
 def build_model(version: int = 1, kv_heads: int = 1, heads: int = 4, seed: int = 0, image_size: int = IMAGE_SIZE,
-                **text_overrides):
+                vision_overrides: dict | None = None, **text_overrides):
     """A random PaliGemma (version 1: Gemma decoder, 2: Gemma 2) perturbed so that every term of the forward matters."""
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
@@ -65,8 +65,10 @@ def build_model(version: int = 1, kv_heads: int = 1, heads: int = 4, seed: int =
     text.update(text_overrides)
     vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, image_size=image_size, patch_size=PATCH, vision_use_head=False)
-    config = PaliGemmaConfig(text_config=text, vision_config=vision, image_token_index=tokens - 1, vocab_size=rows,
-                             projection_dim=64, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    vision.update(vision_overrides or {})
+    config = PaliGemmaConfig(text_config=text, vision_config=vision, image_token_index=tokens - 1,
+                             vocab_size=text["vocab_size"], projection_dim=text["hidden_size"], pad_token_id=0,
+                             bos_token_id=2, eos_token_id=1)
     torch.manual_seed(seed)
     model = PaliGemmaForConditionalGeneration(config).eval()
     with torch.no_grad():
@@ -80,7 +82,7 @@ def build_model(version: int = 1, kv_heads: int = 1, heads: int = 4, seed: int =
     return model
 
 
-# Where each layout puts the vision tower, the projector and the language model (REFERENCE.md §2.2).
+# Where each layout puts the vision tower, the projector and the language model (docs/NUMERICS.md §2).
 LAYOUTS = {
     "published": {"vision_tower.": "vision_tower.vision_model."},
     "transformers5": {},
@@ -91,11 +93,14 @@ LAYOUTS = {
 
 
 def build_checkpoint(path, version: int = 1, kv_heads: int = 1, heads: int = 4, layout: str = "published",
-                     seed: int = 0, max_shard_size: str = "100KB", image_size: int = IMAGE_SIZE, **text_overrides):
-    """Save a tiny model as a hub folder in one of the three key layouts; returns the transformers model."""
+                     seed: int = 0, max_shard_size: str = "100KB", image_size: int = IMAGE_SIZE,
+                     dtype: torch.dtype = torch.float32, vision_overrides: dict | None = None, **text_overrides):
+    """Save a tiny model as a hub folder in one of the three key layouts, its weights in dtype; returns the
+    transformers model (in float32)."""
     path = Path(path)
-    model = build_model(version, kv_heads, heads, seed, image_size, **text_overrides)
-    model.save_pretrained(path, max_shard_size=max_shard_size)
+    model = build_model(version, kv_heads, heads, seed, image_size, vision_overrides, **text_overrides)
+    model.to(dtype).save_pretrained(path, max_shard_size=max_shard_size)
+    model.float()
     processor = build_processor()
     processor.image_processor.size = {"height": image_size, "width": image_size}
     processor.image_processor.image_seq_length = processor.image_seq_length = (image_size // PATCH) ** 2

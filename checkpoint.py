@@ -1,0 +1,192 @@
+"""What a PaliGemma checkpoint folder holds, read and checked without trusting it: config.json,
+generation_config.json, the shard index, every safetensors header, the key names, and the tokenizer.
+
+Nothing here allocates weights: utils.py streams them once everything below has been checked. Weights are only
+ever read from safetensors, never unpickled.
+"""
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from modeling_paligemma import PaliGemmaConfig
+
+MAX_HEADER_BYTES = 100 << 20  # the safetensors library refuses larger headers too
+SAFETENSORS_DTYPES = {  # safetensors dtype -> (bytes per element, torch dtype for weights or None)
+    "F64": (8, torch.float64), "F32": (4, torch.float32), "F16": (2, torch.float16), "BF16": (2, torch.bfloat16),
+    "I64": (8, None), "I32": (4, None), "I16": (2, None), "I8": (1, None), "U64": (8, None), "U32": (4, None),
+    "U16": (2, None), "U8": (1, None), "BOOL": (1, None), "F8_E4M3": (1, None), "F8_E5M2": (1, None),
+}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+# Key prefixes of the layouts transformers has written, longest first, mapped to this model's names
+# (docs/NUMERICS.md §2).
+KEY_PREFIXES = [
+    ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+    ("model.vision_tower.", "vision_tower.vision_model."),
+    ("vision_tower.vision_model.", "vision_tower.vision_model."),
+    ("vision_tower.", "vision_tower.vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.language_model.", "language_model.model."),
+    ("language_model.model.", "language_model.model."),
+    ("language_model.lm_head.", "language_model.lm_head."),
+    ("lm_head.", "language_model.lm_head."),
+]
+# Stored but unused: the tied head (it is the embedding) and SigLIP's attention-pool head (PaliGemma has none).
+HARMLESS_EXTRAS = ("language_model.lm_head.weight", "vision_tower.vision_model.head.")
+
+
+class LoadError(Exception):
+    """A checkpoint folder, or a file in it, that cannot be used; the message names the file or tensor."""
+
+
+def normalise_key(key: str) -> str:
+    for old, new in KEY_PREFIXES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+@dataclass
+class TensorEntry:
+    """Where one tensor lies in a shard."""
+
+    file: Path
+    key: str  # as stored in the file
+    name: str  # this model's parameter name, once planned
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return SAFETENSORS_DTYPES[self.dtype][1]
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LoadError(f"{path}: {what} is missing") from None
+    except OSError as e:
+        raise LoadError(f"{path}: {what} cannot be read ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoadError(f"{path}: {what} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise LoadError(f"{path}: {what} is not a JSON object")
+    return data
+
+
+def load_config(model_path: str | Path) -> PaliGemmaConfig:
+    folder = Path(model_path)
+    if not folder.is_dir():
+        raise LoadError(f"{folder}: model folder {'is a file, not a folder' if folder.exists() else 'does not exist'}")
+    config_file = folder / "config.json"
+    try:
+        return PaliGemmaConfig.from_dict(read_json(config_file, "config.json"))
+    except (TypeError, ValueError) as e:
+        raise LoadError(f"{config_file}: {e}") from None
+
+
+def stop_tokens(folder: Path, config: PaliGemmaConfig) -> tuple[int, ...]:
+    """The ids generation stops at: generation_config.json's eos_token_id (one id or a list, as transformers reads
+    it; PaliGemma 2 fine-tunes may name <end_of_turn> too), else config.json's."""
+    path = Path(folder) / "generation_config.json"
+    eos = read_json(path, "generation_config.json").get("eos_token_id") if path.is_file() else None
+    ids = eos if isinstance(eos, list) else [eos] if eos is not None else [config.eos_token_id]
+    if not ids or not all(type(i) is int and i >= 0 for i in ids):
+        raise LoadError(f"{path}: eos_token_id must be a token id or a list of them, not {eos!r}")
+    return tuple(ids)
+
+
+def read_safetensors_header(path: Path) -> list[TensorEntry]:
+    """Parse and check a safetensors header without trusting it: sizes, dtypes, offsets inside the file, no overlap."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise LoadError(f"{path}: too short to be a safetensors file ({size} bytes)")
+            n = int.from_bytes(head, "little")
+            if n > min(size - 8, MAX_HEADER_BYTES):
+                raise LoadError(f"{path}: header length {n} runs past the end of the file ({size} bytes); "
+                                "is the file truncated?")
+            raw = f.read(n)
+    except OSError as e:
+        raise LoadError(f"{path}: cannot be read ({e.strerror})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise LoadError(f"{path}: safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise LoadError(f"{path}: safetensors header is not a JSON object")
+    data_start, data_size = 8 + n, size - 8 - n
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise LoadError(f"{path}: tensor {name!r} has no description in the header")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise LoadError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise LoadError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise LoadError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_size:
+            raise LoadError(f"{path}: tensor {name!r} data [{begin}, {end}) lies outside the file's "
+                            f"{data_size} data bytes; is the file truncated?")
+        if end - begin != math.prod(shape) * SAFETENSORS_DTYPES[dtype][0]:
+            raise LoadError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape} of {dtype}")
+        entries.append(TensorEntry(path, name, name, dtype, tuple(shape), data_start + begin, end - begin))
+    entries.sort(key=lambda e: e.start)
+    for a, b in zip(entries, entries[1:]):
+        if b.start < a.start + a.nbytes:
+            raise LoadError(f"{path}: tensors {a.key!r} and {b.key!r} overlap")
+    return entries
+
+
+def find_shards(folder: Path) -> list[Path]:
+    """The safetensors files of the checkpoint, from the index if there is one."""
+    index_file = folder / "model.safetensors.index.json"
+    if index_file.exists():
+        weight_map = read_json(index_file, "the shard index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise LoadError(f"{index_file}: has no valid weight_map")
+        shards = [folder / name for name in dict.fromkeys(weight_map.values())]
+        for shard in shards:
+            if shard.parent != folder or not shard.is_file():
+                raise LoadError(f"{shard}: shard named by {index_file.name} is missing")
+        return shards
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise LoadError(f"{folder}: only pickle weights ({', '.join(pickles)}); they can run arbitrary code and are "
+                        "never loaded; convert them to safetensors")
+    raise LoadError(f"{folder}: no weights (model.safetensors or model.safetensors.index.json)")
+
+
+def check_tokenizer_files(folder: Path):
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise LoadError(f"{folder}: no tokenizer files ({' or '.join(TOKENIZER_FILES)})")
+
+
+def load_tokenizer(folder: Path):
+    """The folder's own tokenizer, through transformers, never from a hub."""
+    from transformers import AutoTokenizer
+
+    check_tokenizer_files(folder)
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # the tokenizer libraries raise many kinds of errors for a broken file
+        raise LoadError(f"{folder}: the tokenizer cannot be loaded ({type(e).__name__}: {e})") from None
