@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -90,9 +91,9 @@ def run(args: list[str]) -> tuple[dict, float]:
     return json.loads(proc.stdout.strip().splitlines()[-1]), wall
 
 
-def ours(model: Path, image: Path, prompt: str, dtype: str, tokens: int, device: str) -> dict:
+def ours(model: Path, image: Path, prompt: str, dtype: str, tokens: int, device: str, root: Path = ROOT) -> dict:
     on_gpu = ["--only_cpu", "False", "--compile", "True"] if device == "cuda" else ["--only_cpu", "True"]
-    result, wall = run([str(ROOT / "inference.py"), "--model_path", str(model), "--image_file_path", str(image),
+    result, wall = run([str(root / "inference.py"), "--model_path", str(model), "--image_file_path", str(image),
                         "--prompt", prompt, "--dtype", dtype, "--max_tokens_to_generate", str(tokens),
                         "--output_format", "json", *on_gpu])
     return {**result["timings"], "process_s": wall, "generated": len(result["token_ids"])}
@@ -109,6 +110,7 @@ IMPLEMENTATIONS = {
     "transformers": transformers,
     # transformers' fastest path: a static cache, which its generate() then compiles automatically
     "transformers-static": lambda *args: transformers(*args, cache_implementation="static"),
+    "baseline": ours,  # this project's command line from the checkout --baseline names
 }
 
 
@@ -146,7 +148,7 @@ def copy_bandwidth(device: str) -> float:
 def decoder_bytes(model: Path, dtype: str) -> int:
     """Bytes of weights one decode step reads: every language-model parameter (the embedding is the head)."""
     sys.path.insert(0, str(ROOT))
-    from utils import load_config
+    from checkpoint import load_config
 
     text = load_config(model).text_config
     per_layer = (text.hidden_size * text.head_dim * (2 * text.num_attention_heads + 2 * text.num_key_value_heads)
@@ -168,39 +170,55 @@ def main():
     parser.add_argument("--cold", action="store_true", help="drop the page cache before each run (needs root)")
     parser.add_argument("--batch_sizes", type=int, nargs="*", default=[1, 4, 8],
                         help="also answer 8 images this many at a time (ours, first dtype); none to skip")
+    parser.add_argument("--baseline", type=Path, help="another checkout of this project, run as 'baseline' "
+                        "(e.g. `git worktree add /tmp/before HEAD~3`): a before/after comparison in one run")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each implementation, taking turns; each "
+                        "figure's median is reported")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if not (args.model_path / "config.json").is_file():
         raise SystemExit(f"{args.model_path}: no checkpoint; make one with benchmarks/make_checkpoint.py")
+    if ("baseline" in args.runs) != (args.baseline is not None):
+        raise SystemExit("--runs baseline and --baseline DIR go together")
 
     bandwidth = copy_bandwidth(args.device)
     rows = []
     for dtype in args.dtypes:
-        for name in args.runs:
-            cache = page_cache_state(args.model_path, args.cold)
-            print(f"{name} {dtype} ({cache} page cache) ...", file=sys.stderr)
-            try:
-                result = IMPLEMENTATIONS[name](args.model_path, args.image, args.prompt, dtype, args.tokens,
-                                               args.device)
-            except Failed as e:
-                rows.append({"impl": name, "dtype": dtype, "failed": str(e), "page_cache": cache})
-                continue
-            result["page_cache"] = cache
-            tok_s = result["decode_tokens"] / (result["decode_s"] - (result.get("compile_s") or 0.0)
-                                               if name == "ours" else result["decode_s"])
-            limit = bandwidth / decoder_bytes(args.model_path, dtype)
-            rows.append({"impl": name, "dtype": dtype, **result, "decode_tok_s": tok_s, "bandwidth_limit_tok_s": limit})
+        attempts = {name: [] for name in args.runs}
+        for _ in range(args.repeat):  # the implementations take turns, so that a slow moment hits them all
+            for name in args.runs:
+                cache = page_cache_state(args.model_path, args.cold)
+                print(f"{name} {dtype} ({cache} page cache) ...", file=sys.stderr)
+                extra = {"root": args.baseline} if name == "baseline" else {}
+                try:
+                    result = IMPLEMENTATIONS[name](args.model_path, args.image, args.prompt, dtype, args.tokens,
+                                                   args.device, **extra)
+                except Failed as e:
+                    attempts[name].append({"failed": str(e), "page_cache": cache})
+                    continue
+                # ours compiles within its decode (--compile on CUDA); transformers' compiled path, in a call apart
+                compile_s = (result.get("compile_s") or 0.0) if name in ("ours", "baseline") else 0.0
+                attempts[name].append({**result, "page_cache": cache,
+                                       "decode_tok_s": result["decode_tokens"] / (result["decode_s"] - compile_s),
+                                       "bandwidth_limit_tok_s": bandwidth / decoder_bytes(args.model_path, dtype)})
+        for name, runs in attempts.items():  # each figure's median over the runs, with every run's beside it
+            done = [r for r in runs if "failed" not in r]
+            figures = ("first_token_s", "decode_tok_s", "load_s", "peak_rss_gib")
+            row = {**done[0], **{k: statistics.median(r[k] for r in done) for k in figures}} if done else runs[0]
+            rows.append({"impl": name, "dtype": dtype, **row,
+                         "every_run": [{k: r.get(k) for k in figures} for r in done]})
+    reference = "baseline" if "baseline" in args.runs else "transformers"
 
     print(f"\n{args.model_path.name}, {args.tokens} new tokens, prompt {args.prompt!r}, {args.image.name}; "
           f"{cpu_name()}, {os.cpu_count()} CPUs, copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
     print("| impl | dtype | load s | first token s | decode tok/s | of bandwidth limit | peak RSS GiB "
-          "| first token vs transformers | decode vs transformers | page cache | compile s | peak GPU GiB |")
+          f"| first token vs {reference} | decode vs {reference} | page cache | compile s | peak GPU GiB |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         if "failed" in row:
             print(f"| {row['impl']} | {row['dtype']} | failed: {row['failed']} | | | | | | | {row['page_cache']} | | |")
             continue
-        base = next((r for r in rows if r["impl"] == "transformers" and r["dtype"] == row["dtype"]
+        base = next((r for r in rows if r["impl"] == reference and r["dtype"] == row["dtype"]
                      and "failed" not in r), None)
         ratios = "- | -" if base is None else (f"{row['first_token_s'] / base['first_token_s']:.2f}x | "
                                                f"{row['decode_tok_s'] / base['decode_tok_s']:.2f}x")

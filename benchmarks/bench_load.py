@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -23,11 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = Path.home() / ".cache" / "paligemma-bench" / "paligemma-3b-pt-224"
 RESULTS = ROOT / "benchmarks" / "results"
 
-PRELUDE = f"""
+PRELUDE = """
 import json, sys, time
-sys.path.insert(0, {str(ROOT)!r})
+sys.path.insert(0, sys.argv[3])  # the checkout whose loader runs
 def status():
-    fields = {{}}
+    fields = {}
     for line in open("/proc/self/status"):
         key, _, value = line.partition(":")
         if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
@@ -44,10 +45,12 @@ start = time.perf_counter()
 model, tokenizer = utils.load_hf_model(sys.argv[1], "cpu", dtype)
 seconds = time.perf_counter() - start
 result = {"load_s": seconds, "params": sum(p.numel() for p in model.parameters()), **status()}
-if len(sys.argv) > 3:  # verify: every parameter against the file's tensor rounded to the dtype, piece by piece
+if len(sys.argv) > 4:  # verify: every parameter against the file's tensor rounded to the dtype, piece by piece
+    from pathlib import Path
     from safetensors import safe_open
+    from checkpoint import find_shards
     params, equal = dict(model.named_parameters()), True
-    for entry in utils.plan_load(model, utils.find_shards(utils.Path(sys.argv[1]))):
+    for entry in utils.plan_load(model, find_shards(Path(sys.argv[1]))):
         with safe_open(entry.file, "pt") as f:
             stored, loaded = f.get_slice(entry.key), params[entry.name]
             for i in range(0, loaded.shape[0], 4096):
@@ -82,9 +85,10 @@ def read_status(pid: int) -> dict | None:
         return None
 
 
-def run_child(name: str, model_path: Path, dtype: str, verify: bool) -> dict:
-    """Run one loader in a fresh process, sampling its memory every 50 ms."""
-    args = [sys.executable, "-c", CHILDREN[name], str(model_path), dtype] + (["verify"] if verify else [])
+def run_child(name: str, model_path: Path, dtype: str, verify: bool, root: Path = ROOT) -> dict:
+    """Run one loader in a fresh process (this project's from the checkout root), sampling its memory every 50 ms."""
+    child = CHILDREN["ours" if name == "baseline" else name]
+    args = [sys.executable, "-c", child, str(model_path), dtype, str(root)] + (["verify"] if verify else [])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
     start = time.monotonic()
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -128,7 +132,7 @@ def chart(results: dict, path: Path, title: str):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    colours = {"ours": "tab:blue", "transformers": "tab:orange"}
+    colours = {"ours": "tab:blue", "transformers": "tab:orange", "baseline": "tab:gray"}
     for name, r in results.items():
         t = [s[0] for s in r["timeline"]]
         ax.plot(t, [s[1] / 2**30 for s in r["timeline"]], color=colours[name], label=f"{name}: anonymous")
@@ -147,7 +151,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_path", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    parser.add_argument("--runs", nargs="+", default=["ours", "transformers"], choices=list(CHILDREN))
+    parser.add_argument("--runs", nargs="+", default=["ours", "transformers"], choices=[*CHILDREN, "baseline"])
+    parser.add_argument("--baseline", type=Path, help="another checkout of this project, run as 'baseline' "
+                        "(e.g. `git worktree add /tmp/before HEAD~3`): a before/after comparison in one run")
     parser.add_argument("--cold", action="store_true", help="drop the page cache before each run (needs root)")
     parser.add_argument("--verify", action="store_true", help="also check every loaded value against the file")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each loader; the median is reported")
@@ -155,17 +161,21 @@ def main():
     args = parser.parse_args()
     if not (args.model_path / "config.json").is_file():
         raise SystemExit(f"{args.model_path}: no checkpoint; make one with benchmarks/make_checkpoint.py")
+    if ("baseline" in args.runs) != (args.baseline is not None):
+        raise SystemExit("--runs baseline and --baseline DIR go together")
 
     results, runs = {}, {name: [] for name in args.runs}
     for repeat in range(args.repeat):  # the loaders take turns, so that a slow moment of the machine hits both
         for name in args.runs:
             cache = page_cache_state(args.model_path, args.cold)
             print(f"running {name} ({cache} page cache), {repeat + 1} of {args.repeat} ...", file=sys.stderr)
-            runs[name].append(run_child(name, args.model_path, args.dtype, verify=False))
+            runs[name].append(run_child(name, args.model_path, args.dtype, verify=False,
+                                        root=args.baseline if name == "baseline" else ROOT))
             runs[name][-1]["page_cache"] = cache
     for name, attempts in runs.items():  # the median run by load time, with every run's seconds beside it
         results[name] = sorted(attempts, key=lambda r: r["load_s"])[len(attempts) // 2]
         results[name]["load_s_all"] = [r["load_s"] for r in attempts]
+        results[name]["process_s_all"] = [r["process_s"] for r in attempts]  # Python and imports included
 
     params = next(iter(results.values()))["params"]
     weights = params * {"float16": 2, "bfloat16": 2, "float32": 4}[args.dtype]
@@ -173,12 +183,13 @@ def main():
     print(f"\n{args.model_path.name}: {params:,} parameters, {weights / gib:.2f} GiB of {args.dtype} weights; "
           f"{cpu_name()}, {os.cpu_count()} CPUs")
     print("| loader | peak VmHWM GiB | peak - weights GiB | peak anon GiB | peak file-backed GiB | after GiB "
-          "| load s (median) | every run s | page cache |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| load s (median) | every run s | process s (median) | page cache |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in results.items():
         print(f"| {name} | {r['VmHWM'] / gib:.2f} | {(r['VmHWM'] - weights) / gib:+.2f} | {r['peak_anon'] / gib:.2f} "
               f"| {r['peak_file'] / gib:.2f} | {r['VmRSS'] / gib:.2f} | {r['load_s']:.1f} "
-              f"| {', '.join(f'{s:.1f}' for s in r['load_s_all'])} | {r['page_cache']} |")
+              f"| {', '.join(f'{s:.1f}' for s in r['load_s_all'])} | {statistics.median(r['process_s_all']):.1f} "
+              f"| {r['page_cache']} |")
     if args.verify:  # a run of its own, so that reading the file again does not show in the figures above
         equal = run_child("ours", args.model_path, args.dtype, verify=True)["values_equal_file"]
         results["ours"]["values_equal_file"] = equal

@@ -1,12 +1,13 @@
 """Write a full-size PaliGemma checkpoint folder with random weights, laid out like a Hugging Face hub download.
 
 For benchmarking loading and generation on a machine that cannot download the real (gated) weights. The folder
-holds config.json and generation_config.json as published (../shared/REFERENCE.md §1.2, §5), safetensors shards
-split like transformers' `save_pretrained(max_shard_size="5GB")` with model.safetensors.index.json, keys in the
-published layout (§2.1: `vision_tower.vision_model.*`, `multi_modal_projector.linear.*`, `language_model.model.*`,
-no lm_head), float32 for PaliGemma 1 and bfloat16 for PaliGemma 2, and a stand-in tokenizer with the real id layout
-and size (257153 ids: specials, "\\n" = 108, byte fallback, ~255k BPE pieces, <loc>/<seg> at 256000.., <image> =
-257152) plus the processor files. Shards are streamed to disk in 64 MiB pieces, so memory stays well under 1 GiB.
+holds config.json and generation_config.json as published (docs/NUMERICS.md §1), safetensors shards split like
+transformers' `save_pretrained(max_shard_size="5GB")` with model.safetensors.index.json, keys in the published
+layout (docs/NUMERICS.md §2: `vision_tower.vision_model.*`, `multi_modal_projector.linear.*`,
+`language_model.model.*`, no lm_head), float32 for PaliGemma 1 and bfloat16 for PaliGemma 2, and a stand-in
+tokenizer with the real id layout and size (257153 ids: specials, "\\n" = 108, byte fallback, ~255k BPE pieces,
+<loc>/<seg> at 256000.., <image> = 257152) plus the processor files. Shards are streamed to disk in 64 MiB
+pieces, so memory stays well under 1 GiB.
 
 Usage:
     python benchmarks/make_checkpoint.py                      # paligemma-3b-pt-224 -> ~/.cache/paligemma-bench/
@@ -38,7 +39,8 @@ WORDS = """caption describe answer question detect segment ocr en fr de es it th
 what where who which how many much why doing there this that with for from by as or not no yes one two three some
 cat dog man woman people person child car bus bike road street building house room table chair bed water tree sky
 grass image picture photo text sign left right top bottom front back color red blue green white black yellow"""
-# family: model_type, hidden, intermediate, layers, heads, kv heads, head_dim, query_pre_attn_scalar (REFERENCE §1.1)
+# family: model_type, hidden, intermediate, layers, heads, kv heads, head_dim, query_pre_attn_scalar
+# (docs/NUMERICS.md §1)
 TEXT = {
     "paligemma-3b": ("gemma", 2048, 16384, 18, 8, 1, 256, None),
     "paligemma2-3b": ("gemma2", 2304, 9216, 26, 8, 4, 256, 256),
@@ -46,7 +48,7 @@ TEXT = {
     "paligemma2-28b": ("gemma2", 4608, 36864, 46, 32, 16, 128, 144),
 }
 log = partial(print, file=sys.stderr, flush=True)
-PARAMS = {  # unique parameters, lm_head tied (REFERENCE §1.1)
+PARAMS = {  # unique parameters, lm_head tied
     "paligemma-3b-pt-224": 2_923_466_480, "paligemma-3b-pt-448": 2_924_351_216, "paligemma-3b-pt-896": 2_927_890_160,
     "paligemma2-3b-pt-224": 3_032_242_416, "paligemma2-3b-pt-448": 3_033_127_152,
     "paligemma2-3b-pt-896": 3_036_666_096, "paligemma2-10b-pt-224": 9_662_638_832,
@@ -63,7 +65,7 @@ def parse_size(text):
 
 
 def build_config(variant, num_layers=None):
-    """config.json as published (REFERENCE §1.2); `num_layers` shrinks both towers for quick checks."""
+    """config.json as published (docs/NUMERICS.md §1); `num_layers` shrinks both towers for quick checks."""
     family, size = variant.rsplit("-pt-", 1)
     size = int(size)
     mtype, hidden, inter, layers, heads, kv, head_dim, scalar = TEXT[family]
