@@ -32,6 +32,7 @@ from PIL import Image  # noqa: E402
 import batch  # noqa: E402
 import detection  # noqa: E402
 import kernels  # noqa: E402
+import quantization  # noqa: E402
 from checkpoint import DTYPES, load_config, load_tokenizer, stop_tokens  # noqa: E402
 from console import UserError, is_number, kind_of, log, one_line, peak_rss_gib, require_file  # noqa: E402
 from generate import Session, Stopwatch, compile_decode, decode_one_token  # noqa: E402
@@ -52,6 +53,7 @@ FLAG_RULES = {  # flag -> (test of its value, what it must be)
     "temperature": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
     "top_p": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "dtype": (lambda v: v is None or v in DTYPES, f"one of {', '.join(DTYPES)}"),
+    "quantize": (lambda v: v in ("none", *quantization.SCHEMES), "none, int8 or int4"),
     "output_format": (lambda v: v in ("text", "json"), "text or json"),
     "seed": (lambda v: v is None or type(v) is int, "a whole number"),
     "max_image_pixels": (lambda v: type(v) is int and v > 0, "a whole number > 0"),
@@ -82,7 +84,8 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
          only_cpu: bool = False, dtype: str | None = None, output_format: str = "text", seed: int | None = None,
          max_image_pixels: int = DEFAULT_MAX_PIXELS, ignore_memory_check: bool = False, verbose: bool = False,
          compile: bool = False, stream: bool | None = None, annotate: str | None = None, vae_path: str | None = None,
-         prompts_file: str | None = None, batch_size: int = 1, output: str | None = None):
+         prompts_file: str | None = None, batch_size: int = 1, output: str | None = None, quantize: str = "none",
+         save_quantized: str | None = None):
     """Answer a prompt about an image, or about every image of a folder, a glob or a prompts file.
 
     Args:
@@ -107,8 +110,12 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
         prompts_file: a JSON Lines file of {"image": "path", "prompt": "text"} to answer in one run
         batch_size: inputs answered together when there are several
         output: append the answers to this JSON Lines file; a rerun skips the inputs already there
+        quantize: none, int8 or int4: the decoder's weights as integers, quantized while they load (CPU only)
+        save_quantized: write the quantized model to this new folder, which later loads in place, and answer nothing
     """
     check_flags(locals())
+    if save_quantized is not None:
+        return save(Path(model_path), Path(save_quantized), quantize, DTYPES.get(dtype), not ignore_memory_check)
     clock, folder = Stopwatch(), Path(model_path)
     items = batch.gather(image_file_path, prompts_file, prompt)
     if items is None and output is not None:  # one image, written to a results file like a batch of one
@@ -138,7 +145,8 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
         with clock("load_s"):
             model, tokenizer = load_hf_model(folder, device, DTYPES.get(dtype), memory_check=not ignore_memory_check,
                                              tokenizer=tokenizer, batch=min(batch_size, len(items or [None])),
-                                             length=min(longest, max_positions) + max_tokens_to_generate)
+                                             length=min(longest, max_positions) + max_tokens_to_generate,
+                                             quantize=None if quantize == "none" else quantize)
             model = kernels.accelerate(model)
             processor = PaliGemmaProcessor(tokenizer, config.vision_config.image_size, config.num_image_tokens,
                                            **settings)
@@ -159,6 +167,20 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
             f"{answered / max(clock['generate_s'], 1e-9):.2f} images/s, peak memory {peak_rss_gib():.2f} GiB")
     if failed:
         raise UserError(f"{failed} of {answered} inputs failed; their records say why")
+
+
+def save(folder: Path, out: Path, scheme: str, dtype: torch.dtype | None, memory_check: bool):
+    """--save_quantized: quantize the checkpoint while it loads, and write it as a folder that loads in place."""
+    if scheme == "none" and quantization.read_scheme(folder) is None:
+        raise UserError("--save_quantized needs --quantize int8 or int4")
+    if kind_of(out) != "nothing":
+        raise UserError(f"--save_quantized {out} already exists; name a new folder")
+    if kind_of(out.resolve().parent) != "a folder":
+        raise UserError(f"--save_quantized {out}: the folder it goes in does not exist")
+    model, _ = load_hf_model(folder, "cpu", dtype, memory_check=memory_check,
+                             quantize=None if scheme == "none" else scheme)
+    quantization.save_quantized(model, folder, out)
+    log(f"wrote {out}: {model.quantization.name} weights that load in place (--model_path {out})")
 
 
 def answer_one(session: Session, image: Image.Image, prompt: str, max_tokens: int, clock: Stopwatch,
@@ -251,7 +273,7 @@ class StreamPrinter:
 
 
 STRING_FLAGS = ("model_path", "prompt", "image_file_path", "dtype", "output_format", "annotate", "vae_path",
-                "prompts_file", "output")
+                "prompts_file", "output", "quantize", "save_quantized")
 
 
 def quote_string_flags(argv: list[str]) -> list[str]:

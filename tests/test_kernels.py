@@ -156,7 +156,7 @@ def test_library_is_built_once_into_the_cache_and_can_be_turned_off(tmp_path, mo
     kernels.library.cache_clear()
     try:
         lib = kernels.library()
-        built = list((tmp_path / "pytorch-paligemma").glob("gemv-*.so"))
+        built = list((tmp_path / "pytorch-paligemma").glob("kernels-*.so"))
         assert (lib is None) == (built == [])
         monkeypatch.setenv("PALIGEMMA_NO_KERNELS", "1")
         kernels.library.cache_clear()
@@ -189,10 +189,12 @@ def test_a_prompt_after_a_longer_one_reuses_the_cache(checkpoint, image):
 
 @pytest.fixture
 def broken_source(tmp_path, monkeypatch):
-    """kernels built from a copy of gemv.c with a syntax error, in a fresh cache."""
+    """kernels built from a copy of the C files whose gemv.c has a syntax error, in a fresh cache."""
+    for name in kernels.C_FILES:
+        (tmp_path / name).write_text((kernels.SOURCES / name).read_text())
     source = tmp_path / "gemv.c"
-    source.write_text(kernels.SOURCE.read_text() + "\nthis is not C;\n")
-    monkeypatch.setattr(kernels, "SOURCE", source)
+    source.write_text(source.read_text() + "\nthis is not C;\n")
+    monkeypatch.setattr(kernels, "SOURCES", tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("PALIGEMMA_REQUIRE_KERNELS", raising=False)
     kernels.library.cache_clear()

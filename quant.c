@@ -1,0 +1,188 @@
+// Weight-only quantization for the CPU: int8 and int4 weights with one float16 scale per group of columns.
+//
+// Layout (the same in memory and in saved files; quantize.py documents it and holds the reference in PyTorch):
+// - int8: q (rows, cols) int8, value = q * scale, q in [-127, 127].
+// - int4: two weights a byte, in blocks of 32 columns: byte j of block b holds column 32b + j in its low nibble and
+//   column 32b + 16 + j in its high nibble, each stored as q + 8 with q in [-7, 7]; a row is ceil(cols / 32) * 16
+//   bytes, the columns past the end stored as 8 (zero).
+// - scales (rows, ceil(cols / group)) float16: the group's largest |w| / 127 (int8) or / 7 (int4), rounded to
+//   float16; q = round(w / scale), ties to even, as torch.round.
+// A decode step multiplies a few rows of x by the weights as they stream from memory, widening each weight to
+// float32 in registers (`gemv_quant`); a prompt multiplies a weight matrix dequantized to bfloat16 (`dequantize`).
+#include <math.h>
+
+#include "simd.h"
+
+#define QROWS 4  // weight rows per pass
+#define QMAX_X 4  // rows of x per pass
+#define QPREFETCH 512  // bytes ahead
+
+enum { F32 = 0, F16 = 1, BF16 = 2 };
+
+#if defined(__AVX512F__)
+typedef __m512i ivec;
+static inline ivec load_u8(const uint8_t *p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+static inline vec load_i8(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+static inline vec low_nibbles(ivec v) { return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))); }
+static inline vec high_nibbles(ivec v) { return _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)); }
+#else
+typedef __m256i ivec;
+static inline ivec load_u8(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+static inline vec load_i8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+static inline vec low_nibbles(ivec v) { return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15))); }
+static inline vec high_nibbles(ivec v) { return _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)); }
+#endif
+
+static inline int64_t row_bytes(int64_t cols, int bits) { return bits == 8 ? cols : (cols + 31) / 32 * 16; }
+
+// The integer weight at column k of a row (q, not q + 8).
+static inline int weight_at(const uint8_t *row, int64_t k, int bits) {
+    if (bits == 8) return (int8_t)row[k];
+    uint8_t byte = row[k / 32 * 16 + k % 16];
+    return (k % 32 < 16 ? byte & 15 : byte >> 4) - 8;
+}
+
+static inline float read_value(const uint8_t *p, int kind, int64_t i) {
+    if (kind == F32) { float f; memcpy(&f, p + 4 * i, 4); return f; }
+    uint16_t h;
+    memcpy(&h, p + 2 * i, 2);
+    return kind == F16 ? scalar_f16(h) : scalar_bf16(h);
+}
+
+// Quantizes n_rows rows of cols values of the given kind at src into q and scales (layout above). Returns how many
+// values or scales are not finite (a NaN in the source, or a group too large for a float16 scale): 0 when all are.
+int64_t quantize_rows(const uint8_t *src, int src_kind, int64_t n_rows, int64_t cols, int bits, int64_t group,
+                      uint8_t *q, uint16_t *scales) {
+    int64_t n_groups = (cols + group - 1) / group, stride = row_bytes(cols, bits), bad = 0;
+    int64_t size = src_kind == F32 ? 4 : 2;
+    const float qmax = bits == 8 ? 127.0f : 7.0f;
+#pragma omp parallel for reduction(+ : bad) schedule(static)
+    for (int64_t r = 0; r < n_rows; r++) {
+        const uint8_t *in = src + r * cols * size;
+        uint8_t *out = q + r * stride;
+        if (bits == 4) memset(out, 0x88, stride);
+        for (int64_t g = 0; g < n_groups; g++) {
+            int64_t k0 = g * group, k1 = k0 + group < cols ? k0 + group : cols;
+            float amax = 0.0f;
+            for (int64_t k = k0; k < k1; k++) {
+                float v = read_value(in, src_kind, k);
+                bad += !isfinite(v);
+                amax = fmaxf(amax, fabsf(v));
+            }
+            uint16_t h = _cvtss_sh(amax / qmax, 0);
+            float s = scalar_f16(h);
+            scales[r * n_groups + g] = h;
+            bad += !isfinite(s);
+            for (int64_t k = k0; k < k1; k++) {
+                float v = s == 0.0f ? 0.0f : nearbyintf(read_value(in, src_kind, k) / s);
+                int qv = (int)fminf(fmaxf(v, -qmax), qmax);
+                if (bits == 8) {
+                    out[k] = (uint8_t)(int8_t)qv;
+                } else {
+                    uint8_t *byte = out + k / 32 * 16 + k % 16;
+                    *byte = k % 32 < 16 ? (uint8_t)((*byte & 0xF0) | (qv + 8)) : (uint8_t)((*byte & 0x0F) | ((qv + 8) << 4));
+                }
+            }
+        }
+    }
+    return bad;
+}
+
+// dst (n_rows, cols) bfloat16 = the dequantized weights (q * scale in float32, rounded to bfloat16 once): a prompt
+// multiplies a matrix at a time in bfloat16, which CPUs do several times faster than anything else.
+void dequantize(const uint8_t *q, const uint16_t *scales, uint16_t *dst, int64_t n_rows, int64_t cols, int bits,
+                int64_t group) {
+    int64_t n_groups = (cols + group - 1) / group, stride = row_bytes(cols, bits);
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < n_rows; r++) {
+        for (int64_t k = 0; k < cols; k++) {
+            float s = scalar_f16(scales[r * n_groups + k / group]);
+            dst[r * cols + k] = scalar_to_bf16((float)weight_at(q + r * stride, k, bits) * s);
+        }
+    }
+}
+
+// One pass over rows [r, r + nr) of one weight for the nm rows of x at x (nm, nr small constants once inlined).
+static inline __attribute__((always_inline)) void pass_quant(const uint8_t *Q, const uint16_t *S, const float *x,
+                                                             float *y, int64_t rows, int64_t cols, int64_t group,
+                                                             int bits, int64_t r, const int nr, const int nm) {
+    int64_t stride = row_bytes(cols, bits), n_groups = (cols + group - 1) / group;
+    int64_t step = bits == 8 ? WIDTH : 32, body = cols - cols % step;
+    vec acc[QMAX_X][QROWS];
+    for (int m = 0; m < nm; m++)
+        for (int i = 0; i < nr; i++) acc[m][i] = zero();
+    for (int64_t g0 = 0; g0 < body; g0 += group) {
+        int64_t g1 = g0 + group < body ? g0 + group : body;
+        float s[QROWS];
+        for (int i = 0; i < nr; i++) s[i] = scalar_f16(S[(r + i) * n_groups + g0 / group]);
+        for (int64_t k = g0; k < g1; k += step) {
+            if (bits == 8) {
+                for (int i = 0; i < nr; i++) {
+                    const int8_t *p = (const int8_t *)Q + (r + i) * stride + k;
+                    _mm_prefetch((const char *)p + QPREFETCH, _MM_HINT_T0);
+                    vec w = vmul(load_i8(p), splat(s[i]));
+                    for (int m = 0; m < nm; m++) acc[m][i] = fmadd(w, load_f32(x + m * cols + k), acc[m][i]);
+                }
+                continue;
+            }
+            for (int b = 0; b < 16; b += WIDTH) {  // a block of 32 columns: bytes b.. give columns k+b.. and k+16+b..
+                for (int i = 0; i < nr; i++) {
+                    const uint8_t *p = Q + (r + i) * stride + k / 2 + b;
+                    _mm_prefetch((const char *)p + QPREFETCH, _MM_HINT_T0);
+                    ivec v = load_u8(p);
+                    vec scale = splat(s[i]), offset = splat(-8.0f * s[i]);
+                    vec lo = fmadd(low_nibbles(v), scale, offset), hi = fmadd(high_nibbles(v), scale, offset);
+                    for (int m = 0; m < nm; m++) {
+                        acc[m][i] = fmadd(lo, load_f32(x + m * cols + k + b), acc[m][i]);
+                        acc[m][i] = fmadd(hi, load_f32(x + m * cols + k + 16 + b), acc[m][i]);
+                    }
+                }
+            }
+        }
+    }
+    for (int m = 0; m < nm; m++)
+        for (int i = 0; i < nr; i++) {
+            float t = sum(acc[m][i]);
+            for (int64_t k = body; k < cols; k++)
+                t += (float)weight_at(Q + (r + i) * stride, k, bits) * scalar_f16(S[(r + i) * n_groups + k / group]) *
+                     x[m * cols + k];
+            y[m * rows + r + i] = t;
+        }
+}
+
+// ys[j][m, r] = sum_k x[m, k] * w_j[r, k] for each of the n_w quantized weights (Qs[j], scales Ss[j], rows[j] rows
+// of cols columns, `bits` wide, scales per `group` columns) and each of the n_x rows of x (float32); ys[j] is
+// (n_x, rows[j]) float32. The threads share out the rows of all the weights together, as gemv.c's gemv does.
+void gemv_quant(int64_t n_w, const uint8_t *const *Qs, const uint16_t *const *Ss, float *const *ys,
+                const int64_t *rows, const float *x, int64_t n_x, int64_t cols, int64_t group, int bits) {
+    int64_t total = 0;
+    for (int64_t j = 0; j < n_w; j++) total += rows[j];
+#pragma omp parallel
+    {
+        int64_t begin, end;
+        share(total, QROWS, &begin, &end);
+        for (int64_t m0 = 0; m0 < n_x; m0 += QMAX_X) {
+            int64_t nm = n_x - m0 < QMAX_X ? n_x - m0 : QMAX_X, offset = 0;
+            for (int64_t j = 0; j < n_w; offset += rows[j++]) {
+                int64_t r = begin > offset ? begin - offset : 0, r1 = end - offset < rows[j] ? end - offset : rows[j];
+                const float *xm = x + m0 * cols;
+                float *ym = ys[j] + m0 * rows[j];
+#define QPASS(NM)                                                                                                 \
+    for (; r + QROWS <= r1; r += QROWS)                                                                           \
+        if (bits == 8) pass_quant(Qs[j], Ss[j], xm, ym, rows[j], cols, group, 8, r, QROWS, NM);                  \
+        else pass_quant(Qs[j], Ss[j], xm, ym, rows[j], cols, group, 4, r, QROWS, NM);
+                switch (nm) {
+                    case 1: QPASS(1) break;
+                    case 2: QPASS(2) break;
+                    case 3: QPASS(3) break;
+                    default: QPASS(4)
+                }
+                for (; r < r1; r++) pass_quant(Qs[j], Ss[j], xm, ym, rows[j], cols, group, bits, r, 1, (int)nm);
+            }
+        }
+    }
+}
