@@ -78,7 +78,7 @@ def test_float16_weights_multiply_many_rows_in_bfloat16_and_keep_the_input_dtype
 
 
 def test_a_float16_embedding_gives_bfloat16_rows_for_a_prompt_and_float16_for_a_step():
-    embedding = kernels.Embedding(torch.nn.Parameter(torch.randn(10, 4).to(torch.float16)))
+    embedding = kernels.Embedding(torch.nn.Parameter(torch.randn(10, 4).to(torch.float16)), torch.float16)
     assert embedding(torch.zeros(1, kernels.MAX_GEMV_ROWS + 1, dtype=torch.long)).dtype == torch.bfloat16
     assert embedding(torch.zeros(4, 1, dtype=torch.long)).dtype == torch.float16
 
