@@ -15,7 +15,10 @@
 
 #define QROWS 4  // weight rows per pass
 #define QMAX_X 4  // rows of x per pass
-#define QPREFETCH 512  // bytes ahead
+// Software prefetch, as in gemv.c: short rows (up to QSHORT_ROW bytes) are fetched one block of rows ahead, long
+// ones QPREFETCH bytes ahead.
+#define QPREFETCH 512
+#define QSHORT_ROW 4608
 
 enum { F32 = 0, F16 = 1, BF16 = 2 };
 
@@ -112,6 +115,7 @@ static inline __attribute__((always_inline)) void pass_quant(const uint8_t *Q, c
                                                              int bits, int64_t r, const int nr, const int nm) {
     int64_t stride = row_bytes(cols, bits), n_groups = (cols + group - 1) / group;
     int64_t step = bits == 8 ? WIDTH : 32, body = cols - cols % step;
+    int64_t ahead = stride <= QSHORT_ROW ? QROWS * stride : QPREFETCH;
     vec acc[QMAX_X][QROWS];
     for (int m = 0; m < nm; m++)
         for (int i = 0; i < nr; i++) acc[m][i] = zero();
@@ -123,7 +127,7 @@ static inline __attribute__((always_inline)) void pass_quant(const uint8_t *Q, c
             if (bits == 8) {
                 for (int i = 0; i < nr; i++) {
                     const int8_t *p = (const int8_t *)Q + (r + i) * stride + k;
-                    _mm_prefetch((const char *)p + QPREFETCH, _MM_HINT_T0);
+                    _mm_prefetch((const char *)p + ahead, _MM_HINT_T0);
                     vec w = vmul(load_i8(p), splat(s[i]));
                     for (int m = 0; m < nm; m++) acc[m][i] = fmadd(w, load_f32(x + m * cols + k), acc[m][i]);
                 }
@@ -132,7 +136,7 @@ static inline __attribute__((always_inline)) void pass_quant(const uint8_t *Q, c
             for (int b = 0; b < 16; b += WIDTH) {  // a block of 32 columns: bytes b.. give columns k+b.. and k+16+b..
                 for (int i = 0; i < nr; i++) {
                     const uint8_t *p = Q + (r + i) * stride + k / 2 + b;
-                    _mm_prefetch((const char *)p + QPREFETCH, _MM_HINT_T0);
+                    _mm_prefetch((const char *)p + ahead, _MM_HINT_T0);
                     ivec v = load_u8(p);
                     vec scale = splat(s[i]), offset = splat(-8.0f * s[i]);
                     vec lo = fmadd(low_nibbles(v), scale, offset), hi = fmadd(high_nibbles(v), scale, offset);

@@ -91,15 +91,24 @@ def run(args: list[str]) -> tuple[dict, float]:
     return json.loads(proc.stdout.strip().splitlines()[-1]), wall
 
 
+QUANTIZED = ("int8", "int4")  # --dtypes that are --quantize schemes: the weights' dtype is the checkpoint's own
+
+
+def precision(dtype: str) -> list[str]:
+    return ["--quantize", dtype] if dtype in QUANTIZED else ["--dtype", dtype]
+
+
 def ours(model: Path, image: Path, prompt: str, dtype: str, tokens: int, device: str, root: Path = ROOT) -> dict:
     on_gpu = ["--only_cpu", "False", "--compile", "True"] if device == "cuda" else ["--only_cpu", "True"]
     result, wall = run([str(root / "inference.py"), "--model_path", str(model), "--image_file_path", str(image),
-                        "--prompt", prompt, "--dtype", dtype, "--max_tokens_to_generate", str(tokens),
+                        "--prompt", prompt, *precision(dtype), "--max_tokens_to_generate", str(tokens),
                         "--output_format", "json", *on_gpu])
     return {**result["timings"], "process_s": wall, "generated": len(result["token_ids"])}
 
 
 def transformers(model: Path, image: Path, prompt: str, dtype: str, tokens: int, device: str, **extra) -> dict:
+    if dtype in QUANTIZED:
+        raise Failed("not run: transformers has no such scheme")
     result, wall = run(["-c", TRANSFORMERS_CHILD, str(model), str(image), prompt, dtype, str(tokens), device,
                         json.dumps(extra)])
     return {**result, "process_s": wall, "generated": len(result.pop("token_ids"))}
@@ -122,7 +131,7 @@ def batch_rate(model: Path, image: Path, prompt: str, dtype: str, tokens: int, b
         prompts.write_text("".join(json.dumps({"image": str(image), "prompt": prompt}) + "\n" for _ in range(n)))
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         proc = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--model_path", str(model),
-                               "--prompts_file", str(prompts), "--batch_size", str(batch_size), "--dtype", dtype,
+                               "--prompts_file", str(prompts), "--batch_size", str(batch_size), *precision(dtype),
                                "--max_tokens_to_generate", str(tokens), "--only_cpu", str(device == "cpu"),
                                "--verbose", "True"],
                               capture_output=True, text=True, env=env)
@@ -154,6 +163,8 @@ def decoder_bytes(model: Path, dtype: str) -> int:
     per_layer = (text.hidden_size * text.head_dim * (2 * text.num_attention_heads + 2 * text.num_key_value_heads)
                  + 3 * text.hidden_size * text.intermediate_size + (4 if text.is_gemma2 else 2) * text.hidden_size)
     params = text.num_hidden_layers * per_layer + text.vocab_size * text.hidden_size + text.hidden_size
+    if dtype in QUANTIZED:  # the integers, and a float16 scale per 128 of them
+        return int(params * ((1 if dtype == "int8" else 0.5) + 2 / 128))
     return params * getattr(torch, dtype).itemsize
 
 
@@ -163,7 +174,8 @@ def main():
     parser.add_argument("--image", type=Path, default=ROOT / "test_images" / "cat.jpg")
     parser.add_argument("--prompt", default="caption en")
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
+    parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"],
+                        help="float16, bfloat16, float32, or the --quantize schemes int8 and int4 (ours only)")
     parser.add_argument("--runs", nargs="+", default=["ours", "transformers"], choices=list(IMPLEMENTATIONS))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="cuda: ours with --compile; add transformers-static to --runs there")
