@@ -110,25 +110,32 @@ void dequantize(const uint8_t *q, const uint16_t *scales, uint16_t *dst, int64_t
 }
 
 // One pass over rows [r, r + nr) of one weight for the nm rows of x at x (nm, nr small constants once inlined).
+// Within a group the integers (int4: as stored, q + 8) are multiplied by x as they are, and the group's sum is
+// scaled once: y = sum_g s_g (sum_k q_k x_k), which for int4 is s_g (sum_k (q_k + 8) x_k - 8 sum_k x_k) with the
+// sums of x per group, xsum, computed once per call. That leaves two float operations per weight vector, a
+// conversion and a multiply-add, so that the integers stream at memory speed.
 static inline __attribute__((always_inline)) void pass_quant(const uint8_t *Q, const uint16_t *S, const float *x,
-                                                             float *y, int64_t rows, int64_t cols, int64_t group,
-                                                             int bits, int64_t r, const int nr, const int nm) {
+                                                             const float *xsum, float *y, int64_t rows, int64_t cols,
+                                                             int64_t group, int bits, int64_t r, const int nr,
+                                                             const int nm) {
     int64_t stride = row_bytes(cols, bits), n_groups = (cols + group - 1) / group;
     int64_t step = bits == 8 ? WIDTH : 32, body = cols - cols % step;
     int64_t ahead = stride <= QSHORT_ROW ? QROWS * stride : QPREFETCH;
-    vec acc[QMAX_X][QROWS];
+    vec total[QMAX_X][QROWS];
+    float offset[QMAX_X][QROWS];
     for (int m = 0; m < nm; m++)
-        for (int i = 0; i < nr; i++) acc[m][i] = zero();
+        for (int i = 0; i < nr; i++) total[m][i] = zero(), offset[m][i] = 0.0f;
     for (int64_t g0 = 0; g0 < body; g0 += group) {
         int64_t g1 = g0 + group < body ? g0 + group : body;
-        float s[QROWS];
-        for (int i = 0; i < nr; i++) s[i] = scalar_f16(S[(r + i) * n_groups + g0 / group]);
+        vec acc[QMAX_X][QROWS];
+        for (int m = 0; m < nm; m++)
+            for (int i = 0; i < nr; i++) acc[m][i] = zero();
         for (int64_t k = g0; k < g1; k += step) {
             if (bits == 8) {
                 for (int i = 0; i < nr; i++) {
                     const int8_t *p = (const int8_t *)Q + (r + i) * stride + k;
                     _mm_prefetch((const char *)p + ahead, _MM_HINT_T0);
-                    vec w = vmul(load_i8(p), splat(s[i]));
+                    vec w = load_i8(p);
                     for (int m = 0; m < nm; m++) acc[m][i] = fmadd(w, load_f32(x + m * cols + k), acc[m][i]);
                 }
                 continue;
@@ -138,8 +145,7 @@ static inline __attribute__((always_inline)) void pass_quant(const uint8_t *Q, c
                     const uint8_t *p = Q + (r + i) * stride + k / 2 + b;
                     _mm_prefetch((const char *)p + ahead, _MM_HINT_T0);
                     ivec v = load_u8(p);
-                    vec scale = splat(s[i]), offset = splat(-8.0f * s[i]);
-                    vec lo = fmadd(low_nibbles(v), scale, offset), hi = fmadd(high_nibbles(v), scale, offset);
+                    vec lo = low_nibbles(v), hi = high_nibbles(v);
                     for (int m = 0; m < nm; m++) {
                         acc[m][i] = fmadd(lo, load_f32(x + m * cols + k + b), acc[m][i]);
                         acc[m][i] = fmadd(hi, load_f32(x + m * cols + k + 16 + b), acc[m][i]);
@@ -147,10 +153,17 @@ static inline __attribute__((always_inline)) void pass_quant(const uint8_t *Q, c
                 }
             }
         }
+        for (int i = 0; i < nr; i++) {
+            float s = scalar_f16(S[(r + i) * n_groups + g0 / group]);
+            for (int m = 0; m < nm; m++) {
+                total[m][i] = fmadd(acc[m][i], splat(s), total[m][i]);
+                if (bits == 4) offset[m][i] += s * xsum[m * n_groups + g0 / group];
+            }
+        }
     }
     for (int m = 0; m < nm; m++)
         for (int i = 0; i < nr; i++) {
-            float t = sum(acc[m][i]);
+            float t = sum(total[m][i]) - 8.0f * offset[m][i];
             for (int64_t k = body; k < cols; k++)
                 t += (float)weight_at(Q + (r + i) * stride, k, bits) * scalar_f16(S[(r + i) * n_groups + k / group]) *
                      x[m * cols + k];
@@ -163,8 +176,15 @@ static inline __attribute__((always_inline)) void pass_quant(const uint8_t *Q, c
 // (n_x, rows[j]) float32. The threads share out the rows of all the weights together, as gemv.c's gemv does.
 void gemv_quant(int64_t n_w, const uint8_t *const *Qs, const uint16_t *const *Ss, float *const *ys,
                 const int64_t *rows, const float *x, int64_t n_x, int64_t cols, int64_t group, int bits) {
-    int64_t total = 0;
+    int64_t total = 0, n_groups = (cols + group - 1) / group, body = cols - cols % (bits == 8 ? WIDTH : 32);
     for (int64_t j = 0; j < n_w; j++) total += rows[j];
+    float xsum[n_x * n_groups];  // each x row's sum over each group of the vectorised columns, for int4's offset
+    for (int64_t m = 0; m < n_x; m++)
+        for (int64_t g = 0; g < n_groups; g++) {
+            float t = 0.0f;
+            for (int64_t k = g * group; k < (g + 1) * group && k < body; k++) t += x[m * cols + k];
+            xsum[m * n_groups + g] = t;
+        }
 #pragma omp parallel
     {
         int64_t begin, end;
@@ -173,19 +193,19 @@ void gemv_quant(int64_t n_w, const uint8_t *const *Qs, const uint16_t *const *Ss
             int64_t nm = n_x - m0 < QMAX_X ? n_x - m0 : QMAX_X, offset = 0;
             for (int64_t j = 0; j < n_w; offset += rows[j++]) {
                 int64_t r = begin > offset ? begin - offset : 0, r1 = end - offset < rows[j] ? end - offset : rows[j];
-                const float *xm = x + m0 * cols;
+                const float *xm = x + m0 * cols, *xs = xsum + m0 * n_groups;
                 float *ym = ys[j] + m0 * rows[j];
 #define QPASS(NM)                                                                                                 \
     for (; r + QROWS <= r1; r += QROWS)                                                                           \
-        if (bits == 8) pass_quant(Qs[j], Ss[j], xm, ym, rows[j], cols, group, 8, r, QROWS, NM);                  \
-        else pass_quant(Qs[j], Ss[j], xm, ym, rows[j], cols, group, 4, r, QROWS, NM);
+        if (bits == 8) pass_quant(Qs[j], Ss[j], xm, xs, ym, rows[j], cols, group, 8, r, QROWS, NM);              \
+        else pass_quant(Qs[j], Ss[j], xm, xs, ym, rows[j], cols, group, 4, r, QROWS, NM);
                 switch (nm) {
                     case 1: QPASS(1) break;
                     case 2: QPASS(2) break;
                     case 3: QPASS(3) break;
                     default: QPASS(4)
                 }
-                for (; r < r1; r++) pass_quant(Qs[j], Ss[j], xm, ym, rows[j], cols, group, bits, r, 1, (int)nm);
+                for (; r < r1; r++) pass_quant(Qs[j], Ss[j], xm, xs, ym, rows[j], cols, group, bits, r, 1, (int)nm);
             }
         }
     }
