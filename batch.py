@@ -1,60 +1,78 @@
-"""Many images in one run: the inputs (a folder, a glob, or a JSON Lines file of prompts), the results file that a
-rerun resumes from, and `answer_batch`, which answers them a batch at a time behind a progress bar on stderr.
+"""Many images in one run: the inputs (a folder, a glob, or a JSON Lines file of prompts), and `answer_batch`,
+which answers them a batch at a time behind a progress bar on stderr, appending to the results (results.py).
 
 Results are appended, one JSON line per input and in input order, as each batch finishes, and flushed to disk, so a
 run that is stopped loses at most the batch in flight; a rerun with the same --output skips every input already
-there (matched by index, image and prompt).
+there. An input that cannot be answered (an image that is not one, a prompt too long) gets a record with an
+`error` field, and the others go on.
 """
 
 import glob
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import detection
-from console import log, one_line, progress
+from console import UserError, kind_of, log, one_line, progress, require_file
 from generate import Session, Stopwatch
-from processing_paligemma import load_image
+from processing_paligemma import IMAGE_TOKEN, load_image
+from results import FORMAT, MARKER, ResultsFile, StdoutResults
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+def path_text(path: str | Path) -> str:
+    """A path as text that is always valid UTF-8: bytes of a file name that are not UTF-8 are escaped (\\xff)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 @dataclass(frozen=True)
 class Item:
     """One input: an image and the prompt to ask about it."""
 
-    index: int
-    image: str
+    index: int  # its place among this run's inputs
+    path: str  # the image file, as the operating system names it
     prompt: str
 
-    def key(self) -> tuple:
-        return self.index, self.image, self.prompt
+    @property
+    def image(self) -> str:
+        """The image as records name it, and resuming identifies it: its resolved path, as valid UTF-8."""
+        return path_text(Path(self.path).resolve())
+
+    def record(self, **fields) -> dict:
+        return {MARKER: FORMAT, "index": self.index, "image": self.image, "prompt": self.prompt, **fields}
 
 
 def gather(image_file_path: str, prompts_file: str | None, prompt: str) -> list[Item] | None:
-    """The inputs of a batch run, or None for a single image (a plain file path and no prompts file)."""
+    """The inputs of a batch run, or None for a single image (a file, or anything that is neither a folder nor a
+    glob: loading it will say what is wrong). A file whose name looks like a glob, photo[1].jpg, is that file."""
     if prompts_file is not None:
         return read_prompts(Path(prompts_file), prompt)
-    path = Path(image_file_path)
-    if path.is_dir():
-        files = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    elif glob.has_magic(image_file_path):
-        files = sorted(p for p in glob.glob(image_file_path, recursive=True) if Path(p).is_file())
+    if not image_file_path:
+        raise UserError("--image_file_path is empty: give an image, a folder of images or a quoted glob")
+    kind = kind_of(image_file_path)
+    if kind == "a folder":
+        files = sorted(str(p) for p in Path(image_file_path).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    elif kind == "nothing" and glob.has_magic(image_file_path):
+        files = sorted(p for p in glob.glob(image_file_path, recursive=True) if kind_of(p) == "a file")
     else:
         return None
     if not files:
-        raise ValueError(f"{image_file_path}: no images there")
+        raise UserError(f"{image_file_path}: no images there")
     return [Item(i, f, prompt) for i, f in enumerate(files)]
 
 
 def read_prompts(path: Path, default_prompt: str) -> list[Item]:
-    """A JSON Lines file of {"image": ..., "prompt": ...}; an image path is relative to the file's folder."""
+    """A JSON Lines file of {"image": ..., "prompt": ...}; an image path is relative to the file's folder. Blank
+    lines and a byte-order mark are fine."""
+    require_file(path, "the prompts file")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the prompts file ({e})") from None
+        lines = path.read_bytes().decode("utf-8-sig").splitlines()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the prompts file ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: the prompts file is not UTF-8 text") from None
     items = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -62,60 +80,31 @@ def read_prompts(path: Path, default_prompt: str) -> list[Item]:
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
-            raise ValueError(f"{path}:{number}: not a JSON object") from None
+            raise UserError(f"{path}:{number}: not a JSON object") from None
         prompt = entry.get("prompt", default_prompt) if isinstance(entry, dict) else None
         if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or not isinstance(prompt, str):
-            raise ValueError(f'{path}:{number}: expected {{"image": "path", "prompt": "text"}}')
+            raise UserError(f'{path}:{number}: expected {{"image": "path", "prompt": "text"}}')
         items.append(Item(len(items), str(path.parent / entry["image"]), prompt))
     if not items:
-        raise ValueError(f"{path}: no prompts in the file")
+        raise UserError(f"{path}: no prompts in the file")
     return items
 
 
-def resume(output: Path | None, items: list[Item]) -> list[Item]:
-    """The items still to do, given the results already in output (a torn last line is dropped)."""
-    if output is None or not output.exists():
-        return items
-    try:
-        lines = output.read_text(encoding="utf-8").splitlines(keepends=True)
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{output}: cannot read the results file ({e})") from None
-    torn = bool(lines) and not lines[-1].endswith("\n")  # the run stopped while writing this line
-    done = set()
-    for line in lines[:-1] if torn else lines:
-        try:
-            record = json.loads(line)
-            done.add((record["index"], record["image"], record["prompt"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{output}: not a results file of this tool (a line is not one of its records)") from None
-    if torn:  # only once the rest is known to be ours: rewrite the file without the torn line
-        tmp = output.with_name(output.name + ".tmp")
-        tmp.write_text("".join(lines[:-1]), encoding="utf-8")
-        os.replace(tmp, output)
-    return [item for item in items if item.key() not in done]
+def check_prompt(prompt: str):
+    if prompt.count(IMAGE_TOKEN) > 1:
+        raise UserError(f"the prompt {prompt[:40]!r} has {prompt.count(IMAGE_TOKEN)} {IMAGE_TOKEN} tokens; PaliGemma "
+                        "takes one image")
 
 
-class Results:
-    """Appends one JSON line per record to a file (flushed to disk) or to stdout."""
-
-    def __init__(self, output: Path | None):
-        self.file = open(output, "a", encoding="utf-8") if output else sys.stdout  # noqa: SIM115
-
-    def write(self, records: list[dict]):
-        self.file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        self.file.flush()
-        if self.file is not sys.stdout:
-            os.fsync(self.file.fileno())
-
-    def close(self):
-        if self.file is not sys.stdout:
-            self.file.close()
+def open_results(output: str | None) -> ResultsFile | StdoutResults:
+    """The results to append to, opened and locked now, before any work: what they already hold is skipped."""
+    return ResultsFile(Path(output)).open() if output else StdoutResults().open()
 
 
 def fit_budget(prompt_len: int, budget: int, max_positions: int) -> int:
     """The token budget that fits the model's positions; a prompt that does not fit at all is an error."""
     if prompt_len > max_positions:
-        raise ValueError(f"the prompt is {prompt_len} tokens with the image's, more than the model's "
+        raise UserError(f"the prompt is {prompt_len} tokens with the image's, more than the model's "
                          f"{max_positions} positions")
     if prompt_len + budget > max_positions:
         log(f"note: only {max_positions - prompt_len} tokens fit after the {prompt_len}-token prompt")
@@ -123,44 +112,54 @@ def fit_budget(prompt_len: int, budget: int, max_positions: int) -> int:
     return budget
 
 
-def answer_batch(session: Session, todo: list[Item], total: int, *, max_tokens: int, batch_size: int,
-                 output: Path | None, annotate: Path | None, max_pixels: int, clock: Stopwatch) -> int:
-    """Answer the items batch_size at a time, appending one JSON line per input, in input order, as each batch is
-    done; total counts the inputs already done in an earlier run too. Returns how many inputs failed (their
+def answer_batch(session: Session, items: list[Item], results: ResultsFile | StdoutResults, *, max_tokens: int,
+                 batch_size: int, annotate: Path | None, max_pixels: int, clock: Stopwatch) -> tuple[int, int]:
+    """Answer the items that results do not hold yet, batch_size at a time, appending one record per input, in
+    input order, as each batch is done. Returns how many were answered now, and how many of them failed (their
     records say why)."""
-    results, failed = Results(output), 0
-    max_positions = session.model.config.text_config.max_position_embeddings
+    todo = [item for item in items if (item.image, item.prompt) not in results.done]
+    failed, max_positions = 0, session.model.config.text_config.max_position_embeddings
+    inputs_on_disk = {(s.st_dev, s.st_ino) for s in map(stat_or_none, (i.path for i in items)) if s} if annotate else ()
     if annotate is not None:
         annotate.mkdir(parents=True, exist_ok=True)
-    if len(todo) < total:
-        log(f"resuming: {total - len(todo)} inputs already done")
+    if len(todo) < len(items):
+        log(f"resuming: {len(items) - len(todo)} inputs already done")
+    with progress(len(items), "answering", "image", initial=len(items) - len(todo)) as bar:
+        for first in range(0, len(todo), batch_size):
+            chunk, records, images = todo[first:first + batch_size], {}, {}
+            for item in chunk:
+                try:
+                    images[item] = load_image(item.path, max_pixels)
+                    check_prompt(item.prompt)
+                    fit_budget(session.processor([item.prompt], [images[item]])["input_ids"].shape[1], 0,
+                               max_positions)
+                except UserError as e:
+                    records[item], failed = item.record(error=one_line(e)), failed + 1
+                    log(f"warning: input {item.index}: {one_line(e)}")
+            ready = [item for item in chunk if item not in records]
+            if ready:
+                inputs = session.processor([i.prompt for i in ready], [images[i] for i in ready])
+                budget = min(max_tokens, max_positions - inputs["input_ids"].shape[1])
+                with clock("generate_s"):
+                    rows = session.answer(inputs, budget)
+                for item, (ids, logprobs) in zip(ready, rows):
+                    picture = None if annotate is None else annotate / f"{item.index:05d}-{Path(item.path).stem}.png"
+                    if picture is not None and (stat := stat_or_none(picture)) and (
+                            stat.st_dev, stat.st_ino) in inputs_on_disk:
+                        records[item], failed = item.record(error=f"{picture} is an input image; it is never "
+                                                                  "overwritten"), failed + 1
+                        continue
+                    record = item.record(text=session.tokenizer.decode(ids, skip_special_tokens=True),
+                                         token_ids=ids, logprobs=logprobs)
+                    records[item] = detection.describe(record, images[item], item.prompt,
+                                                       None if picture is None else str(picture), session.vae)
+            results.write([records[item] for item in chunk])
+            bar.update(len(chunk))
+    return len(todo), failed
+
+
+def stat_or_none(path: str | Path) -> os.stat_result | None:
     try:
-        with progress(total, "answering", "image", initial=total - len(todo)) as bar:
-            for first in range(0, len(todo), batch_size):
-                chunk, records, images = todo[first:first + batch_size], {}, {}
-                for item in chunk:
-                    try:
-                        images[item] = load_image(item.image, max_pixels)
-                        length = session.processor([item.prompt], [images[item]])["input_ids"].shape[1]
-                        fit_budget(length, 0, max_positions)
-                    except (ValueError, OSError) as e:
-                        records[item], failed = {**vars(item), "error": one_line(e)}, failed + 1
-                        log(f"warning: input {item.index}: {one_line(e)}")
-                ready = [item for item in chunk if item not in records]
-                if ready:
-                    inputs = session.processor([i.prompt for i in ready], [images[i] for i in ready])
-                    budget = min(max_tokens, max_positions - inputs["input_ids"].shape[1])
-                    with clock("generate_s"):
-                        rows = session.answer(inputs, budget)
-                    for item, (ids, logprobs) in zip(ready, rows):
-                        name = f"{item.index:05d}-{Path(item.image).stem}.png"
-                        record = {**vars(item), "text": session.tokenizer.decode(ids, skip_special_tokens=True),
-                                  "token_ids": ids, "logprobs": logprobs}
-                        records[item] = detection.describe(record, images[item], item.prompt,
-                                                           None if annotate is None else str(annotate / name),
-                                                           session.vae)
-                results.write([records[item] for item in chunk])
-                bar.update(len(chunk))
-    finally:
-        results.close()
-    return failed
+        return os.stat(path)
+    except OSError:
+        return None

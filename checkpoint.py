@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from console import UserError, kind_of, log, require_file
 from modeling_paligemma import PaliGemmaConfig
 
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library refuses larger headers too
@@ -41,7 +42,7 @@ KEY_PREFIXES = [
 HARMLESS_EXTRAS = ("language_model.lm_head.weight", "vision_tower.vision_model.head.")
 
 
-class LoadError(Exception):
+class LoadError(UserError):
     """A checkpoint folder, or a file in it, that cannot be used; the message names the file or tensor."""
 
 
@@ -70,6 +71,8 @@ class TensorEntry:
 
 
 def read_json(path: Path, what: str) -> dict:
+    if kind_of(path) not in ("a file", "nothing"):
+        raise LoadError(f"{path}: {what} is {kind_of(path)}, not a file")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -85,8 +88,10 @@ def read_json(path: Path, what: str) -> dict:
 
 def load_config(model_path: str | Path) -> PaliGemmaConfig:
     folder = Path(model_path)
-    if not folder.is_dir():
-        raise LoadError(f"{folder}: model folder {'is a file, not a folder' if folder.exists() else 'does not exist'}")
+    kind = kind_of(folder)
+    if kind != "a folder":
+        raise LoadError(f"{folder}: model folder "
+                        + ("does not exist" if kind == "nothing" else f"is {kind}, not a folder"))
     config_file = folder / "config.json"
     try:
         return PaliGemmaConfig.from_dict(read_json(config_file, "config.json"))
@@ -98,7 +103,7 @@ def stop_tokens(folder: Path, config: PaliGemmaConfig) -> tuple[int, ...]:
     """The ids generation stops at: generation_config.json's eos_token_id (one id or a list, as transformers reads
     it; PaliGemma 2 fine-tunes may name <end_of_turn> too), else config.json's."""
     path = Path(folder) / "generation_config.json"
-    eos = read_json(path, "generation_config.json").get("eos_token_id") if path.is_file() else None
+    eos = read_json(path, "generation_config.json").get("eos_token_id") if kind_of(path) != "nothing" else None
     ids = eos if isinstance(eos, list) else [eos] if eos is not None else [config.eos_token_id]
     if not ids or not all(type(i) is int and i >= 0 for i in ids):
         raise LoadError(f"{path}: eos_token_id must be a token id or a list of them, not {eos!r}")
@@ -107,6 +112,8 @@ def stop_tokens(folder: Path, config: PaliGemmaConfig) -> tuple[int, ...]:
 
 def read_safetensors_header(path: Path) -> list[TensorEntry]:
     """Parse and check a safetensors header without trusting it: sizes, dtypes, offsets inside the file, no overlap."""
+    if kind_of(path) != "a file":
+        raise LoadError(f"{path}: shard is {kind_of(path)}, not a file")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -157,19 +164,29 @@ def read_safetensors_header(path: Path) -> list[TensorEntry]:
 def find_shards(folder: Path) -> list[Path]:
     """The safetensors files of the checkpoint, from the index if there is one."""
     index_file = folder / "model.safetensors.index.json"
-    if index_file.exists():
+    if kind_of(index_file) != "nothing":
         weight_map = read_json(index_file, "the shard index").get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise LoadError(f"{index_file}: has no valid weight_map")
-        shards = [folder / name for name in dict.fromkeys(weight_map.values())]
-        for shard in shards:
-            if shard.parent != folder or not shard.is_file():
-                raise LoadError(f"{shard}: shard named by {index_file.name} is missing")
+        if not weight_map:
+            raise LoadError(f"{index_file}: weight_map names no tensors")
+        shards = []
+        for name in dict.fromkeys(weight_map.values()):
+            shard = folder / name
+            if Path(name).name != name or shard.resolve().parent != folder.resolve():
+                raise LoadError(f"{index_file}: shard {name!r} lies outside the checkpoint folder; shards are read "
+                                "from the folder itself only")
+            kind = kind_of(shard)
+            if kind != "a file":
+                raise LoadError(f"{shard}: shard named by {index_file.name} "
+                                f"{'is missing' if kind == 'nothing' else f'is {kind}, not a file'}")
+            shards.append(shard)
         return shards
     single = folder / "model.safetensors"
-    if single.is_file():
+    if kind_of(single) != "nothing":
+        require_file(single, "the weights")
         return [single]
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)  # never opened
     if pickles:
         raise LoadError(f"{folder}: only pickle weights ({', '.join(pickles)}); they can run arbitrary code and are "
                         "never loaded; convert them to safetensors")
@@ -177,8 +194,38 @@ def find_shards(folder: Path) -> list[Path]:
 
 
 def check_tokenizer_files(folder: Path):
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    present = [folder / name for name in TOKENIZER_FILES if kind_of(folder / name) != "nothing"]
+    if not present:
         raise LoadError(f"{folder}: no tokenizer files ({' or '.join(TOKENIZER_FILES)})")
+    for path in present:
+        if kind_of(path) != "a file":
+            raise LoadError(f"{path}: tokenizer file is {kind_of(path)}, not a file")
+
+
+def stored_dtype(shards: list[Path]) -> torch.dtype:
+    """The floating-point dtype that holds most of the checkpoint's bytes."""
+    totals = {}
+    for shard in shards:
+        for entry in read_safetensors_header(shard):
+            if entry.torch_dtype is not None:
+                totals[entry.torch_dtype] = totals.get(entry.torch_dtype, 0) + entry.nbytes
+    return max(totals, key=totals.get) if totals else torch.float32
+
+
+def default_dtype(config: PaliGemmaConfig, shards: list[Path]) -> torch.dtype:
+    """The dtype to run a checkpoint in when none is asked for: the half precision it is stored in (used in place,
+    no copy), else float16 for PaliGemma 1 and bfloat16 for PaliGemma 2, whose Gemma 2 decoder was trained in
+    bfloat16 and can overflow float16."""
+    stored = stored_dtype(shards)
+    if stored in (torch.float16, torch.bfloat16):
+        return stored
+    return torch.bfloat16 if config.text_config.is_gemma2 else torch.float16
+
+
+def warn_about_dtype(config: PaliGemmaConfig, dtype: torch.dtype):
+    if dtype == torch.float16 and config.text_config.is_gemma2:
+        log("warning: PaliGemma 2's Gemma 2 decoder was trained in bfloat16 and can overflow float16; "
+            "if the run stops on values that are not finite, use --dtype bfloat16")
 
 
 def load_tokenizer(folder: Path):

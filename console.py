@@ -1,11 +1,41 @@
-"""What the tool says on stderr: notes, one-line errors, sizes and peak memory, and its one kind of progress bar.
+"""What the tool says on stderr: notes, one-line errors, sizes and peak memory, and its one kind of progress bar;
+and what a user's mistake is (`UserError`), as opposed to a bug.
 
 stdout carries answers only, so everything here writes to stderr.
 """
 
+import os
+import stat
 import sys
+from pathlib import Path
 
 from tqdm import tqdm
+
+
+class UserError(Exception):
+    """Input the tool cannot use: a flag, a file, a folder. The message names it and says what was expected."""
+
+
+def kind_of(path: str | Path) -> str:
+    """What is at path, in words: "a file", "a folder", "a pipe", "a device", "a socket", or "nothing"."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return "nothing"
+    for test, kind in ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a pipe"),
+                       (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "something else"
+
+
+def require_file(path: str | Path, what: str):
+    """UserError unless path is a regular file (a pipe or a device could hang or never end)."""
+    kind = kind_of(path)
+    if kind == "nothing":
+        raise UserError(f"{path}: {what} does not exist")
+    if kind != "a file":
+        raise UserError(f"{path}: {what} is {kind}, not a file")
 
 
 def log(message: str):

@@ -45,7 +45,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from console import log
+from console import UserError, log
 
 LOC_MAX = 1023  # <loc0000>..<loc1023>
 SEG_MAX = 127  # <seg000>..<seg127>
@@ -174,30 +174,30 @@ class MaskDecoder(nn.Module):
 
 
 def load_vae(path) -> MaskDecoder:
-    """Reads big_vision's vae-oid.npz (arrays only, never unpickled) into a MaskDecoder; ValueError names an array."""
+    """Reads big_vision's vae-oid.npz (arrays only, never unpickled) into a MaskDecoder; UserError names an array."""
     try:
         data = np.load(path, allow_pickle=False)
     except (ValueError, EOFError, zipfile.BadZipFile) as e:  # a pickle, or not a numpy file at all
-        raise ValueError(f"{path}: not an .npz archive of arrays ({e})") from None
+        raise UserError(f"{path}: not an .npz archive of arrays ({e})") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path}: holds a single array, expected an .npz archive of arrays")
+        raise UserError(f"{path}: holds a single array, expected an .npz archive of arrays")
     arrays = {}
     with data:
         for name in data.files:  # read every member, so that anything pickled is refused, used or not
             try:
                 arrays[name] = data[name]
             except (ValueError, EOFError, OSError, zipfile.BadZipFile) as e:
-                raise ValueError(f"{path}: array {name!r} cannot be read without unpickling ({e})") from None
+                raise UserError(f"{path}: array {name!r} cannot be read without unpickling ({e})") from None
     decoder = MaskDecoder()
     state = {}
     for name, expected in decoder.state_dict().items():
         array = arrays.get(name)
         if array is None:
-            raise ValueError(f"{path}: missing array {name!r} of shape {tuple(expected.shape)}")
+            raise UserError(f"{path}: missing array {name!r} of shape {tuple(expected.shape)}")
         if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.floating):
-            raise ValueError(f"{path}: array {name!r} is not an array of floats")
+            raise UserError(f"{path}: array {name!r} is not an array of floats")
         if array.shape != tuple(expected.shape):
-            raise ValueError(f"{path}: array {name!r} has shape {array.shape}, expected {tuple(expected.shape)}")
+            raise UserError(f"{path}: array {name!r} has shape {array.shape}, expected {tuple(expected.shape)}")
         state[name] = torch.from_numpy(array.astype(np.float32))
     decoder.load_state_dict(state)
     return decoder.eval()

@@ -290,25 +290,59 @@ void f16_to_bf16(const uint16_t *src, uint16_t *dst, int64_t n) {
     }
 }
 
-// Runs the jobs in order, piece_bytes of source at a time; *done counts the source bytes converted so far.
-void convert_shard(uint8_t *base, const convert_job *jobs, int64_t n_jobs, int64_t piece_bytes, int64_t *done) {
+// How many of the values [i, end) of the given kind at p are not finite (NaN or infinite): all exponent bits set.
+static int64_t count_nonfinite(const uint8_t *p, int kind, int64_t i, int64_t end) {
+    int64_t bad = 0;
+    if (kind == F32) {
+        const uint32_t *q = (const uint32_t *)p;
+        for (; i < end; i++) bad += (q[i] & 0x7F800000u) == 0x7F800000u;
+    } else {
+        const uint16_t *q = (const uint16_t *)p;
+        const uint16_t mask = kind == F16 ? 0x7C00 : 0x7F80;
+        for (; i < end; i++) bad += (q[i] & mask) == mask;
+    }
+    return bad;
+}
+
+// Non-finite values among n of the given kind at p, counted by all threads; reading them also maps the pages in.
+int64_t nonfinite(const void *p, int64_t n, int kind) {
+    int64_t bad = 0;
+#pragma omp parallel reduction(+ : bad)
+    {
+        int64_t begin, end;
+        share(n, 64, &begin, &end);
+        bad = count_nonfinite((const uint8_t *)p, kind, begin, end);
+    }
+    return bad;
+}
+
+// Runs the jobs in order, piece_bytes of source at a time; *done counts the source bytes converted so far. Every
+// converted value is checked to be finite (a NaN in the file, or a float32 beyond float16's range, is not): returns
+// the index of the first job with a value that is not, or -1 when all are.
+int64_t convert_shard(uint8_t *base, const convert_job *jobs, int64_t n_jobs, int64_t piece_bytes, int64_t *done) {
     int64_t page = sysconf(_SC_PAGESIZE), size[] = {4, 2, 2};
     for (int64_t j = 0; j < n_jobs; j++) {
         const convert_job *job = jobs + j;
-        int64_t per_piece = piece_bytes / size[job->src_kind];
+        int64_t per_piece = piece_bytes / size[job->src_kind], bad = 0;
         for (int64_t first = 0; first < job->n; first += per_piece) {
             int64_t count = job->n - first < per_piece ? job->n - first : per_piece;
             const uint8_t *src = base + job->src_offset + first * size[job->src_kind];
             uint8_t *dst = (uint8_t *)job->dst + first * size[job->dst_kind];
-#pragma omp parallel
+#pragma omp parallel reduction(+ : bad)
             {
                 int64_t begin, end;
                 share(count, 64, &begin, &end);
-                convert_slice(src, job->src_kind, dst, job->dst_kind, begin, end);
+                for (int64_t b = begin; b < end; b += 16384) {  // checked while still in the cache
+                    int64_t e = b + 16384 < end ? b + 16384 : end;
+                    convert_slice(src, job->src_kind, dst, job->dst_kind, b, e);
+                    bad += count_nonfinite(dst, job->dst_kind, b, e);
+                }
             }
             int64_t start = (src - base) / page * page;
             madvise(base + start, (src - base) + count * size[job->src_kind] - start, MADV_DONTNEED);
             __atomic_add_fetch(done, count * size[job->src_kind], __ATOMIC_RELAXED);
         }
+        if (bad) return j;
     }
+    return -1;
 }

@@ -15,21 +15,28 @@ from dataclasses import dataclass
 
 import torch
 
+from console import UserError
 from modeling_paligemma import PaliGemmaForConditionalGeneration
 from processing_paligemma import PaliGemmaProcessor
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
-    """(B, V) logits -> (B,) token ids: argmax when temperature is 0, else top-p sampling at that temperature."""
+    """(B, V) logits -> (B,) token ids: argmax when temperature is 0, else a sample after transformers' temperature
+    and top-p processors: keep the smallest set of likeliest tokens whose probability reaches top_p (at least
+    one), summing from the least likely, as transformers does; top_p 1 keeps every token."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    # Keep the smallest set of most likely tokens whose mass reaches top_p (the first token always stays).
-    outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
-    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-    choice = torch.multinomial(sorted_probs, num_samples=1, generator=generator)  # (B, 1), renormalised inside
-    return order.gather(-1, choice)[:, 0]
+    logits = logits.float() / temperature
+    if top_p < 1:
+        ascending, order = logits.sort(dim=-1)
+        drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        drop[:, -1] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)[:, 0]
+
+
+class NotFinite(Exception):
+    """The model's logits hold NaN or infinity: its arithmetic overflowed the dtype it runs in."""
 
 
 def prefill(model: PaliGemmaForConditionalGeneration, inputs: dict, max_new_tokens: int,
@@ -82,12 +89,13 @@ def compile_decode(device: torch.device, log=lambda msg: print(msg, file=sys.std
 
 
 def generate(model, inputs: dict, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             stop_ids: tuple[int, ...] = (1,), generator=None, step=decode_one_token):
+             stop_ids: tuple[int, ...] = (1,), generator=None, step=decode_one_token, vocab: int | None = None):
     """Yield (tokens (B,), logprobs (B,)) one step at a time, until every row has stopped or the budget is spent.
 
     logprobs are natural-log probabilities under the model's own distribution, before temperature and top-p.
-    A row that has stopped keeps producing pad tokens (id 0) until the others finish, as transformers does; the
-    only host synchronisation per step is that check.
+    Logit columns from `vocab` on (embedding rows that no token names) are never chosen. A row that has stopped
+    keeps producing pad tokens (id 0) until the others finish, as transformers does. Logits that are not finite
+    raise NotFinite. The host waits for the device twice a step, for these two checks.
     """
     if max_new_tokens <= 0:
         return
@@ -96,7 +104,11 @@ def generate(model, inputs: dict, max_new_tokens: int, temperature: float = 0.0,
     stop = torch.tensor(stop_ids, device=logits.device)
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     for i in range(max_new_tokens):
-        token = sample(logits, temperature, top_p, generator)
+        if not bool(torch.isfinite(logits).all()):
+            raise NotFinite(f"step {i}")
+        allowed = logits if vocab is None or vocab >= logits.shape[-1] else logits.index_fill(
+            -1, torch.arange(vocab, logits.shape[-1], device=logits.device), float("-inf"))
+        token = sample(allowed, temperature, top_p, generator)
         logprob = torch.log_softmax(logits.float(), dim=-1).gather(-1, token[:, None])[:, 0]
         token = token.masked_fill(done, 0)
         yield token, logprob
@@ -152,10 +164,16 @@ class Session:
         clock = clock or Stopwatch()
         with torch.inference_mode():
             steps = generate(self.model, inputs, budget, self.temperature, self.top_p, self.stop_ids,
-                             self.generator, self.step)
+                             self.generator, self.step, len(self.tokenizer))
             while True:
                 with clock("prefill_s" if not rows[0][0] else "decode_s"):
-                    step = next(steps, None)
+                    try:
+                        step = next(steps, None)
+                    except NotFinite:
+                        dtype = str(self.model.language_model.model.norm.weight.dtype).removeprefix("torch.")
+                        raise UserError(f"the model's values overflowed {dtype} (its logits are not finite): run it "
+                                        f"with another --dtype ({'bfloat16' if dtype == 'float16' else 'float32'}, "
+                                        "say)") from None
                     if step is not None:  # tolist() waits for the device: the clock sees the real time
                         tokens, logprobs = step[0].tolist(), step[1].tolist()
                 if step is None:

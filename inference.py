@@ -5,53 +5,67 @@ tokenizer loads beside them, kernels.accelerate swaps in the CPU fast path, and 
 only the answer; progress and diagnostics go to stderr.
 """
 
-import inspect
-import json
 import os
+import signal
 import sys
-from pathlib import Path
 
-import fire
-import torch
-from PIL import Image
 
-import batch
-import detection
-import kernels
-from checkpoint import DTYPES, LoadError, load_config, load_tokenizer, stop_tokens
-from console import is_number, log, one_line, peak_rss_gib
-from generate import Session, Stopwatch, compile_decode, decode_one_token
-from processing_paligemma import (
+def interrupted(*_):
+    os.write(2, b"interrupted\n")
+    os._exit(130)
+
+
+if __name__ == "__main__":  # ctrl-C while the libraries below load: one line, not a traceback
+    signal.signal(signal.SIGINT, interrupted)
+
+import contextlib  # noqa: E402
+import inspect  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import fire  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import batch  # noqa: E402
+import detection  # noqa: E402
+import kernels  # noqa: E402
+from checkpoint import DTYPES, load_config, load_tokenizer, stop_tokens  # noqa: E402
+from console import UserError, is_number, kind_of, log, one_line, peak_rss_gib, require_file  # noqa: E402
+from generate import Session, Stopwatch, compile_decode, decode_one_token  # noqa: E402
+from processing_paligemma import (  # noqa: E402
     DEFAULT_MAX_PIXELS,
-    IMAGE_TOKEN,
     PaliGemmaProcessor,
     load_image,
     max_prompt_length,
     read_image_settings,
 )
-from utils import load_hf_model
+from results import emit  # noqa: E402
+from utils import load_hf_model  # noqa: E402
 
 DEFAULT_IMAGE = Path(__file__).resolve().parent / "test_images" / "cat.jpg"
+BOOLEAN_FLAGS = ("do_sample", "only_cpu", "ignore_memory_check", "verbose", "compile", "stream")
 FLAG_RULES = {  # flag -> (test of its value, what it must be)
     "max_tokens_to_generate": (lambda v: type(v) is int and v >= 0, "a whole number >= 0"),
     "temperature": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
     "top_p": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "dtype": (lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
+    "dtype": (lambda v: v is None or v in DTYPES, f"one of {', '.join(DTYPES)}"),
     "output_format": (lambda v: v in ("text", "json"), "text or json"),
     "seed": (lambda v: v is None or type(v) is int, "a whole number"),
     "max_image_pixels": (lambda v: type(v) is int and v > 0, "a whole number > 0"),
-    "stream": (lambda v: v is None or isinstance(v, bool), "True or False"),
     "batch_size": (lambda v: type(v) is int and v >= 1, "a whole number >= 1"),
-    **{name: (lambda v: isinstance(v, bool), "True or False")
-       for name in ("do_sample", "only_cpu", "ignore_memory_check", "verbose", "compile")},
+    "stream": (lambda v: v is None or isinstance(v, bool), "True or False"),
+    **{name: (lambda v: isinstance(v, bool), "True or False") for name in BOOLEAN_FLAGS if name != "stream"},
 }
 
 
 def check_flags(flags: dict):
-    """Every flag's type and range, before anything is loaded; a ValueError names the first bad one."""
+    """Every flag's type and range, before anything is loaded; a UserError names the first bad one."""
     for name, (valid, what) in FLAG_RULES.items():
         if not valid(flags[name]):
-            raise ValueError(f"--{name} must be {what}, not {flags[name]!r}")
+            raise UserError(f"--{name} must be {what}, not {flags[name]!r}")
 
 
 def choose_device(only_cpu: bool) -> tuple[torch.device, str | None]:
@@ -65,7 +79,7 @@ def choose_device(only_cpu: bool) -> tuple[torch.device, str | None]:
 
 def main(model_path: str, prompt: str = "caption en", image_file_path: str = str(DEFAULT_IMAGE),
          max_tokens_to_generate: int = 100, temperature: float = 0.8, top_p: float = 0.9, do_sample: bool = False,
-         only_cpu: bool = False, dtype: str = "float16", output_format: str = "text", seed: int | None = None,
+         only_cpu: bool = False, dtype: str | None = None, output_format: str = "text", seed: int | None = None,
          max_image_pixels: int = DEFAULT_MAX_PIXELS, ignore_memory_check: bool = False, verbose: bool = False,
          compile: bool = False, stream: bool | None = None, annotate: str | None = None, vae_path: str | None = None,
          prompts_file: str | None = None, batch_size: int = 1, output: str | None = None):
@@ -80,11 +94,11 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
         top_p: sample from the smallest set of likeliest tokens whose probability reaches this, in (0, 1]
         do_sample: True to sample with --temperature and --top_p, False for greedy decoding
         only_cpu: True to never use CUDA, False to use it when present
-        dtype: the weights' dtype: float16, bfloat16 or float32
+        dtype: float16, bfloat16 or float32; by default the checkpoint's own half precision
         output_format: text (the answer alone) or json (one object per line with ids, logprobs and timings)
         seed: a seed for sampling, for reproducible samples
         max_image_pixels: refuse images with more pixels than this (a guard against decompression bombs)
-        ignore_memory_check: True to load even when the weights look larger than the memory available
+        ignore_memory_check: True to load even when the model looks larger than the memory available
         verbose: True to print timings and peak memory on stderr
         compile: True to compile the decode step and capture it as a CUDA graph (CUDA only)
         stream: True to print the answer as it is generated (on by default when stdout is a terminal)
@@ -102,107 +116,138 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
     if items is None:
         with clock("image_s"):
             image = load_image(image_file_path, max_image_pixels)
-    check_outputs(annotate, output, vae_path, [image_file_path] if items is None else [i.image for i in items],
+        batch.check_prompt(prompt)
+    check_outputs(annotate, output, [image_file_path] if items is None else [i.path for i in items],
                   single=items is None)
+    if vae_path is not None:
+        require_file(vae_path, "the --vae_path file")
     vae = detection.load_vae(vae_path) if vae_path is not None else None
     config, settings = load_config(folder), read_image_settings(folder)
     stop_ids, max_positions = stop_tokens(folder, config), config.text_config.max_position_embeddings
-    for text in [prompt] if items is None else dict.fromkeys(i.prompt for i in items):
-        if text.count(IMAGE_TOKEN) > 1:
-            raise ValueError(f"the prompt {text[:40]!r} has {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} tokens; "
-                             "PaliGemma takes one image")
+    longest = max(max_prompt_length(p, config.num_image_tokens) for p in dict.fromkeys(
+        [prompt] if items is None else [i.prompt for i in items]))
     tokenizer = None
-    if items is None and max_prompt_length(prompt, config.num_image_tokens) > max_positions:
+    if items is None and longest > max_positions:
         # A prompt that may not fit: tokenise it before loading, which then cannot overlap the tokenizer.
         tokenizer = load_tokenizer(folder)
         processor = PaliGemmaProcessor(tokenizer, config.vision_config.image_size, config.num_image_tokens, **settings)
         batch.fit_budget(processor([prompt], [image])["input_ids"].shape[1], 0, max_positions)
-    todo = batch.resume(Path(output) if output else None, items) if items is not None else None
-    device, note = choose_device(only_cpu)
-    with clock("load_s"):
-        model, tokenizer = load_hf_model(folder, device, DTYPES[dtype], memory_check=not ignore_memory_check,
-                                         tokenizer=tokenizer)
-        model = kernels.accelerate(model)
-        processor = PaliGemmaProcessor(tokenizer, config.vision_config.image_size, config.num_image_tokens, **settings)
-    for message in (note, do_sample and temperature == 0 and "note: --temperature 0 means greedy decoding"):
-        if message:
-            log(message)
-    session = Session(model, tokenizer, processor, stop_ids, temperature if do_sample else 0.0, top_p,
-                      torch.Generator(device).manual_seed(seed) if seed is not None else None,
-                      compile_decode(device, log) if compile else decode_one_token, vae)
-    if items is not None:
-        failed = batch.answer_batch(session, todo, len(items), max_tokens=max_tokens_to_generate,
-                                    batch_size=batch_size, output=Path(output) if output else None,
-                                    annotate=Path(annotate) if annotate else None, max_pixels=max_image_pixels,
-                                    clock=clock)
-        if verbose:
-            log(f"{len(todo)} inputs in {clock['generate_s']:.1f} s of generation, "
-                f"{len(todo) / max(clock['generate_s'], 1e-9):.2f} images/s, peak memory {peak_rss_gib():.2f} GiB")
-        if failed:
-            raise ValueError(f"{failed} of {len(todo)} inputs failed; their records say why")
-        return
+    with contextlib.ExitStack() as stack:
+        results = None if items is None else stack.enter_context(contextlib.closing(batch.open_results(output)))
+        device, note = choose_device(only_cpu)
+        with clock("load_s"):
+            model, tokenizer = load_hf_model(folder, device, DTYPES.get(dtype), memory_check=not ignore_memory_check,
+                                             tokenizer=tokenizer, batch=min(batch_size, len(items or [None])),
+                                             length=min(longest, max_positions) + max_tokens_to_generate)
+            model = kernels.accelerate(model)
+            processor = PaliGemmaProcessor(tokenizer, config.vision_config.image_size, config.num_image_tokens,
+                                           **settings)
+        for message in (note, do_sample and temperature == 0 and "note: --temperature 0 means greedy decoding"):
+            if message:
+                log(message)
+        session = Session(model, tokenizer, processor, stop_ids, temperature if do_sample else 0.0, top_p,
+                          torch.Generator(device).manual_seed(seed) if seed is not None else None,
+                          compile_decode(device, log) if compile else decode_one_token, vae)
+        if items is None:
+            return answer_one(session, image, prompt, max_tokens_to_generate, clock, output_format, stream, annotate,
+                              verbose)
+        answered, failed = batch.answer_batch(session, items, results, max_tokens=max_tokens_to_generate,
+                                              batch_size=batch_size, annotate=Path(annotate) if annotate else None,
+                                              max_pixels=max_image_pixels, clock=clock)
+    if verbose:
+        log(f"{answered} inputs in {clock['generate_s']:.1f} s of generation, "
+            f"{answered / max(clock['generate_s'], 1e-9):.2f} images/s, peak memory {peak_rss_gib():.2f} GiB")
+    if failed:
+        raise UserError(f"{failed} of {answered} inputs failed; their records say why")
+
+
+def answer_one(session: Session, image: Image.Image, prompt: str, max_tokens: int, clock: Stopwatch,
+               output_format: str, stream: bool | None, annotate: str | None, verbose: bool):
+    """One image's answer on stdout: the text (streamed as it comes, on a terminal), or a JSON object."""
     with clock("image_s"):
-        inputs = processor([prompt], [image])
-    budget = batch.fit_budget(inputs["input_ids"].shape[1], max_tokens_to_generate, max_positions)
-    streaming = stream if stream is not None else output_format == "text" and sys.stdout.isatty()
-    printer = StreamPrinter(tokenizer) if streaming and output_format == "text" else None
+        inputs = session.processor([prompt], [image])
+    budget = batch.fit_budget(inputs["input_ids"].shape[1], max_tokens, session.model.config.text_config
+                              .max_position_embeddings)
+    streaming = stream if stream is not None else output_format == "text" and bool(sys.stdout and sys.stdout.isatty())
+    printer = StreamPrinter(session.tokenizer) if streaming and output_format == "text" else None
     [(ids, logprobs)] = session.answer(inputs, budget, clock, printer and printer.add)
     timings = {"load_s": clock["load_s"], "first_token_s": clock["image_s"] + clock["prefill_s"],
                "decode_s": clock["decode_s"], "decode_tokens": max(len(ids) - 1, 0), "peak_rss_gib": peak_rss_gib()}
     if hasattr(session.step, "compile_s"):  # --compile on CUDA: the part of decode_s spent compiling
         timings["compile_s"] = session.step.compile_s
-    if device.type == "cuda":
-        timings["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if session.device.type == "cuda":
+        timings["peak_gpu_gib"] = torch.cuda.max_memory_allocated(session.device) / 2**30
     if verbose:
         log(f"load {timings['load_s']:.1f} s | prefill {inputs['input_ids'].shape[1]} tokens in "
             f"{clock['prefill_s']:.2f} s, first token {timings['first_token_s']:.2f} s after opening the image | "
             f"decode {timings['decode_tokens']} tokens in {timings['decode_s']:.2f} s, "
             f"{timings['decode_tokens'] / max(timings['decode_s'], 1e-9):.2f} tok/s | "
             f"peak memory {timings['peak_rss_gib']:.2f} GiB")
-    record = detection.describe({"text": tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids,
-                                 "logprobs": logprobs}, image, prompt, annotate, vae)
+    record = detection.describe({"text": session.tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids,
+                                 "logprobs": logprobs}, image, prompt, annotate, session.vae)
     if output_format == "json":
-        print(json.dumps({**record, "timings": timings}, ensure_ascii=False))
+        emit(json.dumps({**record, "timings": timings}, ensure_ascii=False, allow_nan=False) + "\n")
     elif printer:
         printer.close(record["text"])
     elif ids:  # a zero token budget prints nothing
-        print(record["text"])
+        emit(record["text"] + "\n")
 
 
-def check_outputs(annotate: str | None, output: str | None, vae_path: str | None, inputs: list[str], single: bool):
-    """Refuse output paths that would overwrite an input image or could not be written, before any work."""
-    given = {Path(p).resolve() for p in inputs}
-    for flag, path in (("--annotate", annotate), ("--output", output)):
-        if path is not None and Path(path).resolve() in given:
-            raise ValueError(f"{flag} {path} is an input image; it is never overwritten")
-    for flag, path in (("--annotate", annotate if single else None), ("--output", output)):
-        if path is not None and not Path(path).resolve().parent.is_dir():
-            raise ValueError(f"{flag} {path}: the folder it goes in does not exist")
-    if single and annotate is not None and Path(annotate).suffix.lower() not in Image.registered_extensions():
-        raise ValueError(f"--annotate {annotate}: give the picture a name ending in an image type, like .png")
-    if vae_path is not None and not Path(vae_path).is_file():
-        raise ValueError(f"--vae_path {vae_path}: file does not exist")
+def check_outputs(annotate: str | None, output: str | None, inputs: list[str], single: bool):
+    """Refuse output paths that could not be written, or would reach an input image by any name (a symlink, a
+    hard link), before any work."""
+    on_disk = {(s.st_dev, s.st_ino) for s in map(batch.stat_or_none, inputs) if s} if annotate or output else set()
+    if annotate is not None and output is not None and Path(annotate).resolve() == Path(output).resolve():
+        raise UserError(f"--annotate and --output are the same file, {output}")
+    for flag, path, wanted in (("--annotate", annotate, "a file" if single else "a folder"),
+                               ("--output", output, "a file")):
+        if path is None:
+            continue
+        kind, stat = kind_of(path), batch.stat_or_none(path)
+        if stat and (stat.st_dev, stat.st_ino) in on_disk:
+            raise UserError(f"{flag} {path} is an input image; it is never overwritten")
+        if kind not in ("nothing", wanted):
+            raise UserError(f"{flag} {path} is {kind}, not {wanted}")
+        parent = Path(path).resolve().parent
+        if kind == "nothing" and kind_of(parent) != "a folder":
+            raise UserError(f"{flag} {path}: the folder it goes in does not exist")
+        if not os.access(path if kind != "nothing" else parent, os.W_OK):
+            raise UserError(f"{flag} {path}: {'it' if kind != 'nothing' else 'its folder'} is not writable")
+    picture_format = Image.registered_extensions().get(Path(annotate or "").suffix.lower())
+    if single and annotate is not None and not writes_rgb(picture_format):
+        raise UserError(f"--annotate {annotate}: give the picture a name ending in a type pillow can write, like .png")
+
+
+def writes_rgb(image_format: str | None) -> bool:
+    """Whether pillow can save a colour picture in this format (it reads some it cannot write, like XBM)."""
+    try:
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=image_format)
+        return image_format is not None
+    except (OSError, KeyError, ValueError):
+        return False
 
 
 class StreamPrinter:
-    """Prints the answer as it grows, holding back a character until all of its bytes have arrived (the
-    tokenizer spells rare characters as several byte tokens)."""
+    """Prints the answer as it grows, only ever text that the final answer begins with. A run of byte tokens
+    (`<0xNN>`, the tokenizer's spelling of rare characters) decodes as a whole: into characters, or into one U+FFFD
+    per byte where the bytes are not valid UTF-8; and special tokens are dropped, which joins the runs around them.
+    So the text is printed up to the last token that is neither."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.shown = tokenizer, ""
+        byte_tokens = tokenizer.convert_tokens_to_ids([f"<0x{i:02X}>" for i in range(256)])
+        self.pending = set(byte_tokens) | set(tokenizer.all_special_ids)
 
     def add(self, ids: list[int]):
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") or not text.startswith(self.shown):
-            return
-        sys.stdout.write(text[len(self.shown):])
-        sys.stdout.flush()
-        self.shown = text
+        stable = next((n for n in range(len(ids), 0, -1) if ids[n - 1] not in self.pending), 0)
+        text = self.tokenizer.decode(ids[:stable], skip_special_tokens=True)
+        if len(text) > len(self.shown) and text.startswith(self.shown):
+            emit(text[len(self.shown):])
+            self.shown = text
 
     def close(self, text: str):
         if text or self.shown:
-            sys.stdout.write(text[len(self.shown):] + "\n")
-            sys.stdout.flush()
+            emit(text[len(self.shown):] + "\n")
 
 
 STRING_FLAGS = ("model_path", "prompt", "image_file_path", "dtype", "output_format", "annotate", "vae_path",
@@ -226,35 +271,51 @@ def quote_string_flags(argv: list[str]) -> list[str]:
 
 
 def check_flag_names(argv: list[str]):
-    """Unknown flags and a missing --model_path get one line, not fire's usage screen."""
+    """Unknown flags, flags without a value and a missing --model_path get one line, not fire's usage screen."""
     known = inspect.signature(main).parameters
-    names = [arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")]
-    for name in names:
+    for i, arg in enumerate(argv):
+        if not arg.startswith("--"):
+            continue
+        name, eq, _ = arg[2:].partition("=")
         if name not in known and name != "help":
-            raise ValueError(f"unknown flag --{name}; the flags are --{', --'.join(known)}")
+            raise UserError(f"unknown flag --{name}; the flags are --{', --'.join(known)}")
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if name in known and name not in BOOLEAN_FLAGS and not eq and (
+                following is None or following.startswith("--") and following[2:].partition("=")[0] in known):
+            raise UserError(f"--{name} needs a value (write --{name}=VALUE for a value that starts with --)")
+    names = [arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")]
     if "model_path" not in names and "help" not in names and not (argv and not argv[0].startswith("-")):
-        raise ValueError("--model_path is required: the folder of a PaliGemma checkpoint")
+        raise UserError("--model_path is required: the folder of a PaliGemma checkpoint")
+
+
+def failure(e: BaseException, debug: bool) -> tuple[str, int]:
+    """The one line, and the exit status, for a run that ended in e."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted", 130
+    if isinstance(e, UserError):
+        return f"error: {one_line(e)}", 1
+    if isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return "error: out of memory; try a smaller --dtype or --batch_size, or a machine with more memory", 1
+    hint = "" if debug else " (set PALIGEMMA_DEBUG=1 for the traceback)"  # a bug of ours: still one line
+    return f"error: unexpected {type(e).__name__}: {one_line(e)}{hint}", 1
 
 
 def cli():
-    argv = quote_string_flags(sys.argv[1:])
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, ctrl-C ends the run cleanly
+    if sys.stdout is None:  # started with stdout closed: keep descriptor 1 from being reused for a file of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    debug = bool(os.environ.get("PALIGEMMA_DEBUG"))
     try:
-        check_flag_names(argv)
-        fire.Fire(main, command=argv)
-    except KeyboardInterrupt:
-        log("interrupted")
-        sys.exit(130)
-    except (LoadError, ValueError, OSError) as e:
-        log(f"error: {one_line(e)}")
-        sys.exit(1)
-    except (MemoryError, torch.cuda.OutOfMemoryError):
-        log("error: out of memory; try --dtype bfloat16 or float16, or a machine with more memory")
-        sys.exit(1)
-    except Exception as e:  # a bug of ours: still one line, with the traceback on request
-        if os.environ.get("PALIGEMMA_DEBUG"):
-            raise
-        log(f"error: unexpected {type(e).__name__}: {one_line(e)} (set PALIGEMMA_DEBUG=1 for the traceback)")
-        sys.exit(1)
+        check_flag_names(sys.argv[1:])
+        fire.Fire(main, command=quote_string_flags(sys.argv[1:]))
+    except SystemExit:
+        raise
+    except BaseException as e:
+        message, code = failure(e, debug)
+        if debug:
+            traceback.print_exc()
+        log(message)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import modeling_siglip
+from console import UserError, log
 
 SOURCE = Path(__file__).resolve().with_name("gemv.c")
 HALF = (torch.float16, torch.bfloat16)
@@ -62,12 +63,32 @@ def cpu_signature() -> bytes:
         return platform.processor().encode()
 
 
+class KernelsUnavailable(UserError):
+    """gemv.c cannot be built or loaded here, and PALIGEMMA_REQUIRE_KERNELS=1 asks for it."""
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """gemv.c compiled for this CPU (once, then cached), or None where it cannot be."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if os.environ.get("PALIGEMMA_NO_KERNELS") or compiler is None or platform.machine() not in ("x86_64", "AMD64"):
+    """gemv.c compiled for this CPU (once, then cached), or None where it cannot be: then a note on stderr says
+    why (the compiler's first error line, say), as decoding will be slower; with PALIGEMMA_REQUIRE_KERNELS=1 it is
+    an error instead. PALIGEMMA_NO_KERNELS=1 turns the kernels off without a word."""
+    if os.environ.get("PALIGEMMA_NO_KERNELS"):
         return None
+    try:
+        return build()
+    except KernelsUnavailable as e:
+        if os.environ.get("PALIGEMMA_REQUIRE_KERNELS"):
+            raise
+        log(f"note: {e}; using PyTorch's kernels instead (decoding is 1.5-2x slower)")
+        return None
+
+
+def build() -> ctypes.CDLL:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise KernelsUnavailable("the CPU kernels cannot be built: no C compiler (cc or gcc) found")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        raise KernelsUnavailable(f"the CPU kernels need an x86-64 CPU, not {platform.machine()}")
     source = SOURCE.read_bytes()
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pytorch-paligemma"
     built = cache / f"gemv-{hashlib.sha256(source + cpu_signature()).hexdigest()[:16]}.so"
@@ -77,16 +98,22 @@ def library() -> ctypes.CDLL | None:
             with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then move: never a half-written file
                 out = Path(tmp) / "gemv.so"
                 subprocess.run([compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(out),
-                                str(SOURCE)], check=True, capture_output=True, timeout=120)
+                                str(SOURCE)], check=True, capture_output=True, text=True, timeout=120)
                 os.replace(out, built)
         lib = ctypes.CDLL(str(built))
-    except (OSError, subprocess.SubprocessError):  # no AVX2 / F16C, a broken compiler, a read-only home, ...
-        return None
+    except subprocess.CalledProcessError as e:  # e.g. a CPU without AVX2 and F16C: the #error says so
+        first = next((line for line in e.stderr.splitlines() if "error" in line), e.stderr.strip()[:200])
+        raise KernelsUnavailable(f"the CPU kernels did not compile ({first.strip()})") from None
+    except (OSError, subprocess.SubprocessError) as e:  # a read-only home, a compiler that hangs, ...
+        raise KernelsUnavailable(f"the CPU kernels cannot be built ({type(e).__name__}: {e})") from None
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.gemv.argtypes = [i64, pointer, pointer, pointer, pointer, i64, i64, i32]
     lib.f16_to_bf16.argtypes = [pointer, pointer, i64]
     lib.gelu_tanh_mul.argtypes = [pointer, i64, pointer, i64, pointer, i64, i64, i32]
     lib.convert_shard.argtypes = [pointer, pointer, i64, i64, pointer]
+    lib.convert_shard.restype = i64
+    lib.nonfinite.argtypes = [pointer, i64, i32]
+    lib.nonfinite.restype = i64
     return lib
 
 
@@ -223,10 +250,11 @@ def swap_modules(model: nn.Module) -> nn.Module:
     return model
 
 
-def convert_shard(mapped: mmap.mmap, jobs: list[tuple[int, torch.dtype, torch.Tensor]]) -> int | None:
+def convert_shard(mapped: mmap.mmap, jobs: list[tuple[int, torch.dtype, torch.Tensor]]) -> tuple[int, int] | None:
     """Convert (source offset, source dtype, destination) jobs from a mapped safetensors shard into their
-    destinations in one call of gemv.c, which runs without Python's lock and drops each converted piece's pages
-    from the process; returns the source bytes converted, or None where the library cannot take the jobs."""
+    destinations in one call of gemv.c, which runs without Python's lock, checks that every converted value is
+    finite, and drops each converted piece's pages from the process. Returns (source bytes converted, index of the
+    first job with a value that is not finite, or -1), or None where the library cannot take the jobs."""
     lib = library()
     kinds = [(KINDS.get(dtype), KINDS.get(dest.dtype)) for _, dtype, dest in jobs]
     if lib is None or not mapped or any(dest.device.type != "cpu" or None in k for (_, _, dest), k in zip(jobs, kinds)):
@@ -235,7 +263,16 @@ def convert_shard(mapped: mmap.mmap, jobs: list[tuple[int, torch.dtype, torch.Te
                                        for (offset, _, dest), k in zip(jobs, kinds)))
     done, base = ctypes.c_int64(0), ctypes.c_char.from_buffer(mapped)
     try:
-        lib.convert_shard(ctypes.addressof(base), table, len(jobs), PIECE_BYTES, ctypes.byref(done))
+        bad = lib.convert_shard(ctypes.addressof(base), table, len(jobs), PIECE_BYTES, ctypes.byref(done))
     finally:
         del base  # the mapping can only be closed once nothing points into it
-    return done.value
+    return done.value, bad
+
+
+def count_nonfinite(tensor: torch.Tensor) -> int:
+    """How many values of a CPU tensor are NaN or infinite: gemv.c reads it with every thread, without Python's
+    lock (which also maps in the pages of a tensor used in place from a file); PyTorch where it cannot."""
+    lib, kind = library(), KINDS.get(tensor.dtype)
+    if lib is None or kind is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return int((~torch.isfinite(tensor)).sum())
+    return lib.nonfinite(tensor.data_ptr(), tensor.numel(), kind)

@@ -12,7 +12,6 @@ TEMPERATURE="${TEMPERATURE:-0.8}"
 TOP_P="${TOP_P:-0.9}"
 DO_SAMPLE="${DO_SAMPLE:-False}"
 ONLY_CPU="${ONLY_CPU:-False}"
-DTYPE="${DTYPE:-float16}"
 OUTPUT_FORMAT="${OUTPUT_FORMAT:-text}"
 PYTHON="${PYTHON:-python}"
 
@@ -27,7 +26,8 @@ MSG
     exit 1
 fi
 
-exec "$PYTHON" "$HERE/inference.py" \
+# --dtype only when DTYPE is set: by default the checkpoint's own half precision.
+exec "$PYTHON" "$HERE/inference.py" ${DTYPE:+--dtype "$DTYPE"} \
     --model_path "$MODEL_PATH" \
     --prompt "$PROMPT" \
     --image_file_path "$IMAGE_FILE_PATH" \
@@ -36,5 +36,4 @@ exec "$PYTHON" "$HERE/inference.py" \
     --top_p "$TOP_P" \
     --do_sample "$DO_SAMPLE" \
     --only_cpu "$ONLY_CPU" \
-    --dtype "$DTYPE" \
     --output_format "$OUTPUT_FORMAT"

@@ -53,9 +53,9 @@ class GemmaConfig:
             raise ValueError(f"text_config.model_type {model_type!r} is not supported (gemma or gemma2)")
         kw = dict(GEMMA2_DEFAULTS if model_type == "gemma2" else GEMMA_DEFAULTS)
         names = {f.name for f in fields(cls)} - {"rope_theta", "hidden_act"}
-        if model_type == "gemma":  # Gemma 1 has no soft-caps, window or query scalar, whatever the file says
-            names -= set(GEMMA2_ONLY)
-        kw.update({k: v for k, v in d.items() if k in names and (v is not None or k in GEMMA2_ONLY)})
+        if model_type == "gemma":  # Gemma 1 has no attention soft-cap, window or query scalar, whatever the file says
+            names -= {"query_pre_attn_scalar", "sliding_window", "attn_logit_softcapping"}
+        kw.update({k: v for k, v in d.items() if k in names and (v is not None or k != "layer_types")})
         # Gemma 2 reads `hidden_activation`; Gemma 1 reads `hidden_act` and, like transformers, takes a legacy
         # "gelu" to mean the tanh approximation.
         act = d.get("hidden_activation" if model_type == "gemma2" else "hidden_act") or "gelu_pytorch_tanh"
@@ -81,6 +81,8 @@ class GemmaConfig:
                 raise ValueError(f"text_config.{name} must be a number above 0, not {value!r}")
         if self.sliding_window is not None and type(self.sliding_window) is not int:
             raise ValueError(f"text_config.sliding_window must be a whole number, not {self.sliding_window!r}")
+        if self.is_gemma2 and self.sliding_window is None and "sliding_attention" in self.layer_types:
+            raise ValueError("text_config.sliding_window is null, but layer_types has sliding layers")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"text_config activation {self.hidden_act!r} is not supported")
         if self.head_dim % 2:

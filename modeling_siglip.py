@@ -79,11 +79,13 @@ class SiglipVisionConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SiglipVisionConfig":
-        return cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})  # an explicit null is refused below
 
     def __post_init__(self):
         positive_ints("vision_config", self, ("hidden_size", "intermediate_size", "num_hidden_layers",
                                               "num_attention_heads", "num_channels", "image_size", "patch_size"))
+        if type(self.layer_norm_eps) not in (int, float) or not self.layer_norm_eps > 0:
+            raise ValueError(f"vision_config.layer_norm_eps must be a number above 0, not {self.layer_norm_eps!r}")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"vision_config.hidden_act {self.hidden_act!r} is not supported")
         if self.hidden_size % self.num_attention_heads:

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from checkpoint import LoadError, read_json
-from console import is_number
+from console import UserError, is_number, require_file
 
 IMAGE_TOKEN = "<image>"
 # Location and segmentation codewords: already in the vocabulary, added so that each one is matched whole.
@@ -39,23 +39,22 @@ def without_pillow_limit():
 
 
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open and fully decode an image file; ValueError naming the file for anything that is not a usable image."""
+    """Open and fully decode an image file; UserError naming the file for anything that is not a usable image."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: image file does not exist")
+    require_file(path, "image file")
     try:
         with without_pillow_limit():
             image = Image.open(path)
     except (Image.UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path}: not an image pillow can read ({e})") from None
+        raise UserError(f"{path}: not an image pillow can read ({e})") from None
     width, height = image.size
     if width * height > max_pixels:
-        raise ValueError(f"{path}: image is {width}x{height} = {width * height / 1e6:.0f} megapixels, above the limit "
+        raise UserError(f"{path}: image is {width}x{height} = {width * height / 1e6:.0f} megapixels, above the limit "
                          f"of {max_pixels / 1e6:.0f} (a decompression bomb?); raise it with --max_image_pixels")
     try:
         image.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{path}: image is truncated or corrupt ({e})") from None
+        raise UserError(f"{path}: image is truncated or corrupt ({e})") from None
     return image
 
 
@@ -107,9 +106,9 @@ class PaliGemmaProcessor:
         self.image_mean = np.array(image_mean, dtype=np.float32)
         self.image_std = np.array(image_std, dtype=np.float32)
         self.rescale_factor, self.resample = rescale_factor, resample
+        tokenizer.add_tokens(EXTRA_TOKENS)  # first: a bare Gemma tokenizer then gives them PaliGemma's ids 256000..
         if IMAGE_TOKEN not in tokenizer.get_vocab():
-            tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-        tokenizer.add_tokens(EXTRA_TOKENS)
+            tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})  # .. and <image> 257152
         tokenizer.add_bos_token = False  # the prompt spells out its one <bos>
         tokenizer.add_eos_token = False
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)

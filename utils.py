@@ -6,7 +6,6 @@ copied piece by piece, converted to the target dtype on the way, so that at no t
 float32 copy of a large tensor, sit in memory; a tensor the file already holds in the target dtype is used in place.
 """
 
-import ctypes
 import mmap
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,17 +19,19 @@ from checkpoint import (
     LoadError,
     TensorEntry,
     check_tokenizer_files,
+    default_dtype,
     find_shards,
     load_config,
     load_tokenizer,
     normalise_key,
     read_safetensors_header,
+    warn_about_dtype,
 )
 from console import gib, log, peak_rss_gib, progress
-from modeling_paligemma import PaliGemmaForConditionalGeneration
+from modeling_gemma import QUERY_CHUNK
+from modeling_paligemma import CACHE_STEP, PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
 MAP_IN_PLACE = True  # use tensors stored in the target dtype straight from the (privately) mapped files
-WORKING_MEMORY = 1 << 29  # read buffer, activations and KV cache of one answer, beyond the weights
 
 
 def plan_load(model: torch.nn.Module, shards: list[Path]) -> list[TensorEntry]:
@@ -70,15 +71,15 @@ def materialise(model: torch.nn.Module, plan: list[TensorEntry], dtype: torch.dt
     """Give every parameter memory in the target dtype. On the CPU, a tensor the file already holds in that dtype
     becomes a view straight into the shard's mapping: no copy, and the page cache is the weights (a 10B model in
     bfloat16 then fits beside its own files). Every other parameter gets fresh memory for the loader to fill.
-    Returns the entries still to be copied, and the mapping of each shard that parameters use in place."""
+    Returns the entries still to be copied."""
     params = dict(model.named_parameters())  # a tied parameter is listed once
-    views, mappings = {}, {}
+    views = {}
     for file in dict.fromkeys(e.file for e in plan) if device.type == "cpu" and MAP_IN_PLACE else []:
         in_place = [e for e in plan if e.file == file and e.torch_dtype == dtype and e.start % dtype.itemsize == 0]
         if in_place:
             with open(file, "rb") as f:
-                mappings[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: never writes the file
-            flat = torch.frombuffer(mappings[file], dtype=torch.uint8)  # keeps the mapping alive with the parameters
+                mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: never writes the file
+            flat = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping alive with the parameters
             views.update((e.name, flat[e.start:e.start + e.nbytes].view(dtype).view(e.shape)) for e in in_place)
     for name, p in params.items():
         data = views.get(name)
@@ -87,25 +88,12 @@ def materialise(model: torch.nn.Module, plan: list[TensorEntry], dtype: torch.dt
         module_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(data, requires_grad=False))
     model.reset_buffers()  # ties the head to the new embedding, computes RoPE frequencies, allocates empty caches
-    return [e for e in plan if e.name not in views], mappings
+    return [e for e in plan if e.name not in views]
 
 
-def populate(mapped: mmap.mmap):
-    """Read mapped weights in now (from the page cache, or the disk) rather than at the first token."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    address = ctypes.c_char.from_buffer(mapped)
-    try:  # MADV_POPULATE_READ (Linux 5.14) maps every page; older kernels get MADV_WILLNEED's read-ahead
-        for advice in (22, mmap.MADV_WILLNEED):
-            if libc.madvise(ctypes.c_void_p(ctypes.addressof(address)), ctypes.c_size_t(len(mapped)), advice) == 0:
-                break
-    finally:
-        del address  # the mapping can only be closed once nothing points into it
-
-
-def stream_tensors(model: torch.nn.Module, plan: list[TensorEntry], to_copy: list[TensorEntry],
-                   in_place: dict[Path, mmap.mmap], bar=None):
+def stream_tensors(model: torch.nn.Module, plan: list[TensorEntry], to_copy: list[TensorEntry], bar=None):
     """Shard by shard: read in the parameters used in place, and copy each other tensor into its parameter,
-    kernels.PIECE_BYTES at a time, converting to the parameter's dtype.
+    kernels.PIECE_BYTES at a time, converting to the parameter's dtype. Every value is checked to be finite.
 
     Each piece is converted straight from the mapped shard (one pass over the bytes), then unmapped again: the page
     cache keeps the file, but the pages do not pile up in this process's memory. On the CPU the compiled kernel
@@ -113,10 +101,11 @@ def stream_tensors(model: torch.nn.Module, plan: list[TensorEntry], to_copy: lis
     """
     params = dict(model.named_parameters())
     for file in dict.fromkeys(e.file for e in plan):
-        if file in in_place:
-            populate(in_place[file])
+        for entry in (e for e in plan if e.file == file and e not in to_copy):  # reading them maps them in
+            if kernels.count_nonfinite(params[entry.name]):
+                raise not_finite(entry, params[entry.name].dtype)
             if bar is not None:
-                bar.update(sum(e.nbytes for e in plan if e.file == file and e not in to_copy))
+                bar.update(entry.nbytes)
         entries = [e for e in to_copy if e.file == file]
         if entries:
             with open(file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
@@ -124,16 +113,26 @@ def stream_tensors(model: torch.nn.Module, plan: list[TensorEntry], to_copy: lis
                     if entry.start + entry.nbytes > len(mapped):
                         raise LoadError(f"{file}: ended early while reading tensor {entry.key!r}")
                 dests = [params[e.name].data.view(-1) for e in entries]
-                done = kernels.convert_shard(mapped, [(e.start, e.torch_dtype, d) for e, d in zip(entries, dests)])
-                if done is not None and bar is not None:
-                    bar.update(done)
-                if done is None:
+                converted = kernels.convert_shard(mapped, [(e.start, e.torch_dtype, d) for e, d in zip(entries, dests)])
+                if converted is None:
                     for entry, dest in zip(entries, dests):
                         copy_tensor(mapped, entry, dest, bar)
+                    continue
+                done, bad = converted
+                if bad >= 0:
+                    raise not_finite(entries[bad], dests[bad].dtype)
+                if bar is not None:
+                    bar.update(done)
+
+
+def not_finite(entry: TensorEntry, dtype: torch.dtype) -> LoadError:
+    name = str(dtype).removeprefix("torch.")
+    return LoadError(f"{entry.file}: tensor {entry.key!r} has values that are not finite as {name} (NaN or infinity "
+                     f"in the file, or beyond {name}'s range); the checkpoint is damaged, or needs another --dtype")
 
 
 def copy_tensor(mapped: mmap.mmap, entry: TensorEntry, dest: torch.Tensor, bar=None):
-    """One tensor from a mapped shard into dest, converted by PyTorch, a piece at a time."""
+    """One tensor from a mapped shard into dest, converted and checked by PyTorch, a piece at a time."""
     itemsize = entry.torch_dtype.itemsize
     per_piece = kernels.PIECE_BYTES // itemsize
     for first in range(0, dest.numel(), per_piece):
@@ -142,6 +141,8 @@ def copy_tensor(mapped: mmap.mmap, entry: TensorEntry, dest: torch.Tensor, bar=N
         piece = torch.frombuffer(mapped, dtype=entry.torch_dtype, count=count, offset=offset)
         dest[first:first + count].copy_(piece)
         del piece  # the mapping can only be closed once no tensor views it
+        if not torch.isfinite(dest[first:first + count]).all():
+            raise not_finite(entry, dest.dtype)
         page = offset - offset % mmap.PAGESIZE
         mapped.madvise(mmap.MADV_DONTNEED, page, offset + count * itemsize - page)
         if bar is not None:
@@ -162,23 +163,41 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
+def working_memory(config: PaliGemmaConfig, batch: int, length: int, dtype: torch.dtype) -> int:
+    """Bytes beyond the weights that answering batch rows of up to length positions (prompt and answer) takes: the
+    KV cache as allocated (rounded up to CACHE_STEP positions), the prompt's activations and attention scores in
+    float32 at worst, the bfloat16 scratch copy of the largest weight, the logits, and 256 MiB for the libraries."""
+    text, vision = config.text_config, config.vision_config
+    length = -(-length // CACHE_STEP) * CACHE_STEP
+    cache = 2 * text.num_hidden_layers * batch * text.num_key_value_heads * length * text.head_dim * dtype.itemsize
+    rows = batch * length
+    activations = 4 * rows * (3 * text.intermediate_size + 6 * text.hidden_size)
+    scores = 4 * batch * text.num_attention_heads * min(length, QUERY_CHUNK) * length
+    patches = batch * vision.num_patches
+    vision_tower = 4 * patches * (3 * vision.intermediate_size + 6 * vision.hidden_size)
+    scratch = 2 * text.hidden_size * max(text.intermediate_size, text.num_attention_heads * text.head_dim)
+    logits = 4 * 4 * batch * text.vocab_size
+    return cache + activations + scores + vision_tower + scratch + logits + (256 << 20)
+
+
 def check_memory(needed: int, device: torch.device):
     available = available_memory(device)
     if available is not None and needed > available:
-        raise LoadError(f"loading needs about {needed / 2**30:.1f} GiB on {device} but only {available / 2**30:.1f} "
-                        "GiB is available; free some memory, choose a smaller --dtype, or pass "
-                        "--ignore_memory_check True to try anyway")
+        raise LoadError(f"loading and answering need about {needed / 2**30:.1f} GiB on {device} but only "
+                        f"{available / 2**30:.1f} GiB is available; free some memory, choose a smaller --dtype or "
+                        "--batch_size, or pass --ignore_memory_check True to try anyway")
 
 
-def load_hf_model(model_path: str | Path, device: str | torch.device, dtype: torch.dtype = torch.float16,
-                  verbose: bool = True, memory_check: bool = True, tokenizer=None):
+def load_hf_model(model_path: str | Path, device: str | torch.device, dtype: torch.dtype | None = None,
+                  verbose: bool = True, memory_check: bool = True, tokenizer=None, batch: int = 1, length: int = 512):
     """Build PaliGemma on the meta device and stream the folder's safetensors into it, while the folder's tokenizer
     loads beside it (unless one already loaded from the folder is passed in); returns (model, tokenizer). The model
-    is the plain one: kernels.accelerate makes it fast on the CPU.
+    is the plain one: kernels.accelerate makes it fast on the CPU. dtype None is the checkpoint's own
+    (checkpoint.default_dtype).
 
     Everything is checked before any parameter memory is allocated: the config, every shard's header, every
     tensor's name and shape, that there are tokenizer files, and (unless memory_check is False) that the weights
-    fit in memory.
+    and the working memory of answering `batch` rows of `length` positions fit in memory.
     """
     start = time.perf_counter()
     folder, device = Path(model_path), torch.device(device)
@@ -188,15 +207,18 @@ def load_hf_model(model_path: str | Path, device: str | torch.device, dtype: tor
     shards = find_shards(folder)
     plan = plan_load(model, shards)
     check_tokenizer_files(folder)
+    dtype = dtype or default_dtype(config, shards)
+    if verbose:
+        warn_about_dtype(config, dtype)
     if memory_check:
         weights = sum(p.numel() for p in model.parameters()) * dtype.itemsize
-        check_memory(weights + WORKING_MEMORY, device)
-    to_copy, in_place = materialise(model, plan, dtype, device)
+        check_memory(weights + working_memory(config, batch, length, dtype), device)
+    to_copy = materialise(model, plan, dtype, device)
     bar = progress(sum(e.nbytes for e in plan), "loading weights", "B", unit_scale=True, unit_divisor=1024,
                    disable=not verbose)
     with torch.no_grad(), bar, ThreadPoolExecutor(1) as background:
         # The tokenizer (about a second of Python) is read while the weights stream, which runs without the GIL.
-        streaming = background.submit(stream_tensors, model, plan, to_copy, in_place, bar)
+        streaming = background.submit(stream_tensors, model, plan, to_copy, bar)
         try:
             tokenizer = tokenizer or load_tokenizer(folder)
         finally:

@@ -67,5 +67,14 @@ def random_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> I
 
 
 @pytest.fixture
+def no_loading(monkeypatch):
+    """Fails the test if the command line starts loading weights: the input was already known to be wrong."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the weights were loaded although the input was already known to be wrong")
+
+    monkeypatch.setattr("inference.load_hf_model", refuse)
+
+
+@pytest.fixture
 def image():
     return random_image(51, 37)

@@ -18,6 +18,7 @@ import batch
 import detection
 import inference
 from checkpoint import load_tokenizer
+from console import UserError
 from generate import generate
 
 PROMPTS = ["caption en", "answer en what colour is the cup on the wooden table?", "detect cat ; dog"]
@@ -78,50 +79,6 @@ def test_batch_writes_one_line_per_input_in_order_whatever_the_batch_size(checkp
     assert [[r["token_ids"] for r in o] for o in outputs[1:]] == [[r["token_ids"] for r in outputs[0]]] * 2
 
 
-def test_interrupted_run_resumes_with_each_input_exactly_once(checkpoint, prompts_file, tmp_path, capsys,
-                                                              monkeypatch):
-    whole = tmp_path / "whole.jsonl"
-    assert run(batch_args(checkpoint, prompts_file, "--output", whole), capsys, monkeypatch)[0] == 0
-    resumed = tmp_path / "resumed.jsonl"
-    real_write, writes = batch.Results.write, []
-
-    def write_then_stop(self, records):
-        real_write(self, records)
-        writes.append(records)
-        if len(writes) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(batch.Results, "write", write_then_stop)
-    code, _, err = run(batch_args(checkpoint, prompts_file, "--output", resumed), capsys, monkeypatch)
-    assert code == 130 and len(resumed.read_text().splitlines()) == 2
-    monkeypatch.setattr(batch.Results, "write", real_write)
-    code, _, err = run(batch_args(checkpoint, prompts_file, "--output", resumed), capsys, monkeypatch)
-    assert code == 0 and "resuming: 2 inputs already done" in err
-
-    def answers(path):
-        return [(r["index"], r["image"], r["token_ids"]) for r in map(json.loads, path.read_text().splitlines())]
-
-    assert answers(resumed) == answers(whole)
-
-
-def test_torn_last_line_is_redone(checkpoint, prompts_file, tmp_path, capsys, monkeypatch):
-    output = tmp_path / "out.jsonl"
-    assert run(batch_args(checkpoint, prompts_file, "--output", output), capsys, monkeypatch)[0] == 0
-    lines = output.read_text().splitlines(keepends=True)
-    output.write_text("".join(lines[:2]) + lines[2][:30])  # killed in the middle of the last write
-    assert run(batch_args(checkpoint, prompts_file, "--output", output), capsys, monkeypatch)[0] == 0
-    assert output.read_text() == "".join(lines)
-
-
-def test_an_output_file_that_is_not_ours_is_refused_untouched(checkpoint, prompts_file, tmp_path, capsys,
-                                                               monkeypatch):
-    notes = tmp_path / "notes.txt"
-    notes.write_text("my notes\nnot json")
-    code, out, err = run(batch_args(checkpoint, prompts_file, "--output", notes), capsys, monkeypatch)
-    assert code == 1 and out == "" and "not a results file of this tool" in err
-    assert notes.read_text() == "my notes\nnot json"
-
-
 def test_a_broken_input_gets_an_error_record_and_the_others_their_answers(checkpoint, prompts_file, capsys,
                                                                           monkeypatch):
     (prompts_file.parent / "image1.png").write_text("not an image")
@@ -137,7 +94,7 @@ def test_folder_and_glob_give_their_images_in_sorted_order(tmp_path, images):
     (tmp_path / "notes.txt").write_text("ignored")
     by_folder = batch.gather(str(tmp_path), None, "caption en")
     by_glob = batch.gather(str(tmp_path / "b*.png"), None, "caption en")
-    assert [Path(i.image).name for i in by_folder] == [Path(i.image).name for i in by_glob] == ["b0.png", "b1.png",
+    assert [Path(i.path).name for i in by_folder] == [Path(i.path).name for i in by_glob] == ["b0.png", "b1.png",
                                                                                                   "b2.png"]
     assert batch.gather(str(tmp_path / "b0.png"), None, "caption en") is None  # one file: not a batch
 
@@ -147,7 +104,7 @@ def test_folder_and_glob_give_their_images_in_sorted_order(tmp_path, images):
 def test_a_broken_prompts_file_names_the_line(line, message, tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text(line + "\n")
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         batch.gather("unused", str(path), "caption en")
 
 

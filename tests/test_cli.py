@@ -24,16 +24,19 @@ def image_file(tmp_path_factory):
 
 
 def transformers_greedy(reference, name, image_file, prompt, max_new_tokens):
+    """transformers' greedy answer, told as the command line is never to produce the ids that name no token (the
+    embedding's padding rows), and the log-probabilities of its tokens under the model's own logits."""
     from PIL import Image
 
     model, processor = reference(name)
     inputs = processor(images=Image.open(image_file), text=prompt, return_tensors="pt")
     inputs.pop("labels")
+    padding = list(range(len(processor.tokenizer), model.config.text_config.vocab_size))
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
-                             return_dict_in_generate=True)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, suppress_tokens=padding)
     ids = out.sequences[0, inputs["input_ids"].shape[1]:]
-    logprobs = [torch.log_softmax(s[0].float(), -1)[i].item() for s, i in zip(out.scores, ids)]
+    logprobs = [torch.log_softmax(s[0].float(), -1)[i].item() for s, i in zip(out.logits, ids)]
     return ids.tolist(), processor.decode(ids, skip_special_tokens=True), logprobs
 
 

@@ -6,6 +6,7 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
+from console import UserError
 from detection import annotate, decode_masks, load_vae, mask_to_image, parse_detections, parse_segments
 
 
@@ -214,7 +215,7 @@ def test_wrongly_shaped_array_is_named_in_the_error(tmp_path):
     arrays["decoder.6.weight"] = arrays["decoder.6.weight"][:, :32]
     np.savez(tmp_path / "bad.npz", **arrays)
     expected = r"'decoder\.6\.weight' has shape \(128, 32, 4, 4\), expected \(128, 64, 4, 4\)"
-    with pytest.raises(ValueError, match=expected):
+    with pytest.raises(UserError, match=expected):
         load_vae(tmp_path / "bad.npz")
 
 
@@ -222,7 +223,7 @@ def test_missing_array_is_named_in_the_error(tmp_path):
     arrays = big_vision_vae_arrays()
     del arrays["_vq_vae._embedding"]
     np.savez(tmp_path / "bad.npz", **arrays)
-    with pytest.raises(ValueError, match=r"missing array '_vq_vae\._embedding'"):
+    with pytest.raises(UserError, match=r"missing array '_vq_vae\._embedding'"):
         load_vae(tmp_path / "bad.npz")
 
 
@@ -240,7 +241,7 @@ def test_npz_holding_a_pickled_object_is_refused_without_unpickling(tmp_path):
     marker = tmp_path / "unpickled"
     arrays = big_vision_vae_arrays()
     np.savez(tmp_path / "evil.npz", **arrays, extra=np.array([Touch(marker)], dtype=object))
-    with pytest.raises(ValueError, match="'extra' cannot be read without unpickling"):
+    with pytest.raises(UserError, match="'extra' cannot be read without unpickling"):
         load_vae(tmp_path / "evil.npz")
     assert not marker.exists()
 
@@ -249,7 +250,7 @@ def test_single_array_or_pickle_file_is_refused(tmp_path):
     np.save(tmp_path / "one.npy", np.zeros(3, np.float32))
     (tmp_path / "junk.npz").write_bytes(b"not a zip file at all")
     for name in ("one.npy", "junk.npz"):
-        with pytest.raises(ValueError, match="npz archive"):
+        with pytest.raises(UserError, match="npz archive"):
             load_vae(tmp_path / name)
 
 

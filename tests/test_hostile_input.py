@@ -218,13 +218,20 @@ def test_never_touches_the_network(checkpoint, photo):
 
 @pytest.mark.parametrize("extra, message", [
     (["--annotate", "/nowhere/boxes.png"], "the folder it goes in does not exist"),
-    (["--annotate", "{tmp}/boxes.xyz"], "ending in an image type"),
-    (["--vae_path", "{tmp}/vae-oid.npz"], "--vae_path {tmp}/vae-oid.npz: file does not exist"),
+    (["--annotate", "{tmp}/boxes.xyz"], "ending in a type pillow can write"),
+    (["--annotate", "{tmp}/boxes.xbm"], "ending in a type pillow can write"),  # pillow reads XBM, cannot write it
+    (["--vae_path", "{tmp}/vae-oid.npz"], "{tmp}/vae-oid.npz: the --vae_path file does not exist"),
+    (["--vae_path", "{tmp}"], "the --vae_path file is a folder, not a file"),
+    (["--annotate", "{tmp}/same.jsonl", "--output", "{tmp}/same.jsonl"], "--annotate and --output are the same"),
+    (["--output", "{tmp}"], "is a folder, not a file"),
+    (["--output", "/dev/full"], "/dev/full is a device, not a file"),
+    (["--prompt", "<image> one <image> two"], "has 2 <image> tokens"),
     (["--output", "/nowhere/out.jsonl"], "the folder it goes in does not exist"),
     (["--batch_size", 0], "--batch_size must be a whole number >= 1"),
     (["--image_file_path", "{tmp}/*.webp"], "no images there"),
 ])
-def test_bad_output_paths_fail_before_any_work(extra, message, checkpoint, photo, tmp_path, capsys, monkeypatch):
+def test_bad_output_paths_fail_before_any_work(extra, message, checkpoint, photo, tmp_path, capsys, monkeypatch,
+                                              no_loading):
     extra = [str(e).replace("{tmp}", str(tmp_path)) if isinstance(e, str) else e for e in extra]
     args = ["--model_path", checkpoint("v1_mqa"), "--image_file_path", photo, *extra]
     assert_clean_failure(*run(args, capsys, monkeypatch), message.replace("{tmp}", str(tmp_path)))
@@ -233,4 +240,4 @@ def test_bad_output_paths_fail_before_any_work(extra, message, checkpoint, photo
 def test_config_that_is_a_folder_fails_cleanly(folder, photo, capsys, monkeypatch):
     (folder / "config.json").unlink()
     (folder / "config.json").mkdir()
-    assert_clean_failure(*run(cli_args(folder, photo), capsys, monkeypatch), "config.json cannot be read")
+    assert_clean_failure(*run(cli_args(folder, photo), capsys, monkeypatch), "config.json is a folder, not a file")

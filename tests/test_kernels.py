@@ -1,11 +1,15 @@
 """The CPU kernels and `kernels.accelerate`: matrix-vector products, float16 -> bfloat16 rounding, fused groups,
 and the fallbacks."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import tiny
 import torch
 import torch.nn.functional as F
-from conftest import CHECKPOINTS
+from conftest import CHECKPOINTS, ROOT
 
 import kernels
 import modeling_siglip
@@ -17,7 +21,9 @@ HALF = [torch.float16, torch.bfloat16]
 
 @pytest.fixture
 def compiled():
-    if kernels.library() is None:
+    """The compiled kernels; where they cannot be built the test skips, unless PALIGEMMA_REQUIRE_KERNELS=1 (as in
+    CI), where the build's failure fails it."""
+    if kernels.library() is None:  # with PALIGEMMA_REQUIRE_KERNELS=1, library() has raised instead
         pytest.skip("no C compiler with AVX2 here: the PyTorch fallback is what runs")
     return kernels.library()
 
@@ -179,3 +185,44 @@ def test_a_prompt_after_a_longer_one_reuses_the_cache(checkpoint, image):
         caches = [layer.self_attn.kv_cache.k_cache for layer in model.language_model.model.layers]
         prefill(model, processor([PROMPT], [image]), 4)
     assert all(a is layer.self_attn.kv_cache.k_cache for a, layer in zip(caches, model.language_model.model.layers))
+
+
+@pytest.fixture
+def broken_source(tmp_path, monkeypatch):
+    """kernels built from a copy of gemv.c with a syntax error, in a fresh cache."""
+    source = tmp_path / "gemv.c"
+    source.write_text(kernels.SOURCE.read_text() + "\nthis is not C;\n")
+    monkeypatch.setattr(kernels, "SOURCE", source)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("PALIGEMMA_REQUIRE_KERNELS", raising=False)
+    kernels.library.cache_clear()
+    yield source
+    kernels.library.cache_clear()
+
+
+def test_kernels_that_do_not_build_are_a_note_with_the_compilers_first_error(broken_source, capsys):
+    assert kernels.library() is None
+    err = capsys.readouterr().err
+    assert "note: the CPU kernels did not compile" in err and "error" in err.split("did not compile")[1]
+    assert "slower" in err
+
+
+def test_kernels_that_do_not_build_are_an_error_when_required(broken_source, monkeypatch):
+    monkeypatch.setenv("PALIGEMMA_REQUIRE_KERNELS", "1")
+    with pytest.raises(kernels.KernelsUnavailable, match="did not compile"):
+        kernels.library()
+
+
+def test_the_command_line_fails_with_one_line_when_required_kernels_do_not_build(checkpoint, image, tmp_path):
+    compiler = tmp_path / "cc"
+    compiler.write_text("#!/bin/sh\necho 'gemv.c:1:1: error: this compiler is broken' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    photo = tmp_path / "photo.png"
+    image.save(photo)
+    env = {"CC": str(compiler), "XDG_CACHE_HOME": str(tmp_path / "cache"), "PALIGEMMA_REQUIRE_KERNELS": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--model_path", str(checkpoint("v1_mqa")),
+                             "--image_file_path", str(photo), "--dtype", "bfloat16"], capture_output=True, text=True,
+                            env={**os.environ, **env}, timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and result.stdout == "" and "Traceback" not in result.stderr
+    assert lines[-1] == "error: the CPU kernels did not compile (gemv.c:1:1: error: this compiler is broken)"

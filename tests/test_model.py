@@ -124,11 +124,11 @@ def test_a_decode_step_reads_one_row_of_the_mask_over_the_whole_cache():
     assert mask.shape == (1, 1, 1, 4) and mask[0, 0, 0].tolist() == [True, True, True, False]
 
 
-def test_a_gemma_config_ignores_the_gemma2_only_keys_as_transformers_does():
+def test_a_gemma_config_ignores_the_gemma2_attention_keys_but_not_the_final_soft_cap_as_transformers_does():
     config = GemmaConfig.from_dict({"model_type": "gemma", "attn_logit_softcapping": 50.0, "sliding_window": 4,
                                     "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 7})
     assert (config.attn_logit_softcapping, config.final_logit_softcapping, config.sliding_window,
-            config.query_pre_attn_scalar) == (None, None, None, None)
+            config.query_pre_attn_scalar) == (None, 30.0, None, None)
 
 
 def test_image_token_count_must_match_the_image_features(checkpoint, image):
