@@ -32,6 +32,7 @@ from PIL import Image  # noqa: E402
 import batch  # noqa: E402
 import detection  # noqa: E402
 import kernels  # noqa: E402
+import masks  # noqa: E402
 from checkpoint import DTYPES, load_config, load_tokenizer, stop_tokens  # noqa: E402
 from console import UserError, is_number, kind_of, log, one_line, peak_rss_gib, require_file  # noqa: E402
 from generate import Session, Stopwatch, compile_decode, decode_one_token  # noqa: E402
@@ -121,7 +122,7 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
                   single=items is None)
     if vae_path is not None:
         require_file(vae_path, "the --vae_path file")
-    vae = detection.load_vae(vae_path) if vae_path is not None else None
+    vae = masks.load_vae(vae_path) if vae_path is not None else None
     config, settings = load_config(folder), read_image_settings(folder)
     stop_ids, max_positions = stop_tokens(folder, config), config.text_config.max_position_embeddings
     longest = max(max_prompt_length(p, config.num_image_tokens) for p in dict.fromkeys(

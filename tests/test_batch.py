@@ -17,6 +17,7 @@ from test_model import load_ours
 import batch
 import detection
 import inference
+import masks
 from checkpoint import load_tokenizer
 from console import UserError
 from generate import generate
@@ -123,7 +124,7 @@ def vae(tmp_path_factory):
     """A mask decoder with random weights in big_vision's vae-oid.npz layout."""
     npz = tmp_path_factory.mktemp("vae") / "vae-oid.npz"
     np.savez(npz, **big_vision_vae_arrays())
-    return detection.load_vae(npz)
+    return masks.load_vae(npz)
 
 
 def test_detect_answer_gives_pixel_boxes_and_an_annotated_copy(vae, tmp_path):

@@ -7,7 +7,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
 from console import UserError
-from detection import annotate, decode_masks, load_vae, mask_to_image, parse_detections, parse_segments
+from detection import annotate, parse_detections, parse_segments
+from masks import decode_masks, load_vae, mask_to_image
 
 
 def loc(*values: int) -> str:
