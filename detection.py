@@ -17,15 +17,14 @@ Masks: masks.py decodes the 16 codes of a segment.
 """
 
 import re
+from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from console import log
-from masks import SEG_CODES, SEG_MAX, MaskDecoder, decode_masks, mask_to_image
+from masks import LOC_MAX, SEG_CODES, SEG_MAX, MaskDecoder, decode_masks, place_mask
 
-LOC_MAX = 1023  # <loc0000>..<loc1023>
 MASK_ALPHA = 0.5  # opacity of a mask overlay where the mask is 1
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 200, 200),
            (240, 50, 230), (170, 110, 40), (128, 128, 0), (0, 0, 128)]
@@ -61,11 +60,23 @@ def _chunks(text: str, warnings: list[str]) -> list[list[tuple]]:
     return [c for c in chunks if any(kind != "text" or value.strip() for kind, value, _ in c)]
 
 
-def _parse(text: str, width: int, height: int, with_codes: bool) -> tuple[list[dict], list[str]]:
+@dataclass
+class Found:
+    """One well-formed object of an answer: its label, its box as the four tokens spelled it, its mask codes."""
+
+    label: str
+    locs: list[int]  # y_min, x_min, y_max, x_max on the 0..1023 grid
+    codes: list[int]  # the 16 mask codes of a segment, none for a detection
+
+    def box(self, width: int, height: int) -> list[float]:
+        """[x0, y0, x1, y1] in pixels of a width x height image, rounded to 0.1."""
+        y0, x0, y1, x1 = self.locs
+        return [round(v / LOC_MAX * size, 1) for v, size in ((x0, width), (y0, height), (x1, width), (y1, height))]
+
+
+def _parse(text: str, with_codes: bool) -> tuple[list[Found], list[str]]:
     """Checks each object against `<loc>x4 [<seg>x16] label`; a malformed one is skipped with a warning."""
-    if width <= 0 or height <= 0:
-        raise ValueError(f"image size must be positive, got {width}x{height}")
-    objects, warnings = [], []
+    found, warnings = [], []
     for chunk in _chunks(text, warnings):
         shown = "".join(raw for _, _, raw in chunk).strip()
         shown = shown if len(shown) <= 60 else shown[:57] + "..."  # 16 seg tokens alone are 128 characters
@@ -95,20 +106,27 @@ def _parse(text: str, width: int, height: int, with_codes: bool) -> tuple[list[d
         label = " ".join("".join(value for _, value, _ in rest).split())
         if not label:
             warnings.append(f"{shown!r} has no label")
-        y0, x0, y1, x1 = locs
-        box = [round(v / LOC_MAX * size, 1) for v, size in ((x0, width), (y0, height), (x1, width), (y1, height))]
-        objects.append({"label": label, "box": box, "codes": segs} if with_codes else {"label": label, "box": box})
-    return objects, warnings
+        found.append(Found(label, locs, segs if with_codes else []))
+    return found, warnings
+
+
+def _check_size(width: int, height: int):
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
 
 
 def parse_detections(text: str, width: int, height: int) -> tuple[list[dict], list[str]]:
     """Objects {"label", "box": [x0, y0, x1, y1] in pixels} of a `detect` answer, and warnings for skipped parts."""
-    return _parse(text, width, height, with_codes=False)
+    _check_size(width, height)
+    found, warnings = _parse(text, with_codes=False)
+    return [{"label": f.label, "box": f.box(width, height)} for f in found], warnings
 
 
 def parse_segments(text: str, width: int, height: int) -> tuple[list[dict], list[str]]:
     """Objects {"label", "box", "codes": 16 ints} of a `segment` answer, and warnings for skipped parts."""
-    return _parse(text, width, height, with_codes=True)
+    _check_size(width, height)
+    found, warnings = _parse(text, with_codes=True)
+    return [{"label": f.label, "box": f.box(width, height), "codes": f.codes} for f in found], warnings
 
 
 def _draw_label(draw: ImageDraw.ImageDraw, font, label: str, colour, x0: float, y0: float, size: tuple[int, int]):
@@ -129,7 +147,7 @@ def _draw_label(draw: ImageDraw.ImageDraw, font, label: str, colour, x0: float, 
 
 def annotate(image: Image.Image, detections: list[dict], masks=None) -> Image.Image:
     """An RGB copy of image with each box, its label and (masks: one (height, width) mask or None per object,
-    e.g. from mask_to_image) a translucent overlay in the object's colour; the input image is never modified."""
+    e.g. from masks.place_mask) a translucent overlay in the object's colour; the input image is never modified."""
     out = image.convert("RGB")  # always a new image
     width, height = out.size
     if masks is not None:
@@ -139,9 +157,9 @@ def annotate(image: Image.Image, detections: list[dict], masks=None) -> Image.Im
         for i, mask in enumerate(masks):
             if mask is None:
                 continue
-            mask = torch.as_tensor(mask, dtype=torch.float32).detach().cpu().numpy()
+            mask = np.asarray(mask, dtype=np.float32)
             if mask.shape != (height, width):
-                raise ValueError(f"mask {i} has shape {mask.shape}, expected {(height, width)}; see mask_to_image")
+                raise ValueError(f"mask {i} has shape {mask.shape}, expected {(height, width)}; see place_mask")
             alpha = MASK_ALPHA * np.clip(mask, 0, 1)[..., None]  # (H, W, 1)
             pixels = pixels * (1 - alpha) + np.array(PALETTE[i % len(PALETTE)], np.float32) * alpha
         out = Image.fromarray(np.clip(pixels.round(), 0, 255).astype(np.uint8))
@@ -165,14 +183,17 @@ def describe(record: dict, image: Image.Image, prompt: str, picture: str | None,
     task = prompt.strip().split(" ", 1)[0]
     if task not in ("detect", "segment"):
         return record
-    objects, warnings = (parse_detections if task == "detect" else parse_segments)(record["text"], *image.size)
+    width, height = image.size
+    found, warnings = _parse(record["text"], with_codes=task == "segment")
     for warning in warnings:
         log(f"warning: {warning}")
+    objects = [{"label": f.label, "box": f.box(width, height), **({"codes": f.codes} if f.codes else {})}
+               for f in found]
     record = {**record, "detections" if task == "detect" else "segments": objects}
     if picture is not None:
         masks = None
-        if task == "segment" and vae is not None and objects:
-            masks64 = decode_masks(vae, [o["codes"] for o in objects])
-            masks = [mask_to_image(m, o["box"], *image.size) for m, o in zip(masks64, objects)]
+        if task == "segment" and vae is not None and found:
+            raws = decode_masks(vae, [f.codes for f in found])
+            masks = [place_mask(raw, f.locs, width, height) for raw, f in zip(raws, found)]
         annotate(image, objects, masks).save(picture)
     return record

@@ -20,8 +20,13 @@ the names and shapes below are torch's (Conv2d weight: out, in, kh, kw; ConvTran
 big_vision's Flax decoder (get_reconstruct_masks in its segmentation evaluator) is this network: its ConvTranspose
 with padding 2 and transpose_kernel=True on the (2, 3, 1, 0)-transposed weight is torch's padding 1. Code i sits at
 row i // 4, column i % 4 of the 4x4 grid. The raw output is nominally in [-1, 1] (the VAE was trained on masks
-scaled to [-1, 1]; big_vision's evaluator keeps pixels > 0); `decode_masks` maps it to [0, 1] with x * 0.5 + 0.5
-and a clip, as Google's demo does, so 0.5 is that threshold.
+scaled to [-1, 1]) but goes beyond it.
+
+Placement follows that evaluator (big_vision/evaluators/proj/paligemma/transfers/segmentation.py, the code that
+scored the published segmentation results): the box's pixel edges are int(t / 1023 * side), truncated; a box whose
+edges meet or cross (x1 <= x0 or y1 <= y0) has no mask; the raw float output is resized into the box with PIL's
+bilinear filter, and pixels > 0 are the object. Google's demo instead maps the output to [0, 1] with x * 0.5 + 0.5,
+clips, resizes and keeps > 0.5: the clip moves the mask's edges wherever the raw output passes -1 or 1.
 """
 
 import zipfile
@@ -33,6 +38,7 @@ from torch import nn
 
 from console import UserError
 
+LOC_MAX = 1023  # <loc0000>..<loc1023>
 SEG_MAX = 127  # <seg000>..<seg127>
 SEG_CODES = 16  # codes per mask, a 4x4 grid
 
@@ -107,25 +113,28 @@ def load_vae(path) -> MaskDecoder:
 
 @torch.no_grad()
 def decode_masks(decoder: MaskDecoder, codes) -> torch.Tensor:
-    """(N, 16) codes in 0..127 -> (N, 64, 64) float32 masks in [0, 1] on the CPU; > 0.5 is inside the object."""
+    """(N, 16) codes in 0..127 -> (N, 64, 64) float32 raw decoder outputs on the CPU; > 0 is inside the object."""
     codes = torch.as_tensor(codes, dtype=torch.long)
     if codes.ndim != 2 or codes.shape[1] != SEG_CODES:
         raise ValueError(f"codes must have shape (N, {SEG_CODES}), got {tuple(codes.shape)}")
     if codes.numel() and (codes.min() < 0 or codes.max() > SEG_MAX):
         raise ValueError(f"codes must lie in 0..{SEG_MAX}, got {codes.min().item()}..{codes.max().item()}")
-    raw = decoder(codes.to(decoder._vq_vae._embedding.device))  # (N, 64, 64), about [-1, 1]
-    return (raw.float() * 0.5 + 0.5).clamp(0, 1).cpu()
+    return decoder(codes.to(decoder._vq_vae._embedding.device)).float().cpu()
 
 
-def mask_to_image(mask64, box, width: int, height: int) -> torch.Tensor:
-    """A (height, width) float canvas, zero outside box ([x0, y0, x1, y1] pixels), the mask resized into the box."""
-    canvas = np.zeros((height, width), np.float32)
-    x0, y0, x1, y1 = (int(round(v)) for v in box)
-    if x1 > x0 and y1 > y0:
-        mask = torch.as_tensor(mask64, dtype=torch.float32).detach().cpu().numpy()
-        # Bilinear on the float mask, as big_vision's evaluator resizes it into the box.
-        resized = np.asarray(Image.fromarray(mask).resize((x1 - x0, y1 - y0), Image.BILINEAR))
-        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)  # the box's part in the image
-        if cx1 > cx0 and cy1 > cy0:
-            canvas[cy0:cy1, cx0:cx1] = resized[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
-    return torch.from_numpy(canvas)
+def pixel_box(locs: list[int], width: int, height: int) -> tuple[int, int, int, int]:
+    """The pixel edges x0, y0, x1, y1 of the box y_min, x_min, y_max, x_max (0..1023), truncated as big_vision's
+    evaluator computes them: int(t / 1023 * side)."""
+    y0, x0, y1, x1 = locs
+    return int(x0 / LOC_MAX * width), int(y0 / LOC_MAX * height), int(x1 / LOC_MAX * width), int(y1 / LOC_MAX * height)
+
+
+def place_mask(raw64, locs: list[int], width: int, height: int) -> np.ndarray:
+    """A (height, width) bool mask: the raw 64x64 output resized bilinearly into the box's pixel_box and kept where
+    > 0, as big_vision's evaluator places it; all False for a box that truncates to nothing."""
+    canvas = np.zeros((height, width), bool)
+    x0, y0, x1, y1 = pixel_box(locs, width, height)
+    if x1 > x0 and y1 > y0:  # t <= 1023, so the box never leaves the image
+        raw = np.asarray(raw64, dtype=np.float32)
+        canvas[y0:y1, x0:x1] = np.asarray(Image.fromarray(raw).resize((x1 - x0, y1 - y0), Image.BILINEAR)) > 0
+    return canvas
