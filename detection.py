@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from console import log
-from masks import LOC_MAX, SEG_CODES, SEG_MAX, MaskDecoder, decode_masks, place_mask
+from masks import LOC_MAX, SEG_CODES, SEG_MAX, MaskDecoder, decode_masks, place_mask, rle_encode
 
 MASK_ALPHA = 0.5  # opacity of a mask overlay where the mask is 1
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 200, 200),
@@ -178,8 +178,9 @@ def annotate(image: Image.Image, detections: list[dict], masks=None) -> Image.Im
 
 
 def describe(record: dict, image: Image.Image, prompt: str, picture: str | None, vae: MaskDecoder | None) -> dict:
-    """The answer's record with its detections or segments parsed (a `detect` or `segment` prompt), and the
-    annotated picture written to the path `picture` when given (masks decoded with vae when given)."""
+    """The answer's record with its detections or segments parsed (a `detect` or `segment` prompt); with vae, each
+    segment's mask in the image's pixels (COCO run-length encoding) and its area; and the annotated picture written
+    to the path `picture` when given."""
     task = prompt.strip().split(" ", 1)[0]
     if task not in ("detect", "segment"):
         return record
@@ -189,11 +190,12 @@ def describe(record: dict, image: Image.Image, prompt: str, picture: str | None,
         log(f"warning: {warning}")
     objects = [{"label": f.label, "box": f.box(width, height), **({"codes": f.codes} if f.codes else {})}
                for f in found]
-    record = {**record, "detections" if task == "detect" else "segments": objects}
+    masks = None
+    if task == "segment" and vae is not None:
+        raws = decode_masks(vae, [f.codes for f in found]) if found else []
+        masks = [place_mask(raw, f.locs, width, height) for raw, f in zip(raws, found)]
+        for obj, mask in zip(objects, masks):
+            obj.update(mask=rle_encode(mask), area=int(mask.sum()))
     if picture is not None:
-        masks = None
-        if task == "segment" and vae is not None and found:
-            raws = decode_masks(vae, [f.codes for f in found])
-            masks = [place_mask(raw, f.locs, width, height) for raw, f in zip(raws, found)]
         annotate(image, objects, masks).save(picture)
-    return record
+    return {**record, "detections" if task == "detect" else "segments": objects}

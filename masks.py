@@ -27,6 +27,10 @@ scored the published segmentation results): the box's pixel edges are int(t / 10
 edges meet or cross (x1 <= x0 or y1 <= y0) has no mask; the raw float output is resized into the box with PIL's
 bilinear filter, and pixels > 0 are the object. Google's demo instead maps the output to [0, 1] with x * 0.5 + 0.5,
 clips, resizes and keeps > 0.5: the clip moves the mask's edges wherever the raw output passes -1 or 1.
+
+A placed mask is written as COCO's run-length encoding, compressed, exactly as pycocotools' `mask.encode` writes it
+(the tests compare the two): {"size": [height, width], "counts": "..."}, where counts are the lengths of the runs of
+0s and 1s down the columns, starting with a run of 0s, in pycocotools' text form (maskApi.c, rleToString).
 """
 
 import zipfile
@@ -138,3 +142,55 @@ def place_mask(raw64, locs: list[int], width: int, height: int) -> np.ndarray:
         raw = np.asarray(raw64, dtype=np.float32)
         canvas[y0:y1, x0:x1] = np.asarray(Image.fromarray(raw).resize((x1 - x0, y1 - y0), Image.BILINEAR)) > 0
     return canvas
+
+
+def rle_encode(mask: np.ndarray) -> dict:
+    """COCO's compressed run-length encoding of a (height, width) bool mask: {"size": [h, w], "counts": str}."""
+    height, width = mask.shape
+    flat = np.asarray(mask, dtype=bool).ravel(order="F")  # down the columns, as COCO counts
+    bounds = np.concatenate([[0], np.flatnonzero(flat[1:] != flat[:-1]) + 1, [flat.size]])
+    counts = ([0] if flat.size and flat[0] else []) + np.diff(bounds).tolist()  # the first run is of 0s
+    return {"size": [height, width], "counts": _compress(counts)}
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+    """The (height, width) bool mask of a COCO run-length encoding, compressed (str or bytes counts) or not (a list)."""
+    height, width = rle["size"]
+    counts = rle["counts"]
+    if isinstance(counts, bytes):  # as pycocotools' own encode returns it
+        counts = counts.decode("ascii")
+    counts = _decompress(counts) if isinstance(counts, str) else list(counts)
+    flat = np.repeat(np.arange(len(counts)) % 2 == 1, counts)
+    if flat.size != height * width:
+        raise ValueError(f"the runs cover {flat.size} pixels, not {height} x {width}")
+    return flat.reshape((height, width), order="F")
+
+
+def _compress(counts: list[int]) -> str:
+    """pycocotools' text form of run lengths: from the fourth on, each as its difference to the one two before; each
+    in 5-bit groups, low first, with 0x20 set on all but the last group, and 48 added to make a character."""
+    out = []
+    for i, x in enumerate(counts):
+        x -= counts[i - 2] if i > 2 else 0
+        more = True
+        while more:
+            group, x = x & 0x1F, x >> 5
+            more = x != -1 if group & 0x10 else x != 0  # 0x10: the sign of what is left
+            out.append(chr(group + (0x20 if more else 0) + 48))
+    return "".join(out)
+
+
+def _decompress(text: str) -> list[int]:
+    """The run lengths of pycocotools' text form (maskApi.c, rleFrString)."""
+    counts, x, shift = [], 0, 0
+    for char in text:
+        group = ord(char) - 48
+        x |= (group & 0x1F) << shift
+        shift += 5
+        if group & 0x20:
+            continue
+        if group & 0x10:  # a negative difference: extend the sign
+            x |= -1 << shift
+        counts.append(x + (counts[-2] if len(counts) > 2 else 0))
+        x, shift = 0, 0
+    return counts

@@ -138,15 +138,20 @@ def test_detect_answer_gives_pixel_boxes_and_an_annotated_copy(vae, tmp_path):
     assert drawn.size == image.size and drawn.tobytes() != image.tobytes()
 
 
-def test_segment_answer_gives_codes_and_draws_decoded_masks(vae, tmp_path):
+def test_segment_answer_gives_codes_its_mask_in_run_lengths_and_draws_it(vae, tmp_path):
     image = Image.new("RGB", (128, 96), (255, 255, 255))
-    record = {"text": loc(0, 0, 1023, 1023) + seg(*range(16)) + " cup"}
+    record = {"text": loc(0, 0, 1023, 1023) + seg(*range(16)) + " cup ; " + loc(5, 5, 5, 900) + seg(*[9] * 16)}
     out = detection.describe(dict(record), image, "segment cup", str(tmp_path / "masks.png"), vae)
-    assert out["segments"] == [{"label": "cup", "box": [0.0, 0.0, 128.0, 96.0], "codes": list(range(16))}]
-    changed = (np.asarray(Image.open(tmp_path / "masks.png")) != 255).any(-1)
+    cup, flat = out["segments"]
     inside = masks.place_mask(masks.decode_masks(vae, [list(range(16))])[0], [0, 0, 1023, 1023], 128, 96)
+    assert cup["label"] == "cup" and cup["box"] == [0.0, 0.0, 128.0, 96.0] and cup["codes"] == list(range(16))
+    assert np.array_equal(masks.rle_decode(cup["mask"]), inside) and cup["area"] == inside.sum()
+    assert cup["mask"]["size"] == [96, 128] and isinstance(cup["mask"]["counts"], str)
+    assert flat["area"] == 0 and not masks.rle_decode(flat["mask"]).any()  # y_min == y_max: no mask
+    changed = (np.asarray(Image.open(tmp_path / "masks.png")) != 255).any(-1)
     assert 0.2 < inside.mean() < 0.8  # below the label, the translucent overlay is exactly the mask:
     assert np.array_equal(changed[20:-5, 5:-5], inside[20:-5, 5:-5])
+    assert "mask" not in detection.describe(dict(record), image, "segment cup", None, None)["segments"][0]
 
 
 def test_streamed_text_is_the_answer_with_no_character_split_across_byte_tokens(checkpoint, capsys):

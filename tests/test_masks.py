@@ -3,11 +3,15 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
+from pycocotools import mask as coco_mask
 
 from console import UserError
-from masks import decode_masks, load_vae, pixel_box, place_mask
+from masks import decode_masks, load_vae, pixel_box, place_mask, rle_decode, rle_encode
 
 # ---------------------------------------------------------------------------------------------------- mask decoder
 
@@ -200,3 +204,38 @@ def test_a_box_that_truncates_to_nothing_has_no_mask():
     assert not place_mask(raw, [100, 200, 100, 300], 640, 480).any()  # y_min == y_max: the evaluator's invalid box
     assert not place_mask(raw, [100, 200, 300, 201], 640, 480).any()  # 200 and 201 both truncate to pixel 125
     assert place_mask(raw, [100, 200, 300, 202], 640, 480).sum() == 140 - 46  # one column, 125, rows 46..139
+
+
+# ---------------------------------------------------------------------------------------------------- run lengths
+
+
+masks_to_encode = st.tuples(st.integers(1, 40), st.integers(1, 40)).flatmap(
+    lambda shape: arrays(bool, shape, elements=st.booleans()))
+
+
+@settings(max_examples=300, deadline=None)
+@given(mask=masks_to_encode)
+def test_run_lengths_decode_to_the_mask_and_equal_pycocotools_encoding(mask):
+    rle = rle_encode(mask)
+    assert np.array_equal(rle_decode(rle), mask)
+    theirs = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+    assert rle == {"size": list(theirs["size"]), "counts": theirs["counts"].decode("ascii")}
+    assert np.array_equal(coco_mask.decode(rle), mask) and coco_mask.area(rle) == mask.sum()
+
+
+def test_long_runs_and_full_or_empty_masks_round_trip_through_pycocotools():
+    big = np.zeros((1000, 1500), bool)
+    big[100:900, 200:1300] = True  # runs of 800 and more, differences far beyond one 5-bit group
+    rng = np.random.default_rng(3)
+    for mask in (big, ~big, np.zeros((37, 23), bool), np.ones((37, 23), bool), rng.random((480, 640)) < 0.3):
+        rle = rle_encode(mask)
+        assert rle["counts"] == coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode("ascii")
+        assert np.array_equal(rle_decode(rle), mask) and np.array_equal(coco_mask.decode(rle), mask)
+
+
+def test_uncompressed_and_bytes_counts_decode_too():
+    mask = np.array([[0, 1, 1], [0, 1, 0]], bool)  # down the columns: 0 0 1 1 1 0
+    assert rle_decode({"size": [2, 3], "counts": [2, 3, 1]}).tolist() == mask.tolist()
+    assert rle_decode({"size": [2, 3], "counts": rle_encode(mask)["counts"].encode()}).tolist() == mask.tolist()
+    with pytest.raises(ValueError, match="cover 5 pixels"):
+        rle_decode({"size": [2, 3], "counts": [2, 3]})
