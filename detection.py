@@ -16,6 +16,7 @@ demo Space and Keras notebooks divide by 1024; the two differ by less than 0.1% 
 Masks: masks.py decodes the 16 codes of a segment.
 """
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -33,40 +34,54 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
 _TOKEN_RE = re.compile(r"<loc(\d{4})>|<seg(\d{3})>|<[^<>]*>|;|[^<;]+|<")
 
 
-def _chunks(text: str, warnings: list[str]) -> list[list[tuple]]:
-    """Splits an answer into one list of (kind, value, raw) per object, at ' ; ' or where a new box begins."""
-    chunks, current = [], []
+def _pieces(text: str) -> list[tuple]:
+    """The answer as (kind, value, raw) pieces: kind "loc" or "seg" (value: the token's number), "tag" (any other
+    <tag>), ";", or "text" (value: the text)."""
+    pieces = []
     for m in _TOKEN_RE.finditer(text):
         raw = m.group()
         if m.group(1) is not None:
-            item = ("loc", int(m.group(1)), raw)
+            pieces.append(("loc", int(m.group(1)), raw))
         elif m.group(2) is not None:
-            item = ("seg", int(m.group(2)), raw)
-        elif raw == ";":
+            pieces.append(("seg", int(m.group(2)), raw))
+        elif raw == ";" or len(raw) > 1 and raw[0] == "<":
+            pieces.append((";" if raw == ";" else "tag", None, raw))
+        else:
+            pieces.append(("text", raw, raw))
+    return pieces
+
+
+def _chunks(text: str, warnings: list[str]) -> list[list[tuple]]:
+    """Splits an answer into one list of (kind, value, raw, place) per object, at ' ; ' or where a new box begins;
+    place counts the answer's <loc> and <seg> tokens from 0 (None for text)."""
+    chunks, current, place = [], [], 0
+    for kind, value, raw in _pieces(text):
+        if kind == ";":
             chunks.append(current)
             current = []
             continue
-        elif len(raw) > 1 and raw[0] == "<":
+        if kind == "tag":
             warnings.append(f"ignored unknown token {raw!r}")
             continue
-        else:
-            item = ("text", raw, raw)
         # A box that follows a label or codes starts a new object even when the model left out the ' ; '.
-        if item[0] == "loc" and any(kind != "loc" and (kind != "text" or value.strip()) for kind, value, _ in current):
+        if kind == "loc" and any(it[0] != "loc" and (it[0] != "text" or it[1].strip()) for it in current):
             chunks.append(current)
             current = []
-        current.append(item)
+        current.append((kind, value, raw, None if kind == "text" else place))
+        place += kind != "text"
     chunks.append(current)
-    return [c for c in chunks if any(kind != "text" or value.strip() for kind, value, _ in c)]
+    return [c for c in chunks if any(it[0] != "text" or it[1].strip() for it in c)]
 
 
 @dataclass
 class Found:
-    """One well-formed object of an answer: its label, its box as the four tokens spelled it, its mask codes."""
+    """One well-formed object of an answer: its label, its box as the four tokens spelled it, its mask codes, and
+    which of the answer's <loc> and <seg> tokens spelled it."""
 
     label: str
     locs: list[int]  # y_min, x_min, y_max, x_max on the 0..1023 grid
     codes: list[int]  # the 16 mask codes of a segment, none for a detection
+    places: list[int]  # of its <loc> and <seg> tokens, counted from the answer's first
 
     def box(self, width: int, height: int) -> list[float]:
         """[x0, y0, x1, y1] in pixels of a width x height image, rounded to 0.1."""
@@ -78,15 +93,15 @@ def _parse(text: str, with_codes: bool) -> tuple[list[Found], list[str]]:
     """Checks each object against `<loc>x4 [<seg>x16] label`; a malformed one is skipped with a warning."""
     found, warnings = [], []
     for chunk in _chunks(text, warnings):
-        shown = "".join(raw for _, _, raw in chunk).strip()
+        shown = "".join(it[2] for it in chunk).strip()
         shown = shown if len(shown) <= 60 else shown[:57] + "..."  # 16 seg tokens alone are 128 characters
         items = [it for it in chunk if it[0] != "text" or it[1].strip()]  # whitespace between tokens is harmless
         n_loc = next((i for i, it in enumerate(items) if it[0] != "loc"), len(items))
-        locs = [value for _, value, _ in items[:n_loc]]
+        locs = [it[1] for it in items[:n_loc]]
         n_seg = next((i for i, it in enumerate(items[n_loc:]) if it[0] != "seg"), len(items) - n_loc)
-        segs = [value for _, value, _ in items[n_loc:n_loc + n_seg]]
+        segs = [it[1] for it in items[n_loc:n_loc + n_seg]]
         rest = items[n_loc + n_seg:]
-        stray = [raw for kind, _, raw in rest if kind != "text"]
+        stray = [it[2] for it in rest if it[0] != "text"]
         problem = None
         if len(locs) != 4:
             problem = f"expected 4 location tokens, found {len(locs)}"
@@ -103,10 +118,11 @@ def _parse(text: str, with_codes: bool) -> tuple[list[Found], list[str]]:
         if problem:
             warnings.append(f"skipped {shown!r}: {problem}")
             continue
-        label = " ".join("".join(value for _, value, _ in rest).split())
+        label = " ".join("".join(it[1] for it in rest).split())
         if not label:
             warnings.append(f"{shown!r} has no label")
-        found.append(Found(label, locs, segs if with_codes else []))
+        codes = segs if with_codes else []
+        found.append(Found(label, locs, codes, [it[3] for it in items[:n_loc + len(codes)]]))
     return found, warnings
 
 
@@ -129,6 +145,25 @@ def parse_segments(text: str, width: int, height: int) -> tuple[list[dict], list
     return [{"label": f.label, "box": f.box(width, height), "codes": f.codes} for f in found], warnings
 
 
+def _scores(found: list[Found], record: dict, tokenizer, warnings: list[str]) -> list[float | None]:
+    """Each object's score, the geometric mean of the probabilities of the <loc> and <seg> tokens that spelled it
+    (exp of their mean log-probability), from the record's token_ids and logprobs; None for every object when they
+    are missing or do not spell the <loc> and <seg> tokens of the text (then with a warning)."""
+    ids, logprobs = record.get("token_ids"), record.get("logprobs")
+    if tokenizer is None or ids is None or logprobs is None:
+        return [None] * len(found)
+    spelled = []  # ((kind, number), logprob) of each generated <loc> and <seg> token
+    for token, logprob in zip(tokenizer.convert_ids_to_tokens(ids), logprobs):
+        pieces = _pieces(token)
+        if len(pieces) == 1 and pieces[0][0] in ("loc", "seg"):
+            spelled.append((pieces[0][:2], logprob))
+    in_text = [(kind, value) for kind, value, _ in _pieces(record["text"]) if kind in ("loc", "seg")]
+    if [token for token, _ in spelled] != in_text:  # e.g. a <loc> spelled out of text pieces: no single token
+        warnings.append("the answer's <loc> and <seg> tokens differ from its text, so no object has a score")
+        return [None] * len(found)
+    return [math.exp(sum(spelled[p][1] for p in f.places) / len(f.places)) for f in found]
+
+
 def _draw_label(draw: ImageDraw.ImageDraw, font, label: str, colour, x0: float, y0: float, size: tuple[int, int]):
     """Draws label on a filled background above (x0, y0), or just below it at the top edge, inside the image."""
     try:
@@ -146,8 +181,9 @@ def _draw_label(draw: ImageDraw.ImageDraw, font, label: str, colour, x0: float, 
 
 
 def annotate(image: Image.Image, detections: list[dict], masks=None) -> Image.Image:
-    """An RGB copy of image with each box, its label and (masks: one (height, width) mask or None per object,
-    e.g. from masks.place_mask) a translucent overlay in the object's colour; the input image is never modified."""
+    """An RGB copy of image with each box, its label and score (to 2 decimals) and (masks: one (height, width) mask
+    or None per object, e.g. from masks.place_mask) a translucent overlay in the object's colour; the input image is
+    never modified."""
     out = image.convert("RGB")  # always a new image
     width, height = out.size
     if masks is not None:
@@ -172,24 +208,31 @@ def annotate(image: Image.Image, detections: list[dict], masks=None) -> Image.Im
         x0, x1 = sorted((min(max(x0, 0), width - 1), min(max(x1, 0), width - 1)))  # pixels are 0..width-1
         y0, y1 = sorted((min(max(y0, 0), height - 1), min(max(y1, 0), height - 1)))
         draw.rectangle([x0, y0, x1, y1], outline=colour, width=line)
-        if det.get("label"):
-            _draw_label(draw, font, det["label"], colour, x0, y0, (width, height))
+        caption = det.get("label") or ""
+        if det.get("score") is not None:
+            caption = f"{caption} {det['score']:.2f}".strip()
+        if caption:
+            _draw_label(draw, font, caption, colour, x0, y0, (width, height))
     return out
 
 
-def describe(record: dict, image: Image.Image, prompt: str, picture: str | None, vae: MaskDecoder | None) -> dict:
-    """The answer's record with its detections or segments parsed (a `detect` or `segment` prompt); with vae, each
-    segment's mask in the image's pixels (COCO run-length encoding) and its area; and the annotated picture written
-    to the path `picture` when given."""
+def describe(record: dict, image: Image.Image, prompt: str, *, tokenizer=None, picture: str | None = None,
+             vae: MaskDecoder | None = None) -> dict:
+    """The answer's record with its detections or segments parsed (a `detect` or `segment` prompt), each with a
+    score (from token_ids and logprobs, read with tokenizer); with vae, each segment's mask in the image's pixels
+    (COCO run-length encoding) and its area; and the annotated picture written to the path `picture` when given."""
     task = prompt.strip().split(" ", 1)[0]
     if task not in ("detect", "segment"):
         return record
     width, height = image.size
     found, warnings = _parse(record["text"], with_codes=task == "segment")
+    objects = [{"label": f.label, "score": score, "box": f.box(width, height)}
+               for f, score in zip(found, _scores(found, record, tokenizer, warnings))]
     for warning in warnings:
         log(f"warning: {warning}")
-    objects = [{"label": f.label, "box": f.box(width, height), **({"codes": f.codes} if f.codes else {})}
-               for f in found]
+    for obj, f in zip(objects, found):
+        if f.codes:
+            obj["codes"] = f.codes
     masks = None
     if task == "segment" and vae is not None:
         raws = decode_masks(vae, [f.codes for f in found]) if found else []

@@ -185,7 +185,8 @@ def answer_one(session: Session, image: Image.Image, prompt: str, max_tokens: in
             f"{timings['decode_tokens'] / max(timings['decode_s'], 1e-9):.2f} tok/s | "
             f"peak memory {timings['peak_rss_gib']:.2f} GiB")
     record = detection.describe({"text": session.tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids,
-                                 "logprobs": logprobs}, image, prompt, annotate, session.vae)
+                                 "logprobs": logprobs}, image, prompt, tokenizer=session.tokenizer, picture=annotate,
+                                vae=session.vae)
     if output_format == "json":
         emit(json.dumps({**record, "timings": timings}, ensure_ascii=False, allow_nan=False) + "\n")
     elif printer:

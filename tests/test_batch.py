@@ -131,7 +131,8 @@ def vae(tmp_path_factory):
 def test_detect_answer_gives_pixel_boxes_and_an_annotated_copy(vae, tmp_path):
     image = random_image(300, 200)
     record = {"text": loc(100, 200, 500, 800) + " cat ; " + loc(600, 100, 900, 300) + " dog"}
-    out = detection.describe(dict(record), image, "detect cat ; dog", str(tmp_path / "annotated.png"), vae)
+    out = detection.describe(dict(record), image, "detect cat ; dog", picture=str(tmp_path / "annotated.png"),
+                             vae=vae)
     assert [d["label"] for d in out["detections"]] == ["cat", "dog"]
     assert out["detections"][0]["box"] == [58.7, 19.6, 234.6, 97.8]  # x by 300/1023, y by 200/1023
     drawn = Image.open(tmp_path / "annotated.png")
@@ -141,7 +142,7 @@ def test_detect_answer_gives_pixel_boxes_and_an_annotated_copy(vae, tmp_path):
 def test_segment_answer_gives_codes_its_mask_in_run_lengths_and_draws_it(vae, tmp_path):
     image = Image.new("RGB", (128, 96), (255, 255, 255))
     record = {"text": loc(0, 0, 1023, 1023) + seg(*range(16)) + " cup ; " + loc(5, 5, 5, 900) + seg(*[9] * 16)}
-    out = detection.describe(dict(record), image, "segment cup", str(tmp_path / "masks.png"), vae)
+    out = detection.describe(dict(record), image, "segment cup", picture=str(tmp_path / "masks.png"), vae=vae)
     cup, flat = out["segments"]
     inside = masks.place_mask(masks.decode_masks(vae, [list(range(16))])[0], [0, 0, 1023, 1023], 128, 96)
     assert cup["label"] == "cup" and cup["box"] == [0.0, 0.0, 128.0, 96.0] and cup["codes"] == list(range(16))
@@ -151,7 +152,7 @@ def test_segment_answer_gives_codes_its_mask_in_run_lengths_and_draws_it(vae, tm
     changed = (np.asarray(Image.open(tmp_path / "masks.png")) != 255).any(-1)
     assert 0.2 < inside.mean() < 0.8  # below the label, the translucent overlay is exactly the mask:
     assert np.array_equal(changed[20:-5, 5:-5], inside[20:-5, 5:-5])
-    assert "mask" not in detection.describe(dict(record), image, "segment cup", None, None)["segments"][0]
+    assert "mask" not in detection.describe(dict(record), image, "segment cup")["segments"][0]
 
 
 def test_streamed_text_is_the_answer_with_no_character_split_across_byte_tokens(checkpoint, capsys):

@@ -152,3 +152,13 @@ def test_annotate_never_modifies_the_input_image():
 def test_mask_of_the_wrong_size_is_refused():
     with pytest.raises(ValueError, match="place_mask"):
         annotate(Image.new("RGB", (64, 48)), [{"label": "x", "box": [0, 0, 10, 10]}], [torch.ones(64, 64)])
+
+
+def test_the_score_is_drawn_beside_the_label():
+    image = Image.new("RGB", (120, 80), (255, 255, 255))
+    box = [10.0, 30.0, 100.0, 70.0]
+    scored = annotate(image, [{"label": "cat", "score": 0.8712, "box": box}])
+    assert scored.tobytes() == annotate(image, [{"label": "cat 0.87", "box": box}]).tobytes()
+    assert scored.tobytes() != annotate(image, [{"label": "cat", "box": box}]).tobytes()
+    assert annotate(image, [{"label": "", "score": 0.5, "box": box}]).tobytes() == annotate(
+        image, [{"label": "0.50", "box": box}]).tobytes()

@@ -1,0 +1,157 @@
+"""What users take from detect and segment answers: a score per object (greedy and sampled), --min_score, and the
+COCO results file; on tiny checkpoints whose answers are forced token by token through the real sampler."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import random_image
+from test_detection import loc
+from test_hostile_input import run
+from test_model import load_ours
+
+import detection
+import generate
+from checkpoint import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(checkpoint):
+    return load_tokenizer(checkpoint("v1_mqa"))
+
+
+def ids_of(tokenizer, *tokens: str) -> list[int]:
+    return tokenizer.convert_tokens_to_ids(list(tokens))
+
+
+def locs(*values: int) -> list[str]:
+    return [f"<loc{v:04d}>" for v in values]
+
+
+def segs(*values: int) -> list[str]:
+    return [f"<seg{v:03d}>" for v in values]
+
+
+REAL_PREFILL, REAL_SAMPLE = generate.prefill, generate.sample
+
+
+def force(monkeypatch, *rows):
+    """Generation picks these tokens, per row of a batch and step by step, through the real sampler (greedy or
+    sampled), so that the logprobs are still the model's own. A callable picks an id from the step's logprobs."""
+    step = 0
+
+    def prefill(*args, **kwargs):  # a new generation starts at the first token again
+        nonlocal step
+        step = 0
+        return REAL_PREFILL(*args, **kwargs)
+
+    def sample(logits, temperature, top_p, generator=None):
+        nonlocal step
+        only = torch.full_like(logits, float("-inf"))
+        for r, row in enumerate(rows):
+            pick = row[min(step, len(row) - 1)]
+            only[r, pick(torch.log_softmax(logits[r].float(), -1)) if callable(pick) else pick] = 0
+        step += 1
+        return REAL_SAMPLE(only, temperature, top_p, generator)
+
+    monkeypatch.setattr(generate, "prefill", prefill)
+    monkeypatch.setattr(generate, "sample", sample)
+
+
+# ---------------------------------------------------------------------------------------------------- scores
+
+
+def record_of(tokenizer, tokens: list[str], logprobs: list[float]) -> dict:
+    ids = ids_of(tokenizer, *tokens)
+    return {"text": tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids, "logprobs": logprobs}
+
+
+def test_score_is_the_geometric_mean_of_the_probabilities_of_the_tokens_that_spelled_the_object(tokenizer):
+    tokens = locs(10, 20, 30, 40) + ["▁cat", "▁;", "▁"] + locs(50, 60, 70, 80) + ["▁dog", "<eos>"]
+    logprobs = [-0.1, -0.2, -0.3, -0.4, -9.0, -9.0, -9.0, -1.0, -2.0, -3.0, -4.0, -9.0, -9.0]  # text: never counted
+    out = detection.describe(record_of(tokenizer, tokens, logprobs), random_image(50, 40), "detect cat ; dog",
+                             tokenizer=tokenizer)
+    assert [d["label"] for d in out["detections"]] == ["cat", "dog"]
+    assert out["detections"][0]["score"] == pytest.approx(math.exp(-0.25))
+    assert out["detections"][1]["score"] == pytest.approx(math.exp(-2.5))
+
+
+def test_segment_score_counts_its_four_loc_and_sixteen_seg_tokens(tokenizer):
+    tokens = locs(0, 0, 1023, 1023) + segs(*range(16)) + ["▁cat", "<eos>"]
+    logprobs = [-2.0] * 4 + [-0.5] * 16 + [-9.0, -9.0]
+    out = detection.describe(record_of(tokenizer, tokens, logprobs), random_image(50, 40), "segment cat",
+                             tokenizer=tokenizer)
+    assert out["segments"][0]["score"] == pytest.approx(math.exp((4 * -2.0 + 16 * -0.5) / 20))
+
+
+def test_a_skipped_malformed_object_does_not_shift_the_scores_after_it(tokenizer):
+    tokens = locs(1, 2, 3) + ["▁cat", "▁;", "▁"] + locs(50, 60, 70, 80) + ["▁dog"]  # three locations: skipped
+    logprobs = [-5.0, -5.0, -5.0, -9.0, -9.0, -9.0, -0.1, -0.1, -0.1, -0.1, -9.0]
+    out = detection.describe(record_of(tokenizer, tokens, logprobs), random_image(50, 40), "detect dog",
+                             tokenizer=tokenizer)
+    assert len(out["detections"]) == 1 and out["detections"][0]["score"] == pytest.approx(math.exp(-0.1))
+
+
+def test_a_loc_spelled_out_of_text_pieces_leaves_no_score_and_says_so(tokenizer, capsys):
+    tokens = list("<loc0001>") + locs(2, 3, 4) + ["▁cat"]  # the text shows four <loc>, the tokens hold three
+    out = detection.describe(record_of(tokenizer, tokens, [-1.0] * len(tokens)), random_image(50, 40), "detect cat",
+                             tokenizer=tokenizer)
+    assert out["detections"][0]["score"] is None
+    assert "no object has a score" in capsys.readouterr().err
+
+
+def test_without_token_ids_objects_have_no_score(tokenizer):
+    out = detection.describe({"text": loc(1, 2, 3, 4) + " cat"}, random_image(50, 40), "detect cat",
+                             tokenizer=tokenizer)
+    assert out["detections"] == [{"label": "cat", "score": None, "box": [0.1, 0.0, 0.2, 0.1]}]
+
+
+def nth_likeliest_box(tokenizer, n: int) -> list:
+    """Four pickers of the n-th likeliest <loc> token (0: the likeliest) from a step's logprobs, the minimums among
+    <loc0000>..<loc0511> and the maximums among <loc0512>..<loc1023>, so that the box is always valid."""
+    def pick(first):
+        return lambda logprobs: first + logprobs[first:first + 512].argsort(descending=True)[n].item()
+
+    low, high = (tokenizer.convert_tokens_to_ids(f"<loc{v:04d}>") for v in (0, 512))
+    return [pick(low), pick(low), pick(high), pick(high)]
+
+
+def test_scores_rank_a_box_the_model_is_sure_of_above_one_it_is_not(checkpoint, monkeypatch):
+    model, processor = load_ours(checkpoint("v1_mqa"))
+    with torch.no_grad():  # every logit 30 times larger: a model as sure of its tokens as a trained one
+        norm = model.language_model.model.norm.weight
+        norm.copy_(30 * (1 + norm) - 1)
+    tokenizer = processor.tokenizer
+    session = generate.Session(model, tokenizer, processor, stop_ids=(1,))
+    image, tail = random_image(51, 37), ids_of(tokenizer, "▁cat", "<eos>")
+    sure, tenth, last = (nth_likeliest_box(tokenizer, n) for n in (0, 9, 511))
+    answers = {"sure": sure, "10th": tenth, "one edge absurd": sure[:2] + last[2:3] + sure[3:], "unsure": last}
+    found = {}
+    for name, picks in answers.items():
+        force(monkeypatch, picks + tail)
+        [(ids, logprobs)] = session.answer(processor(["detect cat"], [image]), 6)
+        record = {"text": tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids, "logprobs": logprobs}
+        found[name] = detection.describe(record, image, "detect cat", tokenizer=tokenizer)["detections"][0]["score"]
+        assert found[name] == pytest.approx(math.exp(sum(logprobs[:4]) / 4))
+    assert found["sure"] > found["10th"] > found["one edge absurd"] > found["unsure"]
+
+
+def cli(checkpoint, image, prompt, *extra):
+    return ["--model_path", checkpoint("v1_mqa"), "--image_file_path", image, "--prompt", prompt, "--dtype",
+            "float32", "--only_cpu", "True", "--max_tokens_to_generate", 24, "--output_format", "json", *extra]
+
+
+def test_greedy_and_sampled_answers_both_score_their_objects(checkpoint, tokenizer, tmp_path, capsys, monkeypatch):
+    random_image(51, 37).save(tmp_path / "photo.png")
+    force(monkeypatch, ids_of(tokenizer, *locs(100, 200, 300, 400), "▁cat", "<eos>"))
+    records = []
+    for sampling in ([], ["--do_sample", "True", "--temperature", 1.5, "--top_p", 0.5, "--seed", 3]):
+        code, out, err = run(cli(checkpoint, tmp_path / "photo.png", "detect cat", *sampling), capsys, monkeypatch)
+        assert code == 0, err
+        records.append(json.loads(out))
+    for record in records:
+        [cat] = record["detections"]
+        assert cat["label"] == "cat" and cat["score"] == pytest.approx(math.exp(sum(record["logprobs"][:4]) / 4))
+    # The logprobs are the model's own, before temperature and top-p: the same tokens score the same either way.
+    assert records[0]["detections"] == records[1]["detections"]
