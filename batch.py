@@ -153,7 +153,7 @@ def answer_batch(session: Session, items: list[Item], results: ResultsFile | Std
                                          token_ids=ids, logprobs=logprobs)
                     records[item] = detection.describe(record, images[item], item.prompt, tokenizer=session.tokenizer,
                                                        picture=None if picture is None else str(picture),
-                                                       vae=session.vae)
+                                                       vae=session.vae, min_score=session.min_score)
             results.write([records[item] for item in chunk])
             bar.update(len(chunk))
     return len(todo), failed

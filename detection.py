@@ -217,26 +217,29 @@ def annotate(image: Image.Image, detections: list[dict], masks=None) -> Image.Im
 
 
 def describe(record: dict, image: Image.Image, prompt: str, *, tokenizer=None, picture: str | None = None,
-             vae: MaskDecoder | None = None) -> dict:
+             vae: MaskDecoder | None = None, min_score: float = 0.0) -> dict:
     """The answer's record with its detections or segments parsed (a `detect` or `segment` prompt), each with a
-    score (from token_ids and logprobs, read with tokenizer); with vae, each segment's mask in the image's pixels
-    (COCO run-length encoding) and its area; and the annotated picture written to the path `picture` when given."""
+    score (from token_ids and logprobs, read with tokenizer), those below min_score left out (and, when it is above
+    0, those without a score); with vae, each segment's mask in the image's pixels (COCO run-length encoding) and its
+    area; and the annotated picture written to the path `picture` when given."""
     task = prompt.strip().split(" ", 1)[0]
     if task not in ("detect", "segment"):
         return record
     width, height = image.size
     found, warnings = _parse(record["text"], with_codes=task == "segment")
-    objects = [{"label": f.label, "score": score, "box": f.box(width, height)}
-               for f, score in zip(found, _scores(found, record, tokenizer, warnings))]
+    kept = [(f, score) for f, score in zip(found, _scores(found, record, tokenizer, warnings))
+            if min_score == 0 or score is not None and score >= min_score]  # an unknown score cannot reach it
     for warning in warnings:
         log(f"warning: {warning}")
-    for obj, f in zip(objects, found):
+    objects = []
+    for f, score in kept:
+        objects.append({"label": f.label, "score": score, "box": f.box(width, height)})
         if f.codes:
-            obj["codes"] = f.codes
+            objects[-1]["codes"] = f.codes
     masks = None
     if task == "segment" and vae is not None:
-        raws = decode_masks(vae, [f.codes for f in found]) if found else []
-        masks = [place_mask(raw, f.locs, width, height) for raw, f in zip(raws, found)]
+        raws = decode_masks(vae, [f.codes for f, _ in kept]) if kept else []
+        masks = [place_mask(raw, f.locs, width, height) for raw, (f, _) in zip(raws, kept)]
         for obj, mask in zip(objects, masks):
             obj.update(mask=rle_encode(mask), area=int(mask.sum()))
     if picture is not None:

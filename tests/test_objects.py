@@ -4,15 +4,18 @@ COCO results file; on tiny checkpoints whose answers are forced token by token t
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import random_image
+from PIL import Image
 from test_detection import loc
 from test_hostile_input import run
 from test_model import load_ours
 
 import detection
 import generate
+import masks
 from checkpoint import load_tokenizer
 
 
@@ -139,7 +142,7 @@ def test_scores_rank_a_box_the_model_is_sure_of_above_one_it_is_not(checkpoint, 
 
 def cli(checkpoint, image, prompt, *extra):
     return ["--model_path", checkpoint("v1_mqa"), "--image_file_path", image, "--prompt", prompt, "--dtype",
-            "float32", "--only_cpu", "True", "--max_tokens_to_generate", 24, "--output_format", "json", *extra]
+            "float32", "--only_cpu", "True", "--max_tokens_to_generate", 48, "--output_format", "json", *extra]
 
 
 def test_greedy_and_sampled_answers_both_score_their_objects(checkpoint, tokenizer, tmp_path, capsys, monkeypatch):
@@ -155,3 +158,48 @@ def test_greedy_and_sampled_answers_both_score_their_objects(checkpoint, tokeniz
         assert cat["label"] == "cat" and cat["score"] == pytest.approx(math.exp(sum(record["logprobs"][:4]) / 4))
     # The logprobs are the model's own, before temperature and top-p: the same tokens score the same either way.
     assert records[0]["detections"] == records[1]["detections"]
+
+
+# ---------------------------------------------------------------------------------------------------- --min_score
+
+
+def test_min_score_drops_objects_below_it_from_the_record_and_the_picture(tokenizer, tmp_path):
+    tokens = locs(10, 20, 300, 400) + ["▁cat", "▁;", "▁"] + locs(500, 600, 700, 800) + ["▁dog"]
+    record = record_of(tokenizer, tokens, [-0.25] * 4 + [-9.0] * 3 + [-2.5] * 4 + [-9.0])  # 0.78 and 0.08
+    image = random_image(80, 60)
+    kept = detection.describe(record, image, "detect cat ; dog", tokenizer=tokenizer, picture=str(tmp_path / "a.png"),
+                              min_score=0.5)["detections"]
+    assert [d["label"] for d in kept] == ["cat"]
+    with Image.open(tmp_path / "a.png") as drawn:
+        assert drawn.tobytes() == detection.annotate(image, kept).tobytes()
+    everything = detection.describe(record, image, "detect cat ; dog", tokenizer=tokenizer)["detections"]
+    assert [d["label"] for d in everything] == ["cat", "dog"]
+    exactly = detection.describe(record, image, "detect", tokenizer=tokenizer, min_score=everything[1]["score"])
+    assert len(exactly["detections"]) == 2  # a score equal to --min_score is kept
+
+
+def test_min_score_drops_objects_whose_score_is_unknown(tokenizer):
+    record = {"text": loc(1, 2, 3, 4) + " cat"}  # no token ids: no score
+    image = random_image(50, 40)
+    assert len(detection.describe(record, image, "detect cat", tokenizer=tokenizer)["detections"]) == 1
+    assert detection.describe(record, image, "detect cat", tokenizer=tokenizer, min_score=0.01)["detections"] == []
+
+
+def test_min_score_flag_filters_segments_and_their_masks(checkpoint, tokenizer, tmp_path, capsys, monkeypatch):
+    from test_masks import vivid_vae_arrays
+
+    random_image(64, 48).save(tmp_path / "photo.png")
+    np.savez(tmp_path / "vae.npz", **vivid_vae_arrays())
+    sure, last = nth_likeliest_box(tokenizer, 0), nth_likeliest_box(tokenizer, 511)
+    codes = ids_of(tokenizer, *segs(*range(16)))
+    force(monkeypatch, sure + codes + ids_of(tokenizer, "▁cat", "▁;", "▁") + last + codes + ids_of(tokenizer, "<eos>"))
+    args = cli(checkpoint, tmp_path / "photo.png", "segment cat", "--vae_path", tmp_path / "vae.npz")
+    code, out, err = run(args, capsys, monkeypatch)
+    both = json.loads(out)["segments"]
+    assert code == 0 and len(both) == 2 and both[0]["score"] > both[1]["score"], err
+    middle = (both[0]["score"] + both[1]["score"]) / 2
+    code, out, err = run([*args, "--min_score", middle, "--annotate", tmp_path / "kept.png"], capsys, monkeypatch)
+    assert code == 0 and json.loads(out)["segments"] == both[:1], err
+    with Image.open(tmp_path / "photo.png") as image, Image.open(tmp_path / "kept.png") as drawn:
+        expected = detection.annotate(image, both[:1], [masks.rle_decode(both[0]["mask"])])
+        assert drawn.tobytes() == expected.tobytes()
