@@ -9,10 +9,14 @@ import pytest
 import torch
 from conftest import random_image
 from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 from test_detection import loc
 from test_hostile_input import run
+from test_masks import vivid_vae_arrays
 from test_model import load_ours
 
+import coco
 import detection
 import generate
 import masks
@@ -186,8 +190,6 @@ def test_min_score_drops_objects_whose_score_is_unknown(tokenizer):
 
 
 def test_min_score_flag_filters_segments_and_their_masks(checkpoint, tokenizer, tmp_path, capsys, monkeypatch):
-    from test_masks import vivid_vae_arrays
-
     random_image(64, 48).save(tmp_path / "photo.png")
     np.savez(tmp_path / "vae.npz", **vivid_vae_arrays())
     sure, last = nth_likeliest_box(tokenizer, 0), nth_likeliest_box(tokenizer, 511)
@@ -203,3 +205,75 @@ def test_min_score_flag_filters_segments_and_their_masks(checkpoint, tokenizer, 
     with Image.open(tmp_path / "photo.png") as image, Image.open(tmp_path / "kept.png") as drawn:
         expected = detection.annotate(image, both[:1], [masks.rle_decode(both[0]["mask"])])
         assert drawn.tobytes() == expected.tobytes()
+
+
+# ---------------------------------------------------------------------------------------------------- COCO results
+
+
+@pytest.fixture
+def batch_results(checkpoint, tokenizer, tmp_path, capsys, monkeypatch):
+    """A batch run's results file: boxes for one image, a segment with its mask for another, a caption, and an
+    image that cannot be read; the answers forced, their logprobs the tiny model's own."""
+    names = ["000000000007.png", "000000000011.png", "000000000012.png", "000000000013.png"]
+    for name, size in zip(names[:3], [(64, 48), (40, 30), (30, 30)]):
+        random_image(*size).save(tmp_path / name)
+    (tmp_path / names[3]).write_text("not an image")
+    prompts = ["detect cat ; dog", "segment cat", "caption en", "detect cat"]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"image": n, "prompt": p}) + "\n"
+                                                    for n, p in zip(names, prompts)))
+    np.savez(tmp_path / "vae.npz", **vivid_vae_arrays())
+    force(monkeypatch, ids_of(tokenizer, *locs(100, 200, 500, 600), "▁cat", "▁;", "▁", *locs(0, 0, 1023, 512), "▁dog",
+                              "<eos>"),
+          ids_of(tokenizer, *locs(0, 0, 1023, 1023), *segs(*range(16)), "▁cat", "<eos>"),
+          ids_of(tokenizer, "▁a", "<eos>"))
+    code, out, err = run(["--model_path", checkpoint("v1_mqa"), "--prompts_file", tmp_path / "prompts.jsonl",
+                          "--batch_size", 4, "--vae_path", tmp_path / "vae.npz", "--output", tmp_path / "answers.jsonl",
+                          "--dtype", "float32", "--only_cpu", "True", "--max_tokens_to_generate", 24], capsys,
+                         monkeypatch)
+    assert code == 1 and "1 of 4 inputs failed" in err  # the image that is not one
+    return tmp_path / "answers.jsonl"
+
+
+def coco_annotations() -> dict:
+    images = [{"id": i, "file_name": f"{i:012d}.png", "width": w, "height": h}
+              for i, w, h in [(7, 64, 48), (11, 40, 30), (12, 30, 30)]]
+    categories = [{"id": 17, "name": "cat"}, {"id": 18, "name": "dog"}]
+    truth = [{"id": 1, "image_id": 7, "category_id": 17, "bbox": [12.0, 5.0, 24.0, 19.0], "area": 456.0,
+              "segmentation": [[12.0, 5.0, 36.0, 5.0, 36.0, 24.0, 12.0, 24.0]], "iscrowd": 0}]
+    return {"images": images, "categories": categories, "annotations": truth}
+
+
+def test_coco_results_of_a_batch_run_hold_every_scored_object(batch_results):
+    records = coco.read_records(batch_results)
+    entries = coco.coco_results(records)
+    cat, dog, cup = (records[0]["detections"] + records[1]["segments"])
+    assert [(e["image_id"], e["category"]) for e in entries] == [(7, "cat"), (7, "dog"), (11, "cat")]
+    x0, y0, x1, y1 = cat["box"]
+    assert entries[0]["bbox"] == [x0, y0, round(x1 - x0, 1), round(y1 - y0, 1)] and entries[0]["score"] == cat["score"]
+    assert "segmentation" not in entries[1] and entries[2]["segmentation"] == cup["mask"]
+    assert masks.rle_decode(cup["mask"]).shape == (30, 40) and cup["area"] > 0
+
+
+def test_coco_results_load_into_pycocotools_with_the_annotations_ids(batch_results, tmp_path, capsys):
+    (tmp_path / "instances.json").write_text(json.dumps(coco_annotations()))
+    coco.main([str(batch_results), str(tmp_path / "results.json"), "--annotations", str(tmp_path / "instances.json")])
+    entries = json.loads((tmp_path / "results.json").read_text())
+    assert [(e["image_id"], e["category_id"]) for e in entries] == [(7, 17), (7, 18), (11, 17)]
+    truth = COCO(str(tmp_path / "instances.json"))
+    for kind in ("bbox", "segm"):
+        evaluation = COCOeval(truth, truth.loadRes(str(tmp_path / "results.json")), kind)
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+        assert evaluation.stats[1] > 0  # AP at IoU 0.5: the cat box found its ground truth by image and category
+    assert "3 objects written" in capsys.readouterr().err
+
+
+def test_coco_needs_annotations_for_images_not_named_by_number(tmp_path, capsys):
+    record = {"pytorch_paligemma": 1, "index": 0, "image": "/photos/cat.jpg", "prompt": "detect cat", "text": "",
+              "detections": [{"label": "cat", "score": 0.5, "box": [1.0, 2.0, 3.0, 4.0]}]}
+    (tmp_path / "answers.jsonl").write_text(json.dumps(record) + "\n")
+    with pytest.raises(SystemExit):
+        coco.main([str(tmp_path / "answers.jsonl"), str(tmp_path / "out.json")])
+    assert "its image_id must come from --annotations" in capsys.readouterr().err
+    assert not (tmp_path / "out.json").exists()
