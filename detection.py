@@ -1,4 +1,4 @@
-"""PaliGemma's detection and segmentation answers: boxes, labels, 64x64 masks, and a picture of them.
+"""PaliGemma's detection and segmentation answers: boxes, labels, scores, masks, and a picture of them.
 
 `detect cat ; dog` is answered as `<loc0123><loc0045><loc0789><loc0901> cat ; <loc0010>... dog`: per object four
 location tokens y_min, x_min, y_max, x_max on a 0..1023 grid, then the label; objects separated by ` ; `.
@@ -13,7 +13,11 @@ as t / 1023 (big_vision/evaluators/proj/paligemma/transfers/segmentation.py), so
 demo Space and Keras notebooks divide by 1024; the two differ by less than 0.1% of the side. Boxes are returned as
 [x0, y0, x1, y1] in original-image pixels, floats rounded to 1 decimal.
 
-Masks: masks.py decodes the 16 codes of a segment.
+Scores. Each object's score is the geometric mean of the probabilities of the <loc> and <seg> tokens that spelled
+it, exp(mean log-probability), from the record's token_ids and logprobs (README.md says why this one). The objects
+are matched to their tokens by order: the n-th <loc>/<seg> token of the text is the n-th such token id.
+
+Masks: masks.py decodes the 16 codes of a segment, places the mask as big_vision's evaluator does, and encodes it.
 """
 
 import math
