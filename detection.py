@@ -48,8 +48,10 @@ def _pieces(text: str) -> list[tuple]:
             pieces.append(("loc", int(m.group(1)), raw))
         elif m.group(2) is not None:
             pieces.append(("seg", int(m.group(2)), raw))
-        elif raw == ";" or len(raw) > 1 and raw[0] == "<":
-            pieces.append((";" if raw == ";" else "tag", None, raw))
+        elif raw == ";":
+            pieces.append((";", None, raw))
+        elif len(raw) > 1 and raw[0] == "<":
+            pieces.append(("tag", None, raw))
         else:
             pieces.append(("text", raw, raw))
     return pieces
