@@ -151,8 +151,9 @@ def answer_batch(session: Session, items: list[Item], results: ResultsFile | Std
                         continue
                     record = item.record(text=session.tokenizer.decode(ids, skip_special_tokens=True),
                                          token_ids=ids, logprobs=logprobs)
-                    records[item] = detection.describe(record, images[item], item.prompt,
-                                                       None if picture is None else str(picture), session.vae)
+                    records[item] = detection.describe(record, images[item], item.prompt, tokenizer=session.tokenizer,
+                                                       picture=None if picture is None else str(picture),
+                                                       vae=session.vae, min_score=session.min_score)
             results.write([records[item] for item in chunk])
             bar.update(len(chunk))
     return len(todo), failed

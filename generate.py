@@ -150,6 +150,7 @@ class Session:
     generator: torch.Generator | None = None
     step: object = decode_one_token  # the decode step, eager or compiled
     vae: object = None  # the segmentation mask decoder, or None
+    min_score: float = 0.0  # objects of detect and segment answers that score below this are dropped
 
     @property
     def device(self) -> torch.device:

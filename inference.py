@@ -32,6 +32,7 @@ from PIL import Image  # noqa: E402
 import batch  # noqa: E402
 import detection  # noqa: E402
 import kernels  # noqa: E402
+import masks  # noqa: E402
 import quantization  # noqa: E402
 from checkpoint import DTYPES, load_config, load_tokenizer, stop_tokens  # noqa: E402
 from console import UserError, is_number, kind_of, log, one_line, peak_rss_gib, require_file  # noqa: E402
@@ -58,6 +59,7 @@ FLAG_RULES = {  # flag -> (test of its value, what it must be)
     "seed": (lambda v: v is None or type(v) is int, "a whole number"),
     "max_image_pixels": (lambda v: type(v) is int and v > 0, "a whole number > 0"),
     "batch_size": (lambda v: type(v) is int and v >= 1, "a whole number >= 1"),
+    "min_score": (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "stream": (lambda v: v is None or isinstance(v, bool), "True or False"),
     **{name: (lambda v: isinstance(v, bool), "True or False") for name in BOOLEAN_FLAGS if name != "stream"},
 }
@@ -84,8 +86,8 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
          only_cpu: bool = False, dtype: str | None = None, output_format: str = "text", seed: int | None = None,
          max_image_pixels: int = DEFAULT_MAX_PIXELS, ignore_memory_check: bool = False, verbose: bool = False,
          compile: bool = False, stream: bool | None = None, annotate: str | None = None, vae_path: str | None = None,
-         prompts_file: str | None = None, batch_size: int = 1, output: str | None = None, quantize: str = "none",
-         save_quantized: str | None = None):
+         prompts_file: str | None = None, batch_size: int = 1, output: str | None = None, min_score: float = 0.0,
+         quantize: str = "none", save_quantized: str | None = None):
     """Answer a prompt about an image, or about every image of a folder, a glob or a prompts file.
 
     Args:
@@ -110,6 +112,7 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
         prompts_file: a JSON Lines file of {"image": "path", "prompt": "text"} to answer in one run
         batch_size: inputs answered together when there are several
         output: append the answers to this JSON Lines file; a rerun skips the inputs already there
+        min_score: drop detected and segmented objects whose score is below this, from the JSON and the picture
         quantize: none, int8 or int4: the decoder's weights as integers, quantized while they load (CPU only)
         save_quantized: write the quantized model to this new folder, which later loads in place, and answer nothing
     """
@@ -128,7 +131,7 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
                   single=items is None)
     if vae_path is not None:
         require_file(vae_path, "the --vae_path file")
-    vae = detection.load_vae(vae_path) if vae_path is not None else None
+    vae = masks.load_vae(vae_path) if vae_path is not None else None
     config, settings = load_config(folder), read_image_settings(folder)
     stop_ids, max_positions = stop_tokens(folder, config), config.text_config.max_position_embeddings
     longest = max(max_prompt_length(p, config.num_image_tokens) for p in dict.fromkeys(
@@ -155,7 +158,7 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
                 log(message)
         session = Session(model, tokenizer, processor, stop_ids, temperature if do_sample else 0.0, top_p,
                           torch.Generator(device).manual_seed(seed) if seed is not None else None,
-                          compile_decode(device, log) if compile else decode_one_token, vae)
+                          compile_decode(device, log) if compile else decode_one_token, vae, min_score)
         if items is None:
             return answer_one(session, image, prompt, max_tokens_to_generate, clock, output_format, stream, annotate,
                               verbose)
@@ -206,7 +209,8 @@ def answer_one(session: Session, image: Image.Image, prompt: str, max_tokens: in
             f"{timings['decode_tokens'] / max(timings['decode_s'], 1e-9):.2f} tok/s | "
             f"peak memory {timings['peak_rss_gib']:.2f} GiB")
     record = detection.describe({"text": session.tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids,
-                                 "logprobs": logprobs}, image, prompt, annotate, session.vae)
+                                 "logprobs": logprobs}, image, prompt, tokenizer=session.tokenizer, picture=annotate,
+                                vae=session.vae, min_score=session.min_score)
     if output_format == "json":
         emit(json.dumps({**record, "timings": timings}, ensure_ascii=False, allow_nan=False) + "\n")
     elif printer:
