@@ -94,13 +94,14 @@ def build() -> ctypes.CDLL:
         raise KernelsUnavailable(f"the CPU kernels need an x86-64 CPU, not {platform.machine()}")
     source = b"".join((SOURCES / name).read_bytes() for name in C_FILES)
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pytorch-paligemma"
-    built = cache / f"kernels-{hashlib.sha256(source + cpu_signature()).hexdigest()[:16]}.so"
+    march = os.environ.get("PALIGEMMA_MARCH", "native")  # e.g. haswell: the AVX2 build, which the tests check too
+    built = cache / f"kernels-{hashlib.sha256(source + cpu_signature() + march.encode()).hexdigest()[:16]}.so"
     try:
         if not built.exists():
             cache.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then move: never a half-written file
                 out = Path(tmp) / "kernels.so"
-                subprocess.run([compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(out),
+                subprocess.run([compiler, "-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-o", str(out),
                                 *(str(SOURCES / name) for name in C_FILES if name.endswith(".c"))], check=True,
                                capture_output=True, text=True, timeout=120)
                 os.replace(out, built)
@@ -122,6 +123,7 @@ def build() -> ctypes.CDLL:
     lib.quantize_rows.restype = i64
     lib.dequantize.argtypes = [pointer, pointer, pointer, i64, i64, i32, i64]
     lib.gemv_quant.argtypes = [i64, pointer, pointer, pointer, pointer, pointer, i64, i64, i64, i32]
+    lib.int4_rounds_x_to_bfloat16.restype = i32
     return lib
 
 

@@ -10,6 +10,7 @@
 // A decode step multiplies a few rows of x by the weights as they stream from memory, widening each weight to
 // float32 in registers (`gemv_quant`); a prompt multiplies a weight matrix dequantized to bfloat16 (`dequantize`).
 #include <math.h>
+#include <stdlib.h>
 
 #include "simd.h"
 
@@ -38,6 +39,22 @@ static inline vec load_i8(const int8_t *p) {
 }
 static inline vec low_nibbles(ivec v) { return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15))); }
 static inline vec high_nibbles(ivec v) { return _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)); }
+#endif
+
+#if defined(__AVX512BF16__)
+// With bfloat16 dot products (AVX512-BF16), an int4 block of 32 columns becomes one vector of 32 bfloat16 values
+// without float arithmetic: bfloat16(128 + u) is the bits 0x4300 | u for u < 128, and 128 + u = 136 + q. So the
+// group's sum is sum_k (136 + q_k) x_k - 136 sum_k x_k, with x rounded to bfloat16 for the product (a bfloat16
+// model's x already is) and float32 sums.
+#define INT4_BIAS 136.0f
+static inline __m512bh nibbles_bf16(const uint8_t *p) {
+    __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));  // 16 bytes -> 16 words
+    __m256i lo = _mm256_and_si256(v, _mm256_set1_epi16(15)), hi = _mm256_srli_epi16(v, 4);
+    __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // columns 0..15, then 16..31
+    return (__m512bh)_mm512_or_si512(u, _mm512_set1_epi16(0x4300));
+}
+#else
+#define INT4_BIAS 8.0f  // the float path multiplies the stored q + 8 and takes 8 sum_k x_k off
 #endif
 
 static inline int64_t row_bytes(int64_t cols, int bits) { return bits == 8 ? cols : (cols + 31) / 32 * 16; }
@@ -109,61 +126,69 @@ void dequantize(const uint8_t *q, const uint16_t *scales, uint16_t *dst, int64_t
     }
 }
 
+// Adds the products of one weight vector of row i with the nm rows of x at column k into acc[m][i], scaled by scale
+// (1 when the group's sum is scaled later).
+#define FOR_EACH_X(EXPR) for (int m = 0; m < nm; m++) acc[m][i] = (EXPR)
+
 // One pass over rows [r, r + nr) of one weight for the nm rows of x at x (nm, nr small constants once inlined).
-// Within a group the integers (int4: as stored, q + 8) are multiplied by x as they are, and the group's sum is
-// scaled once: y = sum_g s_g (sum_k q_k x_k), which for int4 is s_g (sum_k (q_k + 8) x_k - 8 sum_k x_k) with the
-// sums of x per group, xsum, computed once per call. That leaves two float operations per weight vector, a
-// conversion and a multiply-add, so that the integers stream at memory speed.
+// For one row of x (a batch of one) the integers are multiplied by x as they are within a group, and the group's
+// sum is scaled once: y = sum_g s_g (sum_k q_k x_k), at most two float operations per weight vector. For several
+// rows of x, which would need a group sum per row in registers, each weight vector is scaled as it comes and shared
+// by the rows. int4 multiplies the stored q + 8 (or bfloat16(136 + q), above) and takes s_g * INT4_BIAS * xsum_g
+// off, with the sums of x per group, xsum, computed once per call. So the integers stream at memory speed.
 static inline __attribute__((always_inline)) void pass_quant(const uint8_t *Q, const uint16_t *S, const float *x,
-                                                             const float *xsum, float *y, int64_t rows, int64_t cols,
-                                                             int64_t group, int bits, int64_t r, const int nr,
-                                                             const int nm) {
+                                                             const uint16_t *xb, const float *xsum, float *y,
+                                                             int64_t rows, int64_t cols, int64_t group, int bits,
+                                                             int64_t r, const int nr, const int nm) {
     int64_t stride = row_bytes(cols, bits), n_groups = (cols + group - 1) / group;
     int64_t step = bits == 8 ? WIDTH : 32, body = cols - cols % step;
     int64_t ahead = stride <= QSHORT_ROW ? QROWS * stride : QPREFETCH;
-    vec total[QMAX_X][QROWS];
+    const int grouped = nm == 1;
+    vec total[QMAX_X][QROWS], acc[QMAX_X][QROWS];
     float offset[QMAX_X][QROWS];
     for (int m = 0; m < nm; m++)
         for (int i = 0; i < nr; i++) total[m][i] = zero(), offset[m][i] = 0.0f;
     for (int64_t g0 = 0; g0 < body; g0 += group) {
         int64_t g1 = g0 + group < body ? g0 + group : body;
-        vec acc[QMAX_X][QROWS];
-        for (int m = 0; m < nm; m++)
-            for (int i = 0; i < nr; i++) acc[m][i] = zero();
-        for (int64_t k = g0; k < g1; k += step) {
-            if (bits == 8) {
-                for (int i = 0; i < nr; i++) {
-                    const int8_t *p = (const int8_t *)Q + (r + i) * stride + k;
-                    _mm_prefetch((const char *)p + ahead, _MM_HINT_T0);
-                    vec w = load_i8(p);
-                    for (int m = 0; m < nm; m++) acc[m][i] = fmadd(w, load_f32(x + m * cols + k), acc[m][i]);
-                }
-                continue;
-            }
-            for (int b = 0; b < 16; b += WIDTH) {  // a block of 32 columns: bytes b.. give columns k+b.. and k+16+b..
-                for (int i = 0; i < nr; i++) {
-                    const uint8_t *p = Q + (r + i) * stride + k / 2 + b;
-                    _mm_prefetch((const char *)p + ahead, _MM_HINT_T0);
-                    ivec v = load_u8(p);
-                    vec lo = low_nibbles(v), hi = high_nibbles(v);
-                    for (int m = 0; m < nm; m++) {
-                        acc[m][i] = fmadd(lo, load_f32(x + m * cols + k + b), acc[m][i]);
-                        acc[m][i] = fmadd(hi, load_f32(x + m * cols + k + 16 + b), acc[m][i]);
-                    }
-                }
-            }
-        }
+        float s[QROWS];
         for (int i = 0; i < nr; i++) {
-            float s = scalar_f16(S[(r + i) * n_groups + g0 / group]);
+            s[i] = scalar_f16(S[(r + i) * n_groups + g0 / group]);
             for (int m = 0; m < nm; m++) {
-                total[m][i] = fmadd(acc[m][i], splat(s), total[m][i]);
-                if (bits == 4) offset[m][i] += s * xsum[m * n_groups + g0 / group];
+                acc[m][i] = grouped ? zero() : total[m][i];
+                if (bits == 4) offset[m][i] += s[i] * xsum[m * n_groups + g0 / group];
             }
         }
+        for (int64_t k = g0; k < g1; k += step) {
+            for (int i = 0; i < nr; i++) {
+                const uint8_t *p = Q + (r + i) * stride + (bits == 8 ? k : k / 2);
+                _mm_prefetch((const char *)p + ahead, _MM_HINT_T0);
+                if (bits == 8) {
+                    vec w = grouped ? load_i8((const int8_t *)p) : vmul(load_i8((const int8_t *)p), splat(s[i]));
+                    FOR_EACH_X(fmadd(w, load_f32(x + m * cols + k), acc[m][i]));
+                    continue;
+                }
+#if defined(__AVX512BF16__)
+                __m512bh w = nibbles_bf16(p);
+                if (grouped) FOR_EACH_X(_mm512_dpbf16_ps(acc[m][i], w, (__m512bh)_mm512_loadu_si512(xb + m * cols + k)));
+                else FOR_EACH_X(fmadd(_mm512_dpbf16_ps(zero(), w, (__m512bh)_mm512_loadu_si512(xb + m * cols + k)),
+                                      splat(s[i]), acc[m][i]));
+#else
+                for (int b = 0; b < 16; b += WIDTH) {  // bytes b.. give columns k+b.. and k+16+b..
+                    ivec v = load_u8(p + b);
+                    vec lo = low_nibbles(v), hi = high_nibbles(v);
+                    if (!grouped) lo = vmul(lo, splat(s[i])), hi = vmul(hi, splat(s[i]));
+                    FOR_EACH_X(fmadd(hi, load_f32(x + m * cols + k + 16 + b),
+                                     fmadd(lo, load_f32(x + m * cols + k + b), acc[m][i])));
+                }
+#endif
+            }
+        }
+        for (int i = 0; i < nr; i++)
+            for (int m = 0; m < nm; m++) total[m][i] = grouped ? fmadd(acc[m][i], splat(s[i]), total[m][i]) : acc[m][i];
     }
     for (int m = 0; m < nm; m++)
         for (int i = 0; i < nr; i++) {
-            float t = sum(total[m][i]) - 8.0f * offset[m][i];
+            float t = sum(total[m][i]) - INT4_BIAS * offset[m][i];
             for (int64_t k = body; k < cols; k++)
                 t += (float)weight_at(Q + (r + i) * stride, k, bits) * scalar_f16(S[(r + i) * n_groups + k / group]) *
                      x[m * cols + k];
@@ -178,11 +203,15 @@ void gemv_quant(int64_t n_w, const uint8_t *const *Qs, const uint16_t *const *Ss
                 const int64_t *rows, const float *x, int64_t n_x, int64_t cols, int64_t group, int bits) {
     int64_t total = 0, n_groups = (cols + group - 1) / group, body = cols - cols % (bits == 8 ? WIDTH : 32);
     for (int64_t j = 0; j < n_w; j++) total += rows[j];
-    float xsum[n_x * n_groups];  // each x row's sum over each group of the vectorised columns, for int4's offset
+    uint16_t *xb = malloc(sizeof(uint16_t) * n_x * cols);  // x in bfloat16, for the int4 dot products
+    float *xsum = malloc(sizeof(float) * n_x * n_groups);  // each x row's sum over each group, for int4's offset
     for (int64_t m = 0; m < n_x; m++)
         for (int64_t g = 0; g < n_groups; g++) {
             float t = 0.0f;
-            for (int64_t k = g * group; k < (g + 1) * group && k < body; k++) t += x[m * cols + k];
+            for (int64_t k = g * group; k < (g + 1) * group && k < cols; k++) {
+                xb[m * cols + k] = scalar_to_bf16(x[m * cols + k]);
+                if (k < body) t += INT4_BIAS == 8.0f ? x[m * cols + k] : scalar_bf16(xb[m * cols + k]);
+            }
             xsum[m * n_groups + g] = t;
         }
 #pragma omp parallel
@@ -194,19 +223,26 @@ void gemv_quant(int64_t n_w, const uint8_t *const *Qs, const uint16_t *const *Ss
             for (int64_t j = 0; j < n_w; offset += rows[j++]) {
                 int64_t r = begin > offset ? begin - offset : 0, r1 = end - offset < rows[j] ? end - offset : rows[j];
                 const float *xm = x + m0 * cols, *xs = xsum + m0 * n_groups;
+                const uint16_t *xbm = xb + m0 * cols;
                 float *ym = ys[j] + m0 * rows[j];
 #define QPASS(NM)                                                                                                 \
     for (; r + QROWS <= r1; r += QROWS)                                                                           \
-        if (bits == 8) pass_quant(Qs[j], Ss[j], xm, xs, ym, rows[j], cols, group, 8, r, QROWS, NM);              \
-        else pass_quant(Qs[j], Ss[j], xm, xs, ym, rows[j], cols, group, 4, r, QROWS, NM);
+        if (bits == 8) pass_quant(Qs[j], Ss[j], xm, xbm, xs, ym, rows[j], cols, group, 8, r, QROWS, NM);        \
+        else pass_quant(Qs[j], Ss[j], xm, xbm, xs, ym, rows[j], cols, group, 4, r, QROWS, NM);
                 switch (nm) {
                     case 1: QPASS(1) break;
                     case 2: QPASS(2) break;
                     case 3: QPASS(3) break;
                     default: QPASS(4)
                 }
-                for (; r < r1; r++) pass_quant(Qs[j], Ss[j], xm, xs, ym, rows[j], cols, group, bits, r, 1, (int)nm);
+                for (; r < r1; r++)
+                    pass_quant(Qs[j], Ss[j], xm, xbm, xs, ym, rows[j], cols, group, bits, r, 1, (int)nm);
             }
         }
     }
+    free(xb);
+    free(xsum);
 }
+
+// Whether int4 products round x to bfloat16 (the AVX512-BF16 path above): the tests' reference does the same.
+int int4_rounds_x_to_bfloat16(void) { return INT4_BIAS != 8.0f; }

@@ -228,3 +228,17 @@ def test_the_command_line_fails_with_one_line_when_required_kernels_do_not_build
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and result.stdout == "" and "Traceback" not in result.stderr
     assert lines[-1] == "error: the CPU kernels did not compile (gemv.c:1:1: error: this compiler is broken)"
+
+
+@pytest.mark.skipif(os.environ.get("PALIGEMMA_MARCH") is not None, reason="this is the AVX2 run itself")
+def test_the_avx2_build_passes_the_kernel_tests_too(tmp_path, compiled):
+    """A CPU with AVX2 but no AVX-512 gets the other half of every #if in the C files: built for Haswell here, the
+    kernel tests run against it as they run against this CPU's own build."""
+    env = {**os.environ, "PALIGEMMA_MARCH": "haswell", "XDG_CACHE_HOME": str(tmp_path),
+           "PALIGEMMA_REQUIRE_KERNELS": "1"}
+    selection = "gemv or bfloat16 or gelu or quantizer or dequantiz or product"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", selection,
+                             str(ROOT / "tests" / "test_kernels.py"), str(ROOT / "tests" / "test_quantization.py")],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert list((tmp_path / "pytorch-paligemma").glob("kernels-*.so"))  # it did build its own library

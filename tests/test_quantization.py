@@ -83,7 +83,12 @@ def test_gemv_equals_the_float32_product_of_the_dequantized_weights(rows, shape,
     weight = quantized(shape, scheme)
     x = torch.randn(rows, shape[1])
     (y,) = kernels.gemv_quantized([weight], x)
-    torch.testing.assert_close(y, x @ weight.dequantize(torch.float32).T, atol=1e-5, rtol=1e-5)
+    atol = 1e-5
+    if scheme.bits == 4 and compiled.int4_rounds_x_to_bfloat16():  # bfloat16 dot products: x rounded, as documented
+        x[:, :shape[1] - shape[1] % 32] = x[:, :shape[1] - shape[1] % 32].bfloat16().float()
+        # (136 + q) x sums numbers 17 times q x before 136 sum(x) is taken off: float32 rounding of those sums
+        atol = 8 * 136 * 2**-23 * x.abs().sum(1).max().item() * weight.scales.float().max().item()
+    torch.testing.assert_close(y, x @ weight.dequantize(torch.float32).T, atol=atol, rtol=1e-5)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES[:2], ids=str)
