@@ -50,7 +50,9 @@ class Scheme:
         return math.ceil(cols / self.group)
 
 
-SCHEMES = {"int8": Scheme(8, 128), "int4": Scheme(4, 128)}  # group sizes chosen by the accuracy table (README)
+# Groups of 32 columns: int8 over groups of 128 moved logits 2.8 times as far as bfloat16 does on a model with outlier
+# input channels, over groups of 32 1.6 times (README, "Quantized weights"); the scales cost 2 bytes per 32 weights.
+SCHEMES = {"int8": Scheme(8, 32), "int4": Scheme(4, 32)}
 
 
 def quantize(weight: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:

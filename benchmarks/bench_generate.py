@@ -163,8 +163,10 @@ def decoder_bytes(model: Path, dtype: str) -> int:
     per_layer = (text.hidden_size * text.head_dim * (2 * text.num_attention_heads + 2 * text.num_key_value_heads)
                  + 3 * text.hidden_size * text.intermediate_size + (4 if text.is_gemma2 else 2) * text.hidden_size)
     params = text.num_hidden_layers * per_layer + text.vocab_size * text.hidden_size + text.hidden_size
-    if dtype in QUANTIZED:  # the integers, and a float16 scale per 128 of them
-        return int(params * ((1 if dtype == "int8" else 0.5) + 2 / 128))
+    if dtype in QUANTIZED:  # the integers, and a float16 scale per group of them
+        from quantization import SCHEMES
+
+        return int(params * ((1 if dtype == "int8" else 0.5) + 2 / SCHEMES[dtype].group))
     return params * getattr(torch, dtype).itemsize
 
 
