@@ -209,10 +209,11 @@ static int64_t count_nonfinite(const uint8_t *p, int kind, int64_t i, int64_t en
     return bad;
 }
 
-// Non-finite values among n of the given kind at p, counted by all threads; reading them also maps the pages in.
-int64_t nonfinite(const void *p, int64_t n, int kind) {
+// Non-finite values among n of the given kind at p, counted by `threads` threads (0: all of torch's).
+int64_t nonfinite(const void *p, int64_t n, int kind, int threads) {
     int64_t bad = 0;
-#pragma omp parallel reduction(+ : bad)
+    if (threads <= 0) threads = omp_get_max_threads();
+#pragma omp parallel num_threads(threads) reduction(+ : bad)
     {
         int64_t begin, end;
         share(n, 64, &begin, &end);

@@ -117,7 +117,7 @@ def build() -> ctypes.CDLL:
     lib.gelu_tanh_mul.argtypes = [pointer, i64, pointer, i64, pointer, i64, i64, i32]
     lib.convert_shard.argtypes = [pointer, pointer, i64, i64, pointer]
     lib.convert_shard.restype = i64
-    lib.nonfinite.argtypes = [pointer, i64, i32]
+    lib.nonfinite.argtypes = [pointer, i64, i32, i32]
     lib.nonfinite.restype = i64
     lib.quantize_rows.argtypes = [pointer, i32, i64, i64, i32, i64, pointer, pointer]
     lib.quantize_rows.restype = i64
@@ -303,13 +303,13 @@ def convert_shard(mapped: mmap.mmap, jobs: list[tuple[int, torch.dtype, torch.Te
     return done.value, bad
 
 
-def count_nonfinite(tensor: torch.Tensor) -> int:
-    """How many values of a CPU tensor are NaN or infinite: gemv.c reads it with every thread, without Python's
-    lock (which also maps in the pages of a tensor used in place from a file); PyTorch where it cannot."""
+def count_nonfinite(tensor: torch.Tensor, threads: int = 0) -> int:
+    """How many values of a CPU tensor are NaN or infinite: gemv.c reads it with `threads` threads (0: all),
+    without Python's lock; PyTorch where it cannot."""
     lib, kind = library(), KINDS.get(tensor.dtype)
     if lib is None or kind is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
         return int((~torch.isfinite(tensor)).sum())
-    return lib.nonfinite(tensor.data_ptr(), tensor.numel(), kind)
+    return lib.nonfinite(tensor.data_ptr(), tensor.numel(), kind, threads)
 
 
 def quantize_rows(source: int, source_dtype: torch.dtype, rows: int, cols: int, qweight: torch.Tensor,

@@ -123,8 +123,10 @@ def stream_tensors(model: torch.nn.Module, plan: list[TensorEntry], to_copy: lis
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     modules = dict(model.named_modules())
     for file in dict.fromkeys(e.file for e in plan):
-        for entry in (e for e in plan if e.file == file and e not in to_copy):  # reading them maps them in
-            if entry.torch_dtype.is_floating_point and kernels.count_nonfinite(tensors[entry.name]):
+        for entry in (e for e in plan if e.file == file and e not in to_copy):  # used in place: map in, then check
+            populate(tensors[entry.name])
+            # One thread: the other core loads the tokenizer meanwhile (load_hf_model), so the check costs no time.
+            if entry.torch_dtype.is_floating_point and kernels.count_nonfinite(tensors[entry.name], threads=1):
                 raise not_finite(entry, entry.torch_dtype)
             if bar is not None:
                 bar.update(entry.nbytes)
@@ -178,6 +180,19 @@ def quantize_tensor(mapped: mmap.mmap, entry: TensorEntry, weight: QuantizedWeig
         mapped.madvise(mmap.MADV_DONTNEED, page, offset + count * cols * itemsize - page)
         if bar is not None:
             bar.update(count * cols * itemsize)
+
+
+LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def populate(tensor: torch.Tensor):
+    """Map a tensor used in place from a file in at once (MADV_POPULATE_READ, Linux 5.14; older kernels get
+    MADV_WILLNEED's read-ahead): far faster than a page fault per page as it is first read."""
+    start = tensor.data_ptr() - tensor.data_ptr() % mmap.PAGESIZE
+    length = tensor.data_ptr() + tensor.nbytes - start
+    for advice in (22, mmap.MADV_WILLNEED):
+        if LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice) == 0:
+            return
 
 
 def not_finite(entry: TensorEntry, dtype: torch.dtype | str) -> LoadError:

@@ -183,7 +183,8 @@ def main():
                         help="cuda: ours with --compile; add transformers-static to --runs there")
     parser.add_argument("--cold", action="store_true", help="drop the page cache before each run (needs root)")
     parser.add_argument("--batch_sizes", type=int, nargs="*", default=[1, 4, 8],
-                        help="also answer 8 images this many at a time (ours, first dtype); none to skip")
+                        help="also answer 8 images this many at a time (ours); none to skip")
+    parser.add_argument("--batch_dtypes", nargs="*", help="the dtypes of those batch runs (default: the first)")
     parser.add_argument("--baseline", type=Path, help="another checkout of this project, run as 'baseline' "
                         "(e.g. `git worktree add /tmp/before HEAD~3`): a before/after comparison in one run")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each implementation, taking turns; each "
@@ -241,16 +242,17 @@ def main():
               f"| {row['peak_rss_gib']:.2f} | {ratios} | {row['page_cache']} | {row.get('compile_s') or '-'} "
               f"| {row.get('peak_gpu_gib') or '-'} |")
     batches = []
-    for size in args.batch_sizes:
-        print(f"ours {args.dtypes[0]}, 8 images, batch {size} ...", file=sys.stderr)
-        batches.append(batch_rate(args.model_path, args.image, args.prompt, args.dtypes[0], args.tokens, size,
-                                  args.device))
+    for dtype in args.batch_dtypes or args.dtypes[:1]:
+        for size in args.batch_sizes:
+            print(f"ours {dtype}, 8 images, batch {size} ...", file=sys.stderr)
+            batches.append({"dtype": dtype, **batch_rate(args.model_path, args.image, args.prompt, dtype, args.tokens,
+                                                         size, args.device)})
     if batches:
-        print(f"\nours, {args.dtypes[0]}, 8 images, {args.tokens} new tokens each:")
-        print("| batch size | generation s | images/s |")
-        print("| --- | --- | --- |")
+        print(f"\nours, 8 images, {args.tokens} new tokens each:")
+        print("| dtype | batch size | generation s | images/s |")
+        print("| --- | --- | --- | --- |")
         for row in batches:
-            print(f"| {row['batch_size']} | {row['generate_s']:.1f} | {row['images_per_s']:.2f} |")
+            print(f"| {row['dtype']} | {row['batch_size']} | {row['generate_s']:.1f} | {row['images_per_s']:.2f} |")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"generate-{args.model_path.name}{'-cold' if args.cold else ''}.json"
     path.write_text(json.dumps({"model": args.model_path.name, "tokens": args.tokens, "prompt": args.prompt,
