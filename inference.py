@@ -1,8 +1,9 @@
 """Run PaliGemma on images from the command line: `python inference.py --model_path DIR --prompt "caption en" ...`.
 
 Everything that can be wrong with the input is checked first. Then the weights stream in (utils.py) while the
-tokenizer loads beside them, kernels.accelerate swaps in the CPU fast path, and generate.py answers. stdout carries
-only the answer; progress and diagnostics go to stderr.
+tokenizer loads beside them, kernels.accelerate swaps in the CPU fast path (generate.load_session), and generate.py
+answers; with --ray_address, workers on a Ray cluster do that (ray_batch.py). stdout carries only the answer;
+progress and diagnostics go to stderr.
 """
 
 import os
@@ -31,10 +32,9 @@ from PIL import Image  # noqa: E402
 
 import batch  # noqa: E402
 import detection  # noqa: E402
-import kernels  # noqa: E402
 from checkpoint import DTYPES, load_config, load_tokenizer, stop_tokens  # noqa: E402
 from console import UserError, is_number, kind_of, log, one_line, peak_rss_gib, require_file  # noqa: E402
-from generate import Session, Stopwatch, compile_decode, decode_one_token  # noqa: E402
+from generate import Session, Stopwatch, load_session  # noqa: E402
 from processing_paligemma import (  # noqa: E402
     DEFAULT_MAX_PIXELS,
     PaliGemmaProcessor,
@@ -43,7 +43,6 @@ from processing_paligemma import (  # noqa: E402
     read_image_settings,
 )
 from results import emit  # noqa: E402
-from utils import load_hf_model  # noqa: E402
 
 DEFAULT_IMAGE = Path(__file__).resolve().parent / "test_images" / "cat.jpg"
 BOOLEAN_FLAGS = ("do_sample", "only_cpu", "ignore_memory_check", "verbose", "compile", "stream")
@@ -123,7 +122,8 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
         require_file(vae_path, "the --vae_path file")
     vae = detection.load_vae(vae_path) if vae_path is not None else None
     config, settings = load_config(folder), read_image_settings(folder)
-    stop_ids, max_positions = stop_tokens(folder, config), config.text_config.max_position_embeddings
+    stop_tokens(folder, config)  # read now, so that a broken generation_config.json is refused before loading
+    max_positions = config.text_config.max_position_embeddings
     longest = max(max_prompt_length(p, config.num_image_tokens) for p in dict.fromkeys(
         [prompt] if items is None else [i.prompt for i in items]))
     tokenizer = None
@@ -135,19 +135,15 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
     with contextlib.ExitStack() as stack:
         results = None if items is None else stack.enter_context(contextlib.closing(batch.open_results(output)))
         device, note = choose_device(only_cpu)
-        with clock("load_s"):
-            model, tokenizer = load_hf_model(folder, device, DTYPES.get(dtype), memory_check=not ignore_memory_check,
-                                             tokenizer=tokenizer, batch=min(batch_size, len(items or [None])),
-                                             length=min(longest, max_positions) + max_tokens_to_generate)
-            model = kernels.accelerate(model)
-            processor = PaliGemmaProcessor(tokenizer, config.vision_config.image_size, config.num_image_tokens,
-                                           **settings)
         for message in (note, do_sample and temperature == 0 and "note: --temperature 0 means greedy decoding"):
             if message:
                 log(message)
-        session = Session(model, tokenizer, processor, stop_ids, temperature if do_sample else 0.0, top_p,
-                          torch.Generator(device).manual_seed(seed) if seed is not None else None,
-                          compile_decode(device, log) if compile else decode_one_token, vae)
+        with clock("load_s"):
+            session = load_session(folder, device, DTYPES.get(dtype), temperature=temperature if do_sample else 0.0,
+                                   top_p=top_p, seed=seed, compile=compile, vae=vae,
+                                   memory_check=not ignore_memory_check, tokenizer=tokenizer,
+                                   batch=min(batch_size, len(items or [None])),
+                                   length=min(longest, max_positions) + max_tokens_to_generate)
         if items is None:
             return answer_one(session, image, prompt, max_tokens_to_generate, clock, output_format, stream, annotate,
                               verbose)

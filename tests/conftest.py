@@ -72,7 +72,7 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the weights were loaded although the input was already known to be wrong")
 
-    monkeypatch.setattr("inference.load_hf_model", refuse)
+    monkeypatch.setattr("generate.load_hf_model", refuse)
 
 
 @pytest.fixture
