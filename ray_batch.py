@@ -136,14 +136,14 @@ def answer_on_ray(items: list[batch.Item], results: ResultsFile | StdoutResults,
             total = int(ray.cluster_resources().get("CPU", 0))
             cpus = cpus or max(1, total // workers)
             if workers * cpus > total:
-                log(f"note: the cluster has {total} CPUs, fewer than {workers} workers of {cpus}: the run waits for "
-                    f"more nodes, for up to {WAIT_FOR_WORKERS_S // 60} minutes")
+                log(f"note: the cluster has {total} CPUs, fewer than --workers {workers} x --cpus_per_worker {cpus}: "
+                    f"the run waits for more nodes, for up to {WAIT_FOR_WORKERS_S} s")
             return batch.write_answers(items, results, job.batch_size, Path(job.annotate) if job.annotate else None,
                                        lambda chunks: answers(chunks, items, job, workers, cpus, gpus))
         except ray.exceptions.GetTimeoutError:
-            raise UserError(f"Ray could not start {workers} workers of {cpus} CPUs and {gpus:g} GPUs in "
-                            f"{WAIT_FOR_WORKERS_S // 60} minutes; ask for fewer (--workers, --cpus_per_worker, "
-                            "--gpus_per_worker), or add nodes") from None
+            raise UserError(f"Ray could not start --workers {workers} with --cpus_per_worker {cpus} and "
+                            f"--gpus_per_worker {gpus:g} within {WAIT_FOR_WORKERS_S} s: the cluster has no room for "
+                            "them; ask for fewer, or add nodes") from None
         finally:
             ray.shutdown()
 
@@ -173,7 +173,7 @@ def connect(address: str):
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     context.wait_for_min_actors_s = WAIT_FOR_WORKERS_S  # every worker has loaded its model before the first batch
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # its errors reach this tool, which says them in a line
 
 
 def answers(chunks: list[list[batch.Item]], items: list[batch.Item], job: Job, workers: int, cpus: int,

@@ -104,6 +104,20 @@ def test_on_two_nodes_with_a_worker_killed_mid_batch_every_input_is_written_once
     assert_same_as_local(output, local_records)
 
 
+def test_workers_the_cluster_has_no_room_for_end_the_run_with_one_line(checkpoint, inputs, cluster, tmp_path,
+                                                                       capsys, monkeypatch):
+    monkeypatch.setattr(ray_batch, "WAIT_FOR_WORKERS_S", 2)
+    monkeypatch.chdir(inputs)
+    output = tmp_path / "ray.jsonl"
+    code, out, err = run(args(checkpoint, inputs, output, "--ray_address", cluster.address, "--workers", 3,
+                              "--cpus_per_worker", 1), capsys, monkeypatch)
+    assert (code, out) == (1, "") and not output.exists()
+    assert "fewer than --workers 3 x --cpus_per_worker 1" in err
+    assert err.strip().splitlines()[-1] == ("error: Ray could not start --workers 3 with --cpus_per_worker 1 and "
+                                            "--gpus_per_worker 0 within 2 s: the cluster has no room for them; ask "
+                                            "for fewer, or add nodes")
+
+
 KILLED_AFTER_FIRST_WRITE = """
 import os, signal, sys
 sys.path.insert(0, sys.argv[1])
