@@ -32,7 +32,7 @@ from PIL import Image  # noqa: E402
 
 import batch  # noqa: E402
 import detection  # noqa: E402
-from checkpoint import DTYPES, load_config, load_tokenizer, stop_tokens  # noqa: E402
+from checkpoint import DTYPES, load_config, load_tokenizer, stop_tokens, warn_about_dtype  # noqa: E402
 from console import UserError, is_number, kind_of, log, one_line, peak_rss_gib, require_file  # noqa: E402
 from generate import Session, Stopwatch, load_session  # noqa: E402
 from processing_paligemma import (  # noqa: E402
@@ -172,8 +172,11 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
         sampling = dict(temperature=temperature if do_sample else 0.0, top_p=top_p, seed=seed, compile=compile)
         length = min(longest, max_positions) + max_tokens_to_generate
         if on_ray is not None:
-            job = on_ray.Job(os.getcwd(), model_path, dtype, not ignore_memory_check, batch_size, length,
-                             max_tokens_to_generate, max_image_pixels, **sampling, vae_path=vae_path, annotate=annotate)
+            warn_about_dtype(config, DTYPES.get(dtype))  # said here once: the workers load without a word
+            job = on_ray.Job(folder=os.getcwd(), model_path=model_path, dtype=dtype,
+                             memory_check=not ignore_memory_check, batch_size=batch_size, length=length,
+                             max_tokens=max_tokens_to_generate, max_pixels=max_image_pixels, **sampling,
+                             vae_path=vae_path, annotate=annotate)
             with clock("ray_s"):
                 answered, failed = on_ray.answer_on_ray(items, results, job, address=ray_address, workers=workers,
                                                         cpus=cpus_per_worker, gpus=gpus_per_worker)

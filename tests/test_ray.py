@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, random_image
+from PIL import Image
 from ray.cluster_utils import Cluster
 from test_hostile_input import run
 
@@ -48,13 +50,20 @@ def records(path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def local_records(checkpoint, inputs, tmp_path_factory) -> list[dict]:
-    """The local mode's results file for the same inputs and flags."""
+    """The local mode's results file for the same inputs and flags, answered with one torch thread as each worker
+    below is (--cpus_per_worker 1): with another count, products can sum in another order, and logprobs differ in
+    their last digits."""
     output = tmp_path_factory.mktemp("local") / "local.jsonl"
+    threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(inputs)
         patch.setattr(sys, "argv", ["inference.py", *map(str, args(checkpoint, inputs, output))])
-        with pytest.raises(SystemExit):
-            inference.cli()
+        torch.set_num_threads(1)
+        try:
+            with pytest.raises(SystemExit):
+                inference.cli()
+        finally:
+            torch.set_num_threads(threads)
     got = records(output)
     assert got[3]["error"].startswith("broken.png: not an image")  # named as the prompts file names it
     return got
@@ -66,15 +75,23 @@ def assert_same_as_local(output, local_records):
     assert sorted(got, key=lambda r: r["index"]) == local_records
 
 
-def test_a_local_ray_instance_writes_the_local_modes_records(checkpoint, inputs, local_records, tmp_path, capsys,
-                                                             monkeypatch):
+def test_a_local_ray_instance_writes_the_local_modes_records_and_pictures(checkpoint, inputs, local_records,
+                                                                          tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(inputs)
-    output = tmp_path / "ray.jsonl"
-    code, out, err = run(args(checkpoint, inputs, output, "--ray_address", "local", "--cpus_per_worker", 1), capsys,
-                         monkeypatch)
-    assert code == 1 and err.strip().splitlines()[-1] == "error: 1 of 8 inputs failed; their records say why"
+    output, boxes = tmp_path / "ray.jsonl", tmp_path / "boxes"
+    boxes.mkdir()
+    os.link(inputs / "im2.png", boxes / "00002-im2.png")  # where input 2's detections would be drawn
+    code, out, err = run(args(checkpoint, inputs, output, "--ray_address", "local", "--cpus_per_worker", 1,
+                              "--annotate", boxes), capsys, monkeypatch)
+    assert code == 1 and err.strip().splitlines()[-1] == "error: 2 of 8 inputs failed; their records say why"
     assert out == ""
-    assert_same_as_local(output, local_records)
+    expected = [*local_records]
+    expected[2] = {**{k: v for k, v in local_records[2].items() if k in ray_batch.IDENTITY},
+                   "error": f"{boxes / '00002-im2.png'} is an input image; it is never overwritten"}
+    assert_same_as_local(output, expected)
+    assert (boxes / "00002-im2.png").read_bytes() == (inputs / "im2.png").read_bytes()
+    assert sorted(p.name for p in boxes.iterdir()) == ["00002-im2.png", "00006-im5.png"]  # the other detect input
+    assert Image.open(boxes / "00006-im5.png").size == Image.open(inputs / "im5.png").size
 
 
 @pytest.fixture(scope="module")
