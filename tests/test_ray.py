@@ -5,6 +5,7 @@ inputs and the checkpoint by relative paths, which the workers must read as the 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,20 @@ def test_workers_the_cluster_has_no_room_for_end_the_run_with_one_line(checkpoin
     assert err.strip().splitlines()[-1] == ("error: Ray could not start --workers 3 with --cpus_per_worker 1 and "
                                             "--gpus_per_worker 0 within 2 s: the cluster has no room for them; ask "
                                             "for fewer, or add nodes")
+
+
+def test_a_worker_that_cannot_load_the_model_ends_the_run_with_its_one_line(checkpoint, inputs, cluster, tmp_path,
+                                                                            capsys, monkeypatch):
+    folder = Path(shutil.copytree(checkpoint("v1_mqa"), tmp_path / "no-weights",
+                                  ignore=shutil.ignore_patterns("*.safetensors*")))  # the driver reads no weights
+    monkeypatch.chdir(inputs)
+    output = tmp_path / "ray.jsonl"
+    argv = args(checkpoint, inputs, output, "--ray_address", cluster.address, "--cpus_per_worker", 1)
+    argv[1] = os.path.relpath(folder, inputs)
+    code, out, err = run(argv, capsys, monkeypatch)
+    assert (code, out) == (1, "") and not output.exists()
+    assert err.strip().splitlines()[-1] == (f"error: {argv[1]}: no weights (model.safetensors or "
+                                            "model.safetensors.index.json)")
 
 
 KILLED_AFTER_FIRST_WRITE = """
