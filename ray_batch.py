@@ -74,6 +74,7 @@ class Answerer:
             self.failure = e
 
     def load(self) -> Session:
+        """The model as the local mode loads it, in the driver's folder, on the CPUs (or GPU) Ray gave this worker."""
         job = self.job
         try:
             os.chdir(job.folder)
@@ -87,8 +88,8 @@ class Answerer:
                                top_p=job.top_p, seed=job.seed, compile=job.compile,
                                vae=detection.load_vae(job.vae_path) if job.vae_path else None,
                                memory_check=job.memory_check, batch=job.batch_size, length=job.length, verbose=False)
-        log(f"worker {os.getpid()} on {socket.gethostname()}: model loaded on {device} with "
-            f"{torch.get_num_threads()} threads, peak memory {peak_rss_gib():.2f} GiB")
+        log(f"{socket.gethostname()}: model loaded on {device} with {torch.get_num_threads()} threads, peak memory "
+            f"{peak_rss_gib():.2f} GiB")
         return session
 
     def __call__(self, rows: dict) -> dict:
@@ -106,6 +107,7 @@ class Answerer:
         return {"answer": answers}
 
     def answer(self, row: dict) -> list[dict]:
+        """One batch's records, as the local mode makes them."""
         refused = set(row["refused"])
         return batch.answer_chunk(self.session, [batch.Item(*item) for item in row["items"]],
                                   max_tokens=self.job.max_tokens, max_pixels=self.job.max_pixels,
