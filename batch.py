@@ -8,10 +8,11 @@ input already there. An input that cannot be answered (an image that is not one,
 with an `error` field, and the others go on.
 """
 
+import contextlib
 import glob
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,7 +122,7 @@ def answer_batch(session: Session, items: list[Item], results: ResultsFile | Std
     records say why)."""
     inputs_on_disk = input_files(items) if annotate else set()
 
-    def answer(chunks: list[list[Item]]) -> Iterator[list[dict]]:
+    def answer(chunks: list[list[Item]]) -> Generator[list[dict], None, None]:
         for chunk in chunks:
             yield answer_chunk(session, chunk, max_tokens=max_tokens, annotate=annotate, max_pixels=max_pixels,
                                clock=clock, refused=lambda picture: overwrites(picture, inputs_on_disk))
@@ -130,18 +131,21 @@ def answer_batch(session: Session, items: list[Item], results: ResultsFile | Std
 
 
 def write_answers(items: list[Item], results: ResultsFile | StdoutResults, batch_size: int, annotate: Path | None,
-                  answer: Callable[[list[list[Item]]], Iterator[list[dict]]]) -> tuple[int, int]:
+                  answer: Callable[[list[list[Item]]], Generator[list[dict], None, None]]) -> tuple[int, int]:
     """The one writer of a batch run, locally or on Ray: hands the items that results do not hold yet, in chunks of
     batch_size, to answer, which yields each chunk's records, and appends them behind a progress bar. An input
-    answered twice (a batch that Ray retried) is written once. Returns (answered now, of them failed)."""
+    answered twice (a batch that Ray retried) is written once; the answers are closed however the run ends, so
+    that their work stops with it. Returns (answered now, of them failed)."""
     todo = [item for item in items if (item.image, item.prompt) not in results.done]
     if annotate is not None:
         annotate.mkdir(parents=True, exist_ok=True)
     if len(todo) < len(items):
         log(f"resuming: {len(items) - len(todo)} inputs already done")
     written, failed = set(), 0
-    with progress(len(items), "answering", "image", initial=len(items) - len(todo)) as bar:
-        for records in answer([todo[first:first + batch_size] for first in range(0, len(todo), batch_size)]):
+    chunks = [todo[first:first + batch_size] for first in range(0, len(todo), batch_size)]
+    with progress(len(items), "answering", "image", initial=len(items) - len(todo)) as bar, \
+            contextlib.closing(answer(chunks)) as answers:
+        for records in answers:
             fresh = [r for r in records if r["index"] not in written]
             for record in fresh:
                 if "error" in record:

@@ -81,6 +81,7 @@ def ray_batch_module(flags: dict):
         return None
     if flags["gpus_per_worker"] and flags["only_cpu"]:
         raise UserError("--gpus_per_worker gives the workers GPUs, which --only_cpu True forbids")
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")  # Ray starts when told to, never on a call after the run
     try:
         import ray.data  # noqa: F401
     except ImportError:

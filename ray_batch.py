@@ -20,7 +20,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,7 +132,8 @@ def answer_on_ray(items: list[batch.Item], results: ResultsFile | StdoutResults,
                   workers: int, cpus: int | None, gpus: float) -> tuple[int, int]:
     """Answer the items results do not hold yet on `workers` Ray actors of `cpus` CPUs (by default the cluster's
     shared evenly) and `gpus` GPUs each; the records go to results as in batch.answer_batch, which see."""
-    with contextlib.redirect_stdout(AnswersOnly(sys.stdout, sys.stderr)):
+    answers_out = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # what Ray prints there (starting, stopping): stdout is for answers
         connect(address)
         try:
             total = int(ray.cluster_resources().get("CPU", 0))
@@ -140,8 +141,9 @@ def answer_on_ray(items: list[batch.Item], results: ResultsFile | StdoutResults,
             if workers * cpus > total:
                 log(f"note: the cluster has {total} CPUs, fewer than --workers {workers} x --cpus_per_worker {cpus}: "
                     f"the run waits for more nodes, for up to {WAIT_FOR_WORKERS_S} s")
-            return batch.write_answers(items, results, job.batch_size, Path(job.annotate) if job.annotate else None,
-                                       lambda chunks: answers(chunks, items, job, workers, cpus, gpus))
+            with contextlib.redirect_stdout(AnswersOnly(answers_out, sys.stderr)):
+                return batch.write_answers(items, results, job.batch_size, Path(job.annotate) if job.annotate
+                                           else None, lambda chunks: answers(chunks, items, job, workers, cpus, gpus))
         except ray.exceptions.GetTimeoutError:
             raise UserError(f"Ray could not start --workers {workers} with --cpus_per_worker {cpus} and "
                             f"--gpus_per_worker {gpus:g} within {WAIT_FOR_WORKERS_S} s: the cluster has no room for "
@@ -151,8 +153,8 @@ def answer_on_ray(items: list[batch.Item], results: ResultsFile | StdoutResults,
 
 
 class AnswersOnly:
-    """The driver's stdout while it is connected to Ray, which prints its own messages there from its threads (a
-    worker that died, say): those go to stderr, and stdout keeps only the answers the main thread writes."""
+    """The driver's stdout while answers come in: Ray prints its own messages there from its threads (a worker
+    that died, say); those go to stderr, and stdout keeps only the answers the main thread writes."""
 
     def __init__(self, stdout, stderr):
         self.stdout, self.stderr = stdout, stderr
@@ -179,7 +181,7 @@ def connect(address: str):
 
 
 def answers(chunks: list[list[batch.Item]], items: list[batch.Item], job: Job, workers: int, cpus: int,
-            gpus: float) -> Iterator[list[dict]]:
+            gpus: float) -> Generator[list[dict], None, None]:
     """Each batch's records as a worker finishes it, their identity written from the driver's own items."""
     if not chunks:
         return
@@ -191,12 +193,16 @@ def answers(chunks: list[list[batch.Item]], items: list[batch.Item], job: Job, w
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         Answerer, fn_constructor_kwargs={"job": job}, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=cpus, num_gpus=gpus or None)
-    for row in dataset.iter_rows():
-        answer = json.loads(row["answer"])
-        if "failure" in answer:
-            raise UserError(answer["failure"])
-        yield [by_index[r["index"]].record(**{k: v for k, v in r.items() if k not in IDENTITY})
-               for r in answer["records"]]
+    rows = iter(dataset.iter_rows())
+    try:
+        for row in rows:
+            answer = json.loads(row["answer"])
+            if "failure" in answer:
+                raise UserError(answer["failure"])
+            yield [by_index[r["index"]].record(**{k: v for k, v in r.items() if k not in IDENTITY})
+                   for r in answer["records"]]
+    finally:  # stops Ray Data's executor now: left to run past ray.shutdown, its threads would start Ray again
+        rows.close()
 
 
 def batch_row(chunk: list[batch.Item], job: Job, on_disk: set[tuple[int, int]]) -> dict:
