@@ -185,8 +185,9 @@ def answer_chunk(session: Session, chunk: list[Item], *, max_tokens: int, annota
                 continue
             record = item.record(text=session.tokenizer.decode(ids, skip_special_tokens=True), token_ids=ids,
                                  logprobs=logprobs)
-            records[item] = detection.describe(record, images[item], item.prompt,
-                                               None if picture is None else str(picture), session.vae)
+            records[item] = detection.describe(record, images[item], item.prompt, tokenizer=session.tokenizer,
+                                               picture=None if picture is None else str(picture), vae=session.vae,
+                                               min_score=session.min_score)
     return [records[item] for item in chunk]
 
 

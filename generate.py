@@ -155,6 +155,7 @@ class Session:
     generator: torch.Generator | None = None
     step: object = decode_one_token  # the decode step, eager or compiled
     vae: object = None  # the segmentation mask decoder, or None
+    min_score: float = 0.0  # objects of detect and segment answers that score below this are dropped
 
     @property
     def device(self) -> torch.device:
@@ -192,7 +193,7 @@ class Session:
 
 
 def load_session(folder: Path, device: torch.device, dtype: torch.dtype | None, *, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None, compile: bool = False, vae=None,
+                 top_p: float = 1.0, seed: int | None = None, compile: bool = False, vae=None, min_score: float = 0.0,
                  **load_args) -> Session:
     """A checkpoint folder loaded (utils.load_hf_model, then kernels.accelerate) into a Session that samples with
     these settings (temperature 0: greedy); load_args go to load_hf_model (memory_check, tokenizer, batch, ...)."""
@@ -202,4 +203,4 @@ def load_session(folder: Path, device: torch.device, dtype: torch.dtype | None, 
                                    **read_image_settings(folder))
     return Session(kernels.accelerate(model), tokenizer, processor, stop_tokens(folder, config), temperature, top_p,
                    torch.Generator(device).manual_seed(seed) if seed is not None else None,
-                   compile_decode(device, log) if compile else decode_one_token, vae)
+                   compile_decode(device, log) if compile else decode_one_token, vae, min_score)

@@ -32,6 +32,7 @@ from PIL import Image  # noqa: E402
 
 import batch  # noqa: E402
 import detection  # noqa: E402
+import masks  # noqa: E402
 from checkpoint import DTYPES, load_config, load_tokenizer, stop_tokens, warn_about_dtype  # noqa: E402
 from console import UserError, is_number, kind_of, log, one_line, peak_rss_gib, require_file  # noqa: E402
 from generate import Session, Stopwatch, load_session  # noqa: E402
@@ -55,6 +56,7 @@ FLAG_RULES = {  # flag -> (test of its value, what it must be)
     "seed": (lambda v: v is None or type(v) is int, "a whole number"),
     "max_image_pixels": (lambda v: type(v) is int and v > 0, "a whole number > 0"),
     "batch_size": (lambda v: type(v) is int and v >= 1, "a whole number >= 1"),
+    "min_score": (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "ray_address": (lambda v: v is None or isinstance(v, str) and v.strip() != "", "local, auto or an address"),
     "workers": (lambda v: type(v) is int and v >= 1, "a whole number >= 1"),
     "cpus_per_worker": (lambda v: v is None or type(v) is int and v >= 1, "a whole number >= 1"),
@@ -105,7 +107,7 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
          only_cpu: bool = False, dtype: str | None = None, output_format: str = "text", seed: int | None = None,
          max_image_pixels: int = DEFAULT_MAX_PIXELS, ignore_memory_check: bool = False, verbose: bool = False,
          compile: bool = False, stream: bool | None = None, annotate: str | None = None, vae_path: str | None = None,
-         prompts_file: str | None = None, batch_size: int = 1, output: str | None = None,
+         prompts_file: str | None = None, batch_size: int = 1, output: str | None = None, min_score: float = 0.0,
          ray_address: str | None = None, workers: int = 1, cpus_per_worker: int | None = None,
          gpus_per_worker: float = 0):
     """Answer a prompt about an image, or about every image of a folder, a glob or a prompts file.
@@ -132,6 +134,7 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
         prompts_file: a JSON Lines file of {"image": "path", "prompt": "text"} to answer in one run
         batch_size: inputs answered together when there are several
         output: append the answers to this JSON Lines file; a rerun skips the inputs already there
+        min_score: drop detected and segmented objects whose score is below this, from the JSON and the picture
         ray_address: answer on Ray: local (start it on this machine), auto (this machine's cluster) or an address
         workers: Ray workers, each an actor with its own copy of the model (with --ray_address)
         cpus_per_worker: CPUs (torch threads) of each Ray worker; by default the cluster's CPUs shared evenly
@@ -154,7 +157,7 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
                   single=items is None)
     if vae_path is not None:
         require_file(vae_path, "the --vae_path file")
-    vae = detection.load_vae(vae_path) if vae_path is not None else None
+    vae = masks.load_vae(vae_path) if vae_path is not None else None
     config, settings = load_config(folder), read_image_settings(folder)
     stop_tokens(folder, config)  # read now, so that a broken generation_config.json is refused before loading
     max_positions = config.text_config.max_position_embeddings
@@ -170,7 +173,8 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
         results = None if items is None else stack.enter_context(contextlib.closing(batch.open_results(output)))
         if do_sample and temperature == 0:
             log("note: --temperature 0 means greedy decoding")
-        sampling = dict(temperature=temperature if do_sample else 0.0, top_p=top_p, seed=seed, compile=compile)
+        sampling = dict(temperature=temperature if do_sample else 0.0, top_p=top_p, seed=seed, compile=compile,
+                        min_score=min_score)
         length = min(longest, max_positions) + max_tokens_to_generate
         if on_ray is not None:
             warn_about_dtype(config, DTYPES.get(dtype))  # said here once: the workers load without a word
@@ -228,7 +232,8 @@ def answer_one(session: Session, image: Image.Image, prompt: str, max_tokens: in
             f"{timings['decode_tokens'] / max(timings['decode_s'], 1e-9):.2f} tok/s | "
             f"peak memory {timings['peak_rss_gib']:.2f} GiB")
     record = detection.describe({"text": session.tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids,
-                                 "logprobs": logprobs}, image, prompt, annotate, session.vae)
+                                 "logprobs": logprobs}, image, prompt, tokenizer=session.tokenizer, picture=annotate,
+                                vae=session.vae, min_score=session.min_score)
     if output_format == "json":
         emit(json.dumps({**record, "timings": timings}, ensure_ascii=False, allow_nan=False) + "\n")
     elif printer:

@@ -28,7 +28,7 @@ import ray
 import torch
 
 import batch
-import detection
+import masks
 from checkpoint import DTYPES
 from console import UserError, log, one_line, peak_rss_gib
 from generate import Session, Stopwatch, load_session
@@ -57,6 +57,7 @@ class Job:
     top_p: float
     seed: int | None
     compile: bool
+    min_score: float  # objects of detect and segment answers that score below this are dropped
     vae_path: str | None
     annotate: str | None
 
@@ -85,8 +86,8 @@ class Answerer:
         torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
         device = torch.device("cuda" if resources.get("GPU") else "cpu")
         session = load_session(Path(job.model_path), device, DTYPES.get(job.dtype), temperature=job.temperature,
-                               top_p=job.top_p, seed=job.seed, compile=job.compile,
-                               vae=detection.load_vae(job.vae_path) if job.vae_path else None,
+                               top_p=job.top_p, seed=job.seed, compile=job.compile, min_score=job.min_score,
+                               vae=masks.load_vae(job.vae_path) if job.vae_path else None,
                                memory_check=job.memory_check, batch=job.batch_size, length=job.length, verbose=False)
         log(f"{socket.gethostname()}: model loaded on {device} with {torch.get_num_threads()} threads, peak memory "
             f"{peak_rss_gib():.2f} GiB")

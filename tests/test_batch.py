@@ -10,13 +10,15 @@ import pytest
 import torch
 from conftest import ROOT, random_image
 from PIL import Image
-from test_detection import big_vision_vae_arrays, loc, seg
+from test_detection import loc, seg
 from test_hostile_input import run
+from test_masks import vivid_vae_arrays
 from test_model import load_ours
 
 import batch
 import detection
 import inference
+import masks
 from checkpoint import load_tokenizer
 from console import UserError
 from generate import generate
@@ -120,29 +122,37 @@ def test_annotate_never_overwrites_the_input_image(checkpoint, tmp_path, capsys,
 
 @pytest.fixture(scope="module")
 def vae(tmp_path_factory):
-    """A mask decoder with random weights in big_vision's vae-oid.npz layout."""
+    """A mask decoder with random weights in big_vision's vae-oid.npz layout, whose masks cover about half the box."""
     npz = tmp_path_factory.mktemp("vae") / "vae-oid.npz"
-    np.savez(npz, **big_vision_vae_arrays())
-    return detection.load_vae(npz)
+    np.savez(npz, **vivid_vae_arrays())
+    return masks.load_vae(npz)
 
 
 def test_detect_answer_gives_pixel_boxes_and_an_annotated_copy(vae, tmp_path):
     image = random_image(300, 200)
     record = {"text": loc(100, 200, 500, 800) + " cat ; " + loc(600, 100, 900, 300) + " dog"}
-    out = detection.describe(dict(record), image, "detect cat ; dog", str(tmp_path / "annotated.png"), vae)
+    out = detection.describe(dict(record), image, "detect cat ; dog", picture=str(tmp_path / "annotated.png"),
+                             vae=vae)
     assert [d["label"] for d in out["detections"]] == ["cat", "dog"]
     assert out["detections"][0]["box"] == [58.7, 19.6, 234.6, 97.8]  # x by 300/1023, y by 200/1023
     drawn = Image.open(tmp_path / "annotated.png")
     assert drawn.size == image.size and drawn.tobytes() != image.tobytes()
 
 
-def test_segment_answer_gives_codes_and_draws_decoded_masks(vae, tmp_path):
+def test_segment_answer_gives_codes_its_mask_in_run_lengths_and_draws_it(vae, tmp_path):
     image = Image.new("RGB", (128, 96), (255, 255, 255))
-    record = {"text": loc(0, 0, 1023, 1023) + seg(*range(16)) + " cup"}
-    out = detection.describe(dict(record), image, "segment cup", str(tmp_path / "masks.png"), vae)
-    assert out["segments"] == [{"label": "cup", "box": [0.0, 0.0, 128.0, 96.0], "codes": list(range(16))}]
-    drawn = np.asarray(Image.open(tmp_path / "masks.png"), dtype=np.int16)
-    assert np.abs(drawn - 255).sum(-1)[10:-10, 10:-10].mean() > 5  # the translucent mask covers the box
+    record = {"text": loc(0, 0, 1023, 1023) + seg(*range(16)) + " cup ; " + loc(5, 5, 5, 900) + seg(*[9] * 16)}
+    out = detection.describe(dict(record), image, "segment cup", picture=str(tmp_path / "masks.png"), vae=vae)
+    cup, flat = out["segments"]
+    inside = masks.place_mask(masks.decode_masks(vae, [list(range(16))])[0], [0, 0, 1023, 1023], 128, 96)
+    assert cup["label"] == "cup" and cup["box"] == [0.0, 0.0, 128.0, 96.0] and cup["codes"] == list(range(16))
+    assert np.array_equal(masks.rle_decode(cup["mask"]), inside) and cup["area"] == inside.sum()
+    assert cup["mask"]["size"] == [96, 128] and isinstance(cup["mask"]["counts"], str)
+    assert flat["area"] == 0 and not masks.rle_decode(flat["mask"]).any()  # y_min == y_max: no mask
+    changed = (np.asarray(Image.open(tmp_path / "masks.png")) != 255).any(-1)
+    assert 0.2 < inside.mean() < 0.8  # below the label, the translucent overlay is exactly the mask:
+    assert np.array_equal(changed[20:-5, 5:-5], inside[20:-5, 5:-5])
+    assert "mask" not in detection.describe(dict(record), image, "segment cup")["segments"][0]
 
 
 def test_streamed_text_is_the_answer_with_no_character_split_across_byte_tokens(checkpoint, capsys):

@@ -1,6 +1,7 @@
 """The compiled decode step (--compile, for CUDA graphs): traceable whole, equal to the eager step, compiled once
 per process across prompt lengths, and a clean fallback wherever it cannot be used. The CUDA run itself needs a
-GPU; these prove what can be proved on the CPU."""
+GPU; these prove what can be proved on the CPU, on the plain model (what CUDA runs: kernels.accelerate is for the
+CPU)."""
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ def greedy_logits(model, inputs, step, steps=5):
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_decode_step_compiles_as_one_graph_and_matches_eager(backend, checkpoint, image):
-    model, processor = load_ours(checkpoint("v2_gqa"))
+    model, processor = load_ours(checkpoint("v2_gqa"), graph="plain")
     inputs = processor([PROMPT], [image])
     compiled = torch.compile(decode_one_token, backend=backend, fullgraph=True, dynamic=False)  # no graph breaks
     with torch.no_grad():
@@ -42,7 +43,7 @@ def test_the_step_compiles_once_per_batch_size_across_prompts_of_other_lengths(c
         return aot_eager(gm, example_inputs)
 
     torch._dynamo.reset()
-    model, processor = load_ours(checkpoint("v1_mqa"))
+    model, processor = load_ours(checkpoint("v1_mqa"), graph="plain")
     compiled = torch.compile(decode_one_token, backend=counting, fullgraph=True, dynamic=False)
     prompts = ["caption en", "answer en what is in the picture?", "detect cat", "caption en", "detect dog ; cat"]
     lengths = set()
@@ -61,7 +62,7 @@ def test_the_step_compiles_once_per_batch_size_across_prompts_of_other_lengths(c
 
 
 def test_decode_step_keeps_its_shapes_from_token_to_token(checkpoint, image):
-    model, processor = load_ours(checkpoint("v1_mqa"))
+    model, processor = load_ours(checkpoint("v1_mqa"), graph="plain")
     inputs = processor([PROMPT], [image])
     seen = set()
 
@@ -87,7 +88,7 @@ def test_a_step_that_fails_to_compile_falls_back_to_eager(checkpoint, image, mon
     monkeypatch.setattr(generate.torch, "compile", lambda *a, **k: broken)
     messages = []
     step = compile_decode(torch.device("cuda"), messages.append)  # the CUDA policy, run here on CPU tensors
-    model, processor = load_ours(checkpoint("v1_mqa"))
+    model, processor = load_ours(checkpoint("v1_mqa"), graph="plain")
     inputs = processor([PROMPT], [image])
     tokens = torch.tensor([[5, 6, 7]])
     with torch.no_grad():

@@ -1,13 +1,12 @@
-"""Parsing detect/segment answers, the vae-oid.npz mask decoder, and the annotated picture."""
+"""Parsing detect/segment answers, and the annotated picture."""
 
 import numpy as np
 import pytest
 import torch
-from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
-from console import UserError
-from detection import annotate, decode_masks, load_vae, mask_to_image, parse_detections, parse_segments
+from detection import annotate, parse_detections, parse_segments
+from masks import place_mask
 
 
 def loc(*values: int) -> str:
@@ -123,152 +122,14 @@ def test_detections_read_the_boxes_of_a_segment_answer():
     assert objects == [{"label": "cat", "box": [2.0, 1.0, 4.0, 3.0]}] and warnings == []
 
 
-# ---------------------------------------------------------------------------------------------------- mask decoder
-
-
-def big_vision_vae_arrays(seed: int = 0) -> dict[str, np.ndarray]:
-    """Random arrays with the names and shapes of big_vision's vae-oid.npz (torch layout), written out by hand."""
-    shapes = {"_vq_vae._embedding": (128, 512), "decoder.0.weight": (128, 512, 1, 1), "decoder.0.bias": (128,)}
-    for block in (2, 3):
-        for layer, k in ((0, 3), (2, 3), (4, 1)):
-            shapes[f"decoder.{block}.net.{layer}.weight"] = (128, 128, k, k)
-            shapes[f"decoder.{block}.net.{layer}.bias"] = (128,)
-    for layer, (c_in, c_out) in zip((4, 6, 8, 10), ((128, 128), (128, 64), (64, 32), (32, 16))):
-        shapes[f"decoder.{layer}.weight"] = (c_in, c_out, 4, 4)  # ConvTranspose2d: (in, out, kh, kw)
-        shapes[f"decoder.{layer}.bias"] = (c_out,)
-    shapes["decoder.12.weight"], shapes["decoder.12.bias"] = (1, 16, 1, 1), (1,)
-    shapes["encoder.0.weight"] = (16, 1, 4, 4)  # the file also holds the encoder, which decoding does not need
-    rng = np.random.default_rng(seed)
-    std = {name: 1 / np.sqrt(np.prod(s[1:])) if len(s) == 4 else 0.1 for name, s in shapes.items()}  # O(1) outputs
-    std["_vq_vae._embedding"] = 1.0
-    return {name: (rng.standard_normal(s) * std[name]).astype(np.float32) for name, s in shapes.items()}
-
-
-def flax_reference(arrays: dict[str, np.ndarray], codes: np.ndarray) -> np.ndarray:
-    """big_vision's Flax decoder restated in float64 numpy: NHWC, kernels moved by transpose (2, 3, 1, 0), each
-    ConvTranspose as lax.conv_transpose(strides 2, padding (2, 2), transpose_kernel=True)."""
-    a = {k: v.astype(np.float64) for k, v in arrays.items()}
-
-    def correlate(x, kernel, bias, pad):  # x (N, H, W, C), kernel (kh, kw, C, O)
-        x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-        windows = sliding_window_view(x, kernel.shape[:2], axis=(1, 2))  # (N, H', W', C, kh, kw)
-        return np.einsum("nhwcij,ijco->nhwo", windows, kernel, optimize=True) + bias
-
-    def conv(x, name, pad):
-        return correlate(x, a[name + ".weight"].transpose(2, 3, 1, 0), a[name + ".bias"], pad)
-
-    def conv_transpose(x, name):
-        kernel = a[name + ".weight"].transpose(2, 3, 1, 0)  # (kh, kw, out, in), as Flax holds it
-        kernel = kernel[::-1, ::-1].transpose(0, 1, 3, 2)  # transpose_kernel: flip space, swap in and out
-        n, h, w, c = x.shape
-        dilated = np.zeros((n, 2 * h - 1, 2 * w - 1, c))
-        dilated[:, ::2, ::2] = x  # the stride becomes a dilation of the input
-        return correlate(dilated, kernel, a[name + ".bias"], 2)
-
-    relu = lambda x: np.maximum(x, 0)  # noqa: E731
-    x = a["_vq_vae._embedding"][codes.reshape(-1)].reshape(len(codes), 4, 4, -1)  # code i at row i // 4
-    x = relu(conv(x, "decoder.0", 0))
-    for block in ("decoder.2.net", "decoder.3.net"):
-        y = relu(conv(x, block + ".0", 1))
-        y = relu(conv(y, block + ".2", 1))
-        x = x + conv(y, block + ".4", 0)
-    for name in ("decoder.4", "decoder.6", "decoder.8", "decoder.10"):
-        x = relu(conv_transpose(x, name))
-    return conv(x, "decoder.12", 0)[..., 0]  # (N, 64, 64)
-
-
-@pytest.fixture(scope="module")
-def vae_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("vae") / "vae-oid.npz"
-    np.savez(path, **big_vision_vae_arrays())
-    return path
-
-
-def test_random_vae_in_big_vision_layout_decodes_to_64x64_masks_in_unit_range(vae_path):
-    codes = torch.tensor([list(range(16)), [127] * 16, [0] * 16])
-    masks = decode_masks(load_vae(vae_path), codes)
-    assert masks.shape == (3, 64, 64) and masks.dtype == torch.float32
-    assert masks.min() >= 0 and masks.max() <= 1
-    assert decode_masks(load_vae(vae_path), torch.zeros(0, 16, dtype=torch.long)).shape == (0, 64, 64)
-
-
-def test_decoder_equals_big_vision_flax_decoder_restated_in_numpy(vae_path):
-    codes = np.random.default_rng(1).integers(0, 128, (2, 16))
-    decoder = load_vae(vae_path)
-    with torch.no_grad():
-        raw = decoder(torch.from_numpy(codes)).double().numpy()
-    expected = flax_reference(big_vision_vae_arrays(), codes)
-    np.testing.assert_allclose(raw, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
-    # decode_masks maps the raw [-1, 1] output to [0, 1] as Google's demo does.
-    np.testing.assert_allclose(decode_masks(decoder, codes).numpy(), np.clip(expected * 0.5 + 0.5, 0, 1), atol=1e-4)
-
-
-def test_codes_outside_the_codebook_are_refused(vae_path):
-    with pytest.raises(ValueError, match="0..127"):
-        decode_masks(load_vae(vae_path), torch.full((1, 16), 128))
-    with pytest.raises(ValueError, match="shape"):
-        decode_masks(load_vae(vae_path), torch.zeros(1, 15, dtype=torch.long))
-
-
-def test_wrongly_shaped_array_is_named_in_the_error(tmp_path):
-    arrays = big_vision_vae_arrays()
-    arrays["decoder.6.weight"] = arrays["decoder.6.weight"][:, :32]
-    np.savez(tmp_path / "bad.npz", **arrays)
-    expected = r"'decoder\.6\.weight' has shape \(128, 32, 4, 4\), expected \(128, 64, 4, 4\)"
-    with pytest.raises(UserError, match=expected):
-        load_vae(tmp_path / "bad.npz")
-
-
-def test_missing_array_is_named_in_the_error(tmp_path):
-    arrays = big_vision_vae_arrays()
-    del arrays["_vq_vae._embedding"]
-    np.savez(tmp_path / "bad.npz", **arrays)
-    with pytest.raises(UserError, match=r"missing array '_vq_vae\._embedding'"):
-        load_vae(tmp_path / "bad.npz")
-
-
-class Touch:
-    """Unpickling this creates a file: proof that nothing was unpickled when the file stays absent."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return open, (self.path, "w")
-
-
-def test_npz_holding_a_pickled_object_is_refused_without_unpickling(tmp_path):
-    marker = tmp_path / "unpickled"
-    arrays = big_vision_vae_arrays()
-    np.savez(tmp_path / "evil.npz", **arrays, extra=np.array([Touch(marker)], dtype=object))
-    with pytest.raises(UserError, match="'extra' cannot be read without unpickling"):
-        load_vae(tmp_path / "evil.npz")
-    assert not marker.exists()
-
-
-def test_single_array_or_pickle_file_is_refused(tmp_path):
-    np.save(tmp_path / "one.npy", np.zeros(3, np.float32))
-    (tmp_path / "junk.npz").write_bytes(b"not a zip file at all")
-    for name in ("one.npy", "junk.npz"):
-        with pytest.raises(UserError, match="npz archive"):
-            load_vae(tmp_path / name)
-
-
 # ---------------------------------------------------------------------------------------------------- pictures
-
-
-def test_mask_is_resized_into_its_box_on_a_full_size_canvas():
-    canvas = mask_to_image(torch.ones(64, 64), [10.0, 20.0, 30.0, 25.0], 50, 40)
-    assert canvas.shape == (40, 50)
-    assert canvas[20:25, 10:30].eq(1).all() and canvas.sum() == 20 * 5
-    assert mask_to_image(torch.ones(64, 64), [5, 5, 5, 9], 50, 40).sum() == 0  # an empty box gives an empty mask
 
 
 def test_annotated_png_keeps_the_size_changes_the_box_and_leaves_far_pixels_alone(tmp_path):
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (120, 200, 3), dtype=np.uint8))
     detections = [{"label": "cat", "box": [40.0, 50.0, 90.0, 100.0]}, {"label": "", "box": [0.0, 0.0, 20.0, 15.0]}]
-    masks = [mask_to_image(torch.ones(64, 64), detections[0]["box"], 200, 120), None]
+    masks = [place_mask(np.ones((64, 64)), [427, 205, 853, 461], 200, 120), None]  # pixels 40, 50, 90, 100
     annotate(image, detections, masks).save(tmp_path / "out.png")
     with Image.open(tmp_path / "out.png") as reopened:
         assert reopened.size == image.size and reopened.mode == "RGB"
@@ -289,5 +150,15 @@ def test_annotate_never_modifies_the_input_image():
 
 
 def test_mask_of_the_wrong_size_is_refused():
-    with pytest.raises(ValueError, match="mask_to_image"):
+    with pytest.raises(ValueError, match="place_mask"):
         annotate(Image.new("RGB", (64, 48)), [{"label": "x", "box": [0, 0, 10, 10]}], [torch.ones(64, 64)])
+
+
+def test_the_score_is_drawn_beside_the_label():
+    image = Image.new("RGB", (120, 80), (255, 255, 255))
+    box = [10.0, 30.0, 100.0, 70.0]
+    scored = annotate(image, [{"label": "cat", "score": 0.8712, "box": box}])
+    assert scored.tobytes() == annotate(image, [{"label": "cat 0.87", "box": box}]).tobytes()
+    assert scored.tobytes() != annotate(image, [{"label": "cat", "box": box}]).tobytes()
+    assert annotate(image, [{"label": "", "score": 0.5, "box": box}]).tobytes() == annotate(
+        image, [{"label": "0.50", "box": box}]).tobytes()

@@ -126,6 +126,8 @@ BAD_FLAGS = {
     "not a boolean": (["--do_sample", "maybe"], "--do_sample must be True or False"),
     "unknown flag": (["--temprature", 0.5], "unknown flag --temprature"),
     "seed not a number": (["--seed", "abc"], "--seed must be a whole number"),
+    "min_score above one": (["--min_score", 1.5], "--min_score must be a number in [0, 1]"),
+    "min_score not a number": (["--min_score", "high"], "--min_score must be a number in [0, 1]"),
 }
 
 

@@ -98,8 +98,8 @@ def token_ids(tokenizer) -> st.SearchStrategy:
     utf8 = [tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in "é猫🐱".encode()]
     specials = list(tokenizer.all_special_ids)
     skip = set(bytes_) | set(specials)
-    text = [i for i in range(2000) if i not in skip] + [i for i in range(len(tokenizer) - 1200, len(tokenizer))
-                                                        if i not in skip]
+    text = [i for i in [*range(min(2000, len(tokenizer))), *range(max(2000, len(tokenizer) - 1200), len(tokenizer))]
+            if i not in skip]
     return st.lists(st.one_of(st.sampled_from(bytes_), st.sampled_from(utf8), st.sampled_from(specials),
                               st.sampled_from(text)), max_size=24)
 

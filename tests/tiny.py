@@ -97,6 +97,9 @@ def build_checkpoint(path, version: int = 1, kv_heads: int = 1, heads: int = 4, 
                      dtype: torch.dtype = torch.float32, vision_overrides: dict | None = None, **text_overrides):
     """Save a tiny model as a hub folder in one of the three key layouts, its weights in dtype; returns the
     transformers model (in float32)."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # its bars would land in the stderr of whichever test builds the checkpoint
     path = Path(path)
     model = build_model(version, kv_heads, heads, seed, image_size, vision_overrides, **text_overrides)
     model.to(dtype).save_pretrained(path, max_shard_size=max_shard_size)
