@@ -1,15 +1,18 @@
-"""Many images in one run: the inputs (a folder, a glob, or a JSON Lines file of prompts), and `answer_batch`,
-which answers them a batch at a time behind a progress bar on stderr, appending to the results (results.py).
+"""Many images in one run: the inputs (a folder, a glob, or a JSON Lines file of prompts); `answer_chunk`, which
+answers a batch of them; and `write_answers`, the one writer of a run, locally (`answer_batch`) or on Ray
+(ray_batch.py), which appends to the results (results.py) behind a progress bar on stderr.
 
-Results are appended, one JSON line per input and in input order, as each batch finishes, and flushed to disk, so a
-run that is stopped loses at most the batch in flight; a rerun with the same --output skips every input already
-there. An input that cannot be answered (an image that is not one, a prompt too long) gets a record with an
-`error` field, and the others go on.
+Results are appended, one JSON line per input, as each batch finishes (locally in input order), and flushed to
+disk, so a run that is stopped loses at most the batches in flight; a rerun with the same --output skips every
+input already there. An input that cannot be answered (an image that is not one, a prompt too long) gets a record
+with an `error` field, and the others go on.
 """
 
+import contextlib
 import glob
 import json
 import os
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,46 +120,91 @@ def answer_batch(session: Session, items: list[Item], results: ResultsFile | Std
     """Answer the items that results do not hold yet, batch_size at a time, appending one record per input, in
     input order, as each batch is done. Returns how many were answered now, and how many of them failed (their
     records say why)."""
+    inputs_on_disk = input_files(items) if annotate else set()
+
+    def answer(chunks: list[list[Item]]) -> Generator[list[dict], None, None]:
+        for chunk in chunks:
+            yield answer_chunk(session, chunk, max_tokens=max_tokens, annotate=annotate, max_pixels=max_pixels,
+                               clock=clock, refused=lambda picture: overwrites(picture, inputs_on_disk))
+
+    return write_answers(items, results, batch_size, annotate, answer)
+
+
+def write_answers(items: list[Item], results: ResultsFile | StdoutResults, batch_size: int, annotate: Path | None,
+                  answer: Callable[[list[list[Item]]], Generator[list[dict], None, None]]) -> tuple[int, int]:
+    """The one writer of a batch run, locally or on Ray: hands the items that results do not hold yet, in chunks of
+    batch_size, to answer, which yields each chunk's records, and appends them behind a progress bar. An input
+    answered twice (a batch that Ray retried) is written once; the answers are closed however the run ends, so
+    that their work stops with it. Returns (answered now, of them failed)."""
     todo = [item for item in items if (item.image, item.prompt) not in results.done]
-    failed, max_positions = 0, session.model.config.text_config.max_position_embeddings
-    inputs_on_disk = {(s.st_dev, s.st_ino) for s in map(stat_or_none, (i.path for i in items)) if s} if annotate else ()
     if annotate is not None:
         annotate.mkdir(parents=True, exist_ok=True)
     if len(todo) < len(items):
         log(f"resuming: {len(items) - len(todo)} inputs already done")
-    with progress(len(items), "answering", "image", initial=len(items) - len(todo)) as bar:
-        for first in range(0, len(todo), batch_size):
-            chunk, records, images = todo[first:first + batch_size], {}, {}
-            for item in chunk:
-                try:
-                    images[item] = load_image(item.path, max_pixels)
-                    check_prompt(item.prompt)
-                    fit_budget(session.processor([item.prompt], [images[item]])["input_ids"].shape[1], 0,
-                               max_positions)
-                except UserError as e:
-                    records[item], failed = item.record(error=one_line(e)), failed + 1
-                    log(f"warning: input {item.index}: {one_line(e)}")
-            ready = [item for item in chunk if item not in records]
-            if ready:
-                inputs = session.processor([i.prompt for i in ready], [images[i] for i in ready])
-                budget = min(max_tokens, max_positions - inputs["input_ids"].shape[1])
-                with clock("generate_s"):
-                    rows = session.answer(inputs, budget)
-                for item, (ids, logprobs) in zip(ready, rows):
-                    picture = None if annotate is None else annotate / f"{item.index:05d}-{Path(item.path).stem}.png"
-                    if picture is not None and (stat := stat_or_none(picture)) and (
-                            stat.st_dev, stat.st_ino) in inputs_on_disk:
-                        records[item], failed = item.record(error=f"{picture} is an input image; it is never "
-                                                                  "overwritten"), failed + 1
-                        continue
-                    record = item.record(text=session.tokenizer.decode(ids, skip_special_tokens=True),
-                                         token_ids=ids, logprobs=logprobs)
-                    records[item] = detection.describe(record, images[item], item.prompt, tokenizer=session.tokenizer,
-                                                       picture=None if picture is None else str(picture),
-                                                       vae=session.vae, min_score=session.min_score)
-            results.write([records[item] for item in chunk])
-            bar.update(len(chunk))
+    written, failed = set(), 0
+    chunks = [todo[first:first + batch_size] for first in range(0, len(todo), batch_size)]
+    with progress(len(items), "answering", "image", initial=len(items) - len(todo)) as bar, \
+            contextlib.closing(answer(chunks)) as answers:
+        for records in answers:
+            fresh = [r for r in records if r["index"] not in written]
+            for record in fresh:
+                if "error" in record:
+                    log(f"warning: input {record['index']}: {record['error']}")
+            if fresh:
+                results.write(fresh)
+            written.update(r["index"] for r in fresh)
+            failed += sum("error" in r for r in fresh)
+            bar.update(len(fresh))
+    if len(written) < len(todo):  # never expected: an answer that went missing is a bug, not a success
+        raise RuntimeError(f"{len(todo) - len(written)} inputs came back without a record")
     return len(todo), failed
+
+
+def answer_chunk(session: Session, chunk: list[Item], *, max_tokens: int, annotate: Path | None, max_pixels: int,
+                 clock: Stopwatch, refused: Callable[[Path], bool]) -> list[dict]:
+    """One record per item, in order: its answer (and its annotated picture, unless refused(picture) says that
+    would overwrite an input), or an error saying why it could not be answered."""
+    records, images, max_positions = {}, {}, session.model.config.text_config.max_position_embeddings
+    for item in chunk:
+        try:
+            images[item] = load_image(item.path, max_pixels)
+            check_prompt(item.prompt)
+            fit_budget(session.processor([item.prompt], [images[item]])["input_ids"].shape[1], 0, max_positions)
+        except UserError as e:
+            records[item] = item.record(error=one_line(e))
+    ready = [item for item in chunk if item not in records]
+    if ready:
+        inputs = session.processor([i.prompt for i in ready], [images[i] for i in ready])
+        budget = min(max_tokens, max_positions - inputs["input_ids"].shape[1])
+        with clock("generate_s"):
+            rows = session.answer(inputs, budget)
+        for item, (ids, logprobs) in zip(ready, rows):
+            picture = None if annotate is None else picture_path(annotate, item)
+            if picture is not None and refused(picture):
+                records[item] = item.record(error=f"{picture} is an input image; it is never overwritten")
+                continue
+            record = item.record(text=session.tokenizer.decode(ids, skip_special_tokens=True), token_ids=ids,
+                                 logprobs=logprobs)
+            records[item] = detection.describe(record, images[item], item.prompt, tokenizer=session.tokenizer,
+                                               picture=None if picture is None else str(picture), vae=session.vae,
+                                               min_score=session.min_score)
+    return [records[item] for item in chunk]
+
+
+def picture_path(annotate: Path, item: Item) -> Path:
+    """Where --annotate draws an input's answer in a batch run."""
+    return annotate / f"{item.index:05d}-{Path(item.path).stem}.png"
+
+
+def input_files(items: list[Item]) -> set[tuple[int, int]]:
+    """The inputs' files as (device, inode), so that a picture reaching one by any name is found."""
+    return {(s.st_dev, s.st_ino) for s in map(stat_or_none, (i.path for i in items)) if s}
+
+
+def overwrites(picture: Path, inputs_on_disk: set[tuple[int, int]]) -> bool:
+    """Whether writing picture would overwrite one of these input files."""
+    stat = stat_or_none(picture)
+    return stat is not None and (stat.st_dev, stat.st_ino) in inputs_on_disk
 
 
 def stat_or_none(path: str | Path) -> os.stat_result | None:

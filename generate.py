@@ -5,19 +5,24 @@
 A decode step keeps the same shapes from token to token and from prompt to prompt (one query over the model's
 whole cache, masked, at a cache position held in a tensor; the caches are allocated once and only grown), so
 `compile_decode` hands it to torch.compile once per process, and on CUDA that also captures it as a CUDA graph.
-On the CPU the hand-written kernels are faster than anything compiled, and the step stays eager.
+On the CPU the hand-written kernels are faster than anything compiled, and the step stays eager. `load_session`
+loads a checkpoint folder into a Session, the same way for the command line and for a Ray worker.
 """
 
 import contextlib
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from console import UserError
+import kernels
+from checkpoint import load_config, stop_tokens
+from console import UserError, log
 from modeling_paligemma import PaliGemmaForConditionalGeneration
-from processing_paligemma import PaliGemmaProcessor
+from processing_paligemma import PaliGemmaProcessor, read_image_settings
+from utils import load_hf_model
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
@@ -185,3 +190,17 @@ class Session:
                         lps.append(logprob)
                 if on_token:
                     on_token(rows[0][0])
+
+
+def load_session(folder: Path, device: torch.device, dtype: torch.dtype | None, *, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, compile: bool = False, vae=None, min_score: float = 0.0,
+                 **load_args) -> Session:
+    """A checkpoint folder loaded (utils.load_hf_model, then kernels.accelerate) into a Session that samples with
+    these settings (temperature 0: greedy); load_args go to load_hf_model (memory_check, tokenizer, batch, ...)."""
+    config = load_config(folder)
+    model, tokenizer = load_hf_model(folder, device, dtype, **load_args)
+    processor = PaliGemmaProcessor(tokenizer, config.vision_config.image_size, config.num_image_tokens,
+                                   **read_image_settings(folder))
+    return Session(kernels.accelerate(model), tokenizer, processor, stop_tokens(folder, config), temperature, top_p,
+                   torch.Generator(device).manual_seed(seed) if seed is not None else None,
+                   compile_decode(device, log) if compile else decode_one_token, vae, min_score)

@@ -1,8 +1,9 @@
 """Run PaliGemma on images from the command line: `python inference.py --model_path DIR --prompt "caption en" ...`.
 
 Everything that can be wrong with the input is checked first. Then the weights stream in (utils.py) while the
-tokenizer loads beside them, kernels.accelerate swaps in the CPU fast path, and generate.py answers. stdout carries
-only the answer; progress and diagnostics go to stderr.
+tokenizer loads beside them, kernels.accelerate swaps in the CPU fast path (generate.load_session), and generate.py
+answers; with --ray_address, workers on a Ray cluster do that (ray_batch.py). stdout carries only the answer;
+progress and diagnostics go to stderr.
 """
 
 import os
@@ -31,12 +32,11 @@ from PIL import Image  # noqa: E402
 
 import batch  # noqa: E402
 import detection  # noqa: E402
-import kernels  # noqa: E402
 import masks  # noqa: E402
 import quantization  # noqa: E402
-from checkpoint import DTYPES, load_config, load_tokenizer, stop_tokens  # noqa: E402
+from checkpoint import DTYPES, load_config, load_tokenizer, stop_tokens, warn_about_dtype  # noqa: E402
 from console import UserError, is_number, kind_of, log, one_line, peak_rss_gib, require_file  # noqa: E402
-from generate import Session, Stopwatch, compile_decode, decode_one_token  # noqa: E402
+from generate import Session, Stopwatch, load_session  # noqa: E402
 from processing_paligemma import (  # noqa: E402
     DEFAULT_MAX_PIXELS,
     PaliGemmaProcessor,
@@ -60,6 +60,10 @@ FLAG_RULES = {  # flag -> (test of its value, what it must be)
     "max_image_pixels": (lambda v: type(v) is int and v > 0, "a whole number > 0"),
     "batch_size": (lambda v: type(v) is int and v >= 1, "a whole number >= 1"),
     "min_score": (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "ray_address": (lambda v: v is None or isinstance(v, str) and v.strip() != "", "local, auto or an address"),
+    "workers": (lambda v: type(v) is int and v >= 1, "a whole number >= 1"),
+    "cpus_per_worker": (lambda v: v is None or type(v) is int and v >= 1, "a whole number >= 1"),
+    "gpus_per_worker": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
     "stream": (lambda v: v is None or isinstance(v, bool), "True or False"),
     **{name: (lambda v: isinstance(v, bool), "True or False") for name in BOOLEAN_FLAGS if name != "stream"},
 }
@@ -70,6 +74,26 @@ def check_flags(flags: dict):
     for name, (valid, what) in FLAG_RULES.items():
         if not valid(flags[name]):
             raise UserError(f"--{name} must be {what}, not {flags[name]!r}")
+
+
+def ray_batch_module(flags: dict):
+    """ray_batch.py for --ray_address, imported only then (None without it); a UserError says how to get Ray, or
+    which flag needs --ray_address."""
+    if flags["ray_address"] is None:
+        for name, default in (("workers", 1), ("cpus_per_worker", None), ("gpus_per_worker", 0)):
+            if flags[name] != default:
+                raise UserError(f"--{name} goes with --ray_address; without it the batch runs in this one process")
+        return None
+    if flags["gpus_per_worker"] and flags["only_cpu"]:
+        raise UserError("--gpus_per_worker gives the workers GPUs, which --only_cpu True forbids")
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")  # Ray starts when told to, never on a call after the run
+    try:
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise UserError("--ray_address needs Ray: pip install -r requirements-ray.txt") from None
+    import ray_batch
+
+    return ray_batch
 
 
 def choose_device(only_cpu: bool) -> tuple[torch.device, str | None]:
@@ -87,7 +111,8 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
          max_image_pixels: int = DEFAULT_MAX_PIXELS, ignore_memory_check: bool = False, verbose: bool = False,
          compile: bool = False, stream: bool | None = None, annotate: str | None = None, vae_path: str | None = None,
          prompts_file: str | None = None, batch_size: int = 1, output: str | None = None, min_score: float = 0.0,
-         quantize: str = "none", save_quantized: str | None = None):
+         quantize: str = "none", save_quantized: str | None = None, ray_address: str | None = None, workers: int = 1,
+         cpus_per_worker: int | None = None, gpus_per_worker: float = 0):
     """Answer a prompt about an image, or about every image of a folder, a glob or a prompts file.
 
     Args:
@@ -115,14 +140,22 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
         min_score: drop detected and segmented objects whose score is below this, from the JSON and the picture
         quantize: none, int8 or int4: the decoder's weights as integers, quantized while they load (CPU only)
         save_quantized: write the quantized model to this new folder, which later loads in place, and answer nothing
+        ray_address: answer on Ray: local (start it on this machine), auto (this machine's cluster) or an address
+        workers: Ray workers, each an actor with its own copy of the model (with --ray_address)
+        cpus_per_worker: CPUs (torch threads) of each Ray worker; by default the cluster's CPUs shared evenly
+        gpus_per_worker: GPUs of each Ray worker (a fraction shares one); 0 answers on the workers' CPUs
     """
     check_flags(locals())
     if save_quantized is not None:
         return save(Path(model_path), Path(save_quantized), quantize, DTYPES.get(dtype), not ignore_memory_check)
+    on_ray = ray_batch_module(locals())
     clock, folder = Stopwatch(), Path(model_path)
     items = batch.gather(image_file_path, prompts_file, prompt)
     if items is None and output is not None:  # one image, written to a results file like a batch of one
         items = [batch.Item(0, image_file_path, prompt)]
+    if items is None and on_ray is not None:
+        raise UserError("--ray_address answers many inputs: give a folder, a glob or --prompts_file (or --output for "
+                        "one image)")
     if items is None:
         with clock("image_s"):
             image = load_image(image_file_path, max_image_pixels)
@@ -133,7 +166,8 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
         require_file(vae_path, "the --vae_path file")
     vae = masks.load_vae(vae_path) if vae_path is not None else None
     config, settings = load_config(folder), read_image_settings(folder)
-    stop_ids, max_positions = stop_tokens(folder, config), config.text_config.max_position_embeddings
+    stop_tokens(folder, config)  # read now, so that a broken generation_config.json is refused before loading
+    max_positions = config.text_config.max_position_embeddings
     longest = max(max_prompt_length(p, config.num_image_tokens) for p in dict.fromkeys(
         [prompt] if items is None else [i.prompt for i in items]))
     tokenizer = None
@@ -144,30 +178,42 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
         batch.fit_budget(processor([prompt], [image])["input_ids"].shape[1], 0, max_positions)
     with contextlib.ExitStack() as stack:
         results = None if items is None else stack.enter_context(contextlib.closing(batch.open_results(output)))
-        device, note = choose_device(only_cpu)
-        with clock("load_s"):
-            model, tokenizer = load_hf_model(folder, device, DTYPES.get(dtype), memory_check=not ignore_memory_check,
-                                             tokenizer=tokenizer, batch=min(batch_size, len(items or [None])),
-                                             length=min(longest, max_positions) + max_tokens_to_generate,
-                                             quantize=None if quantize == "none" else quantize)
-            model = kernels.accelerate(model)
-            processor = PaliGemmaProcessor(tokenizer, config.vision_config.image_size, config.num_image_tokens,
-                                           **settings)
-        for message in (note, do_sample and temperature == 0 and "note: --temperature 0 means greedy decoding"):
-            if message:
-                log(message)
-        session = Session(model, tokenizer, processor, stop_ids, temperature if do_sample else 0.0, top_p,
-                          torch.Generator(device).manual_seed(seed) if seed is not None else None,
-                          compile_decode(device, log) if compile else decode_one_token, vae, min_score)
-        if items is None:
-            return answer_one(session, image, prompt, max_tokens_to_generate, clock, output_format, stream, annotate,
-                              verbose)
-        answered, failed = batch.answer_batch(session, items, results, max_tokens=max_tokens_to_generate,
-                                              batch_size=batch_size, annotate=Path(annotate) if annotate else None,
-                                              max_pixels=max_image_pixels, clock=clock)
-    if verbose:
+        if do_sample and temperature == 0:
+            log("note: --temperature 0 means greedy decoding")
+        sampling = dict(temperature=temperature if do_sample else 0.0, top_p=top_p, seed=seed, compile=compile,
+                        min_score=min_score)
+        length = min(longest, max_positions) + max_tokens_to_generate
+        quantize = None if quantize == "none" else quantize
+        if on_ray is not None:
+            warn_about_dtype(config, DTYPES.get(dtype))  # said here once: the workers load without a word
+            job = on_ray.Job(folder=os.getcwd(), model_path=model_path, dtype=dtype,
+                             memory_check=not ignore_memory_check, batch_size=batch_size, length=length,
+                             max_tokens=max_tokens_to_generate, max_pixels=max_image_pixels, **sampling,
+                             vae_path=vae_path, annotate=annotate, quantize=quantize)
+            with clock("ray_s"):
+                answered, failed = on_ray.answer_on_ray(items, results, job, address=ray_address, workers=workers,
+                                                        cpus=cpus_per_worker, gpus=gpus_per_worker)
+        else:
+            device, note = choose_device(only_cpu)
+            if note:
+                log(note)
+            with clock("load_s"):
+                session = load_session(folder, device, DTYPES.get(dtype), **sampling, vae=vae,
+                                       memory_check=not ignore_memory_check, tokenizer=tokenizer,
+                                       batch=min(batch_size, len(items or [None])), length=length,
+                                       quantize=quantize)
+            if items is None:
+                return answer_one(session, image, prompt, max_tokens_to_generate, clock, output_format, stream,
+                                  annotate, verbose)
+            answered, failed = batch.answer_batch(session, items, results, max_tokens=max_tokens_to_generate,
+                                                  batch_size=batch_size, annotate=Path(annotate) if annotate else None,
+                                                  max_pixels=max_image_pixels, clock=clock)
+    if verbose and on_ray is None:
         log(f"{answered} inputs in {clock['generate_s']:.1f} s of generation, "
             f"{answered / max(clock['generate_s'], 1e-9):.2f} images/s, peak memory {peak_rss_gib():.2f} GiB")
+    elif verbose:  # the workers said their peak memory as they loaded
+        log(f"{answered} inputs in {clock['ray_s']:.1f} s on Ray, starting the workers included, "
+            f"{answered / max(clock['ray_s'], 1e-9):.2f} images/s")
     if failed:
         raise UserError(f"{failed} of {answered} inputs failed; their records say why")
 
@@ -277,7 +323,7 @@ class StreamPrinter:
 
 
 STRING_FLAGS = ("model_path", "prompt", "image_file_path", "dtype", "output_format", "annotate", "vae_path",
-                "prompts_file", "output", "quantize", "save_quantized")
+                "prompts_file", "output", "quantize", "save_quantized", "ray_address")
 
 
 def quote_string_flags(argv: list[str]) -> list[str]:

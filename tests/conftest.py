@@ -1,3 +1,4 @@
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -7,6 +8,7 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")  # before Ray is imported, as inference.py does
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 warnings.filterwarnings("ignore", message=".*PaliGemmaProcessor.*")
 
@@ -72,7 +74,7 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the weights were loaded although the input was already known to be wrong")
 
-    monkeypatch.setattr("inference.load_hf_model", refuse)
+    monkeypatch.setattr("generate.load_hf_model", refuse)
 
 
 @pytest.fixture

@@ -163,7 +163,7 @@ def test_a_bug_is_told_apart_from_a_user_error_and_debug_shows_its_traceback(che
     def broken(*args, **kwargs):
         raise ValueError("an internal mistake")
 
-    monkeypatch.setattr("inference.load_hf_model", broken)
+    monkeypatch.setattr("generate.load_hf_model", broken)
     code, out, err = run(cli_args(checkpoint("v1_mqa"), photo), capsys, monkeypatch)
     assert_clean_failure(code, out, err, "unexpected ValueError: an internal mistake", "PALIGEMMA_DEBUG=1")
     monkeypatch.setenv("PALIGEMMA_DEBUG", "1")
