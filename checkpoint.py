@@ -18,9 +18,9 @@ from modeling_paligemma import PaliGemmaConfig
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library refuses larger headers too
 SAFETENSORS_DTYPES = {  # safetensors dtype -> (bytes per element, torch dtype for weights or None)
     "F64": (8, torch.float64), "F32": (4, torch.float32), "F16": (2, torch.float16), "BF16": (2, torch.bfloat16),
-    "I64": (8, None), "I32": (4, None), "I16": (2, None), "I8": (1, None), "U64": (8, None), "U32": (4, None),
-    "U16": (2, None), "U8": (1, None), "BOOL": (1, None), "F8_E4M3": (1, None), "F8_E5M2": (1, None),
-}
+    "I64": (8, None), "I32": (4, None), "I16": (2, None), "I8": (1, torch.int8), "U64": (8, None), "U32": (4, None),
+    "U16": (2, None), "U8": (1, torch.uint8), "BOOL": (1, None), "F8_E4M3": (1, None), "F8_E5M2": (1, None),
+}  # int8 and uint8 hold quantized weights (quantization.py)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -64,6 +64,7 @@ class TensorEntry:
     shape: tuple[int, ...]
     start: int  # absolute byte offset in the file
     nbytes: int
+    quantize: bool = False  # a full-precision weight to quantize into the QuantizedWeight module `name`
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
@@ -207,7 +208,7 @@ def stored_dtype(shards: list[Path]) -> torch.dtype:
     totals = {}
     for shard in shards:
         for entry in read_safetensors_header(shard):
-            if entry.torch_dtype is not None:
+            if entry.torch_dtype is not None and entry.torch_dtype.is_floating_point:
                 totals[entry.torch_dtype] = totals.get(entry.torch_dtype, 0) + entry.nbytes
     return max(totals, key=totals.get) if totals else torch.float32
 

@@ -4,13 +4,11 @@
 // PyTorch's float16 and bfloat16 matrix-vector kernels convert too slowly to keep up on many CPUs; these widen
 // each weight to float32 in registers as it arrives and accumulate in float32. Built by kernels.py with
 // `-O3 -march=native` for the machine it runs on; kernels.py falls back to PyTorch when no compiler is there.
-#include <stdint.h>
 #include <math.h>
-#include <string.h>
-#include <immintrin.h>
-#include <omp.h>
 #include <sys/mman.h>
 #include <unistd.h>
+
+#include "simd.h"
 
 #define ROWS 8  // weight rows per pass: enough independent accumulators to hide the FMA latency
 #define MAX_X 4  // rows of x per pass over the weights
@@ -18,45 +16,6 @@
 // rows (up to SHORT_ROW elements) are fetched one block of rows ahead, long ones PREFETCH elements ahead.
 #define PREFETCH 256
 #define SHORT_ROW 4608
-
-#if defined(__AVX512F__)
-#define WIDTH 16
-typedef __m512 vec;
-static inline vec load_f16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
-static inline vec load_bf16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-static inline vec load_f32(const float *p) { return _mm512_loadu_ps(p); }
-static inline vec fmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-static inline vec zero(void) { return _mm512_setzero_ps(); }
-static inline float sum(vec v) { return _mm512_reduce_add_ps(v); }
-#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-#define WIDTH 8
-typedef __m256 vec;
-static inline vec load_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
-static inline vec load_bf16(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-static inline vec load_f32(const float *p) { return _mm256_loadu_ps(p); }
-static inline vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-static inline vec zero(void) { return _mm256_setzero_ps(); }
-static inline float sum(vec v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-#else
-#error "needs AVX2 with F16C and FMA, or AVX-512"
-#endif
-
-static inline float scalar_f16(uint16_t h) { return _cvtsh_ss(h); }
-static inline float scalar_bf16(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-// float -> bfloat16 bits, rounded to nearest, ties to even (as torch rounds finite values)
-static inline uint16_t scalar_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-}
 
 // One pass: y[m, r..r+nr) for the nm rows of x at x_m (nm, nr small constants once inlined, so that the
 // accumulators live in registers).
@@ -89,14 +48,6 @@ static inline uint16_t scalar_to_bf16(float f) {
 
 PASS(pass_f16, load_f16, scalar_f16)
 PASS(pass_bf16, load_bf16, scalar_bf16)
-
-// The slice [*begin, *end) of [0, n) that this OpenMP thread takes, in multiples of `align`.
-static void share(int64_t n, int64_t align, int64_t *begin, int64_t *end) {
-    int threads = omp_get_num_threads(), t = omp_get_thread_num();
-    int64_t step = ((n + threads - 1) / threads + align - 1) / align * align;
-    *begin = t * step < n ? t * step : n;
-    *end = *begin + step < n ? *begin + step : n;
-}
 
 // ys[j][m, r] = sum_k x[m, k] * Ws[j][r, k] for each of the n_w weights (rows[j], cols), half-precision (bf16 or
 // f16), and each of the n_x rows of x (float32); ys[j] is (n_x, rows[j]) float32, all row-major. The threads share
@@ -136,52 +87,6 @@ void gemv(int64_t n_w, const uint16_t *const *Ws, float *const *ys, const int64_
         }
     }
 }
-
-#if defined(__AVX512F__)
-static inline vec splat(float f) { return _mm512_set1_ps(f); }
-static inline vec vmin(vec a, vec b) { return _mm512_min_ps(a, b); }
-static inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
-static inline vec vround(vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-static inline vec pow2i(vec i) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(i), _mm512_set1_epi32(127)), 23));
-}
-static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
-static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
-static inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
-static inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
-static inline void store_f32(float *p, vec v) { _mm512_storeu_ps(p, v); }
-static inline void store_f16(uint16_t *p, vec v) {
-    _mm256_storeu_si256((__m256i *)p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-static inline void store_bf16(uint16_t *p, vec v) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
-    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(u));
-}
-#else
-static inline vec splat(float f) { return _mm256_set1_ps(f); }
-static inline vec vmin(vec a, vec b) { return _mm256_min_ps(a, b); }
-static inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
-static inline vec vround(vec a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-static inline vec pow2i(vec i) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(i), _mm256_set1_epi32(127)), 23));
-}
-static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
-static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
-static inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
-static inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
-static inline void store_f32(float *p, vec v) { _mm256_storeu_ps(p, v); }
-static inline void store_f16(uint16_t *p, vec v) {
-    _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-static inline void store_bf16(uint16_t *p, vec v) {
-    __m256i u = _mm256_castps_si256(v);
-    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
-    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)));
-}
-#endif
 
 // exp(t) for t in about [-87, 87]: 2^(t log2 e) split into 2^i * 2^f, f in [-0.5, 0.5], and a degree-6 Taylor
 // polynomial for 2^f (relative error ~1e-7, well below what a half-precision result keeps).
@@ -304,10 +209,11 @@ static int64_t count_nonfinite(const uint8_t *p, int kind, int64_t i, int64_t en
     return bad;
 }
 
-// Non-finite values among n of the given kind at p, counted by all threads; reading them also maps the pages in.
-int64_t nonfinite(const void *p, int64_t n, int kind) {
+// Non-finite values among n of the given kind at p, counted by `threads` threads (0: all of torch's).
+int64_t nonfinite(const void *p, int64_t n, int kind, int threads) {
     int64_t bad = 0;
-#pragma omp parallel reduction(+ : bad)
+    if (threads <= 0) threads = omp_get_max_threads();
+#pragma omp parallel num_threads(threads) reduction(+ : bad)
     {
         int64_t begin, end;
         share(n, 64, &begin, &end);

@@ -33,6 +33,7 @@ from PIL import Image  # noqa: E402
 import batch  # noqa: E402
 import detection  # noqa: E402
 import masks  # noqa: E402
+import quantization  # noqa: E402
 from checkpoint import DTYPES, load_config, load_tokenizer, stop_tokens, warn_about_dtype  # noqa: E402
 from console import UserError, is_number, kind_of, log, one_line, peak_rss_gib, require_file  # noqa: E402
 from generate import Session, Stopwatch, load_session  # noqa: E402
@@ -44,6 +45,7 @@ from processing_paligemma import (  # noqa: E402
     read_image_settings,
 )
 from results import emit  # noqa: E402
+from utils import load_hf_model  # noqa: E402
 
 DEFAULT_IMAGE = Path(__file__).resolve().parent / "test_images" / "cat.jpg"
 BOOLEAN_FLAGS = ("do_sample", "only_cpu", "ignore_memory_check", "verbose", "compile", "stream")
@@ -52,6 +54,7 @@ FLAG_RULES = {  # flag -> (test of its value, what it must be)
     "temperature": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
     "top_p": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "dtype": (lambda v: v is None or v in DTYPES, f"one of {', '.join(DTYPES)}"),
+    "quantize": (lambda v: v in ("none", *quantization.SCHEMES), "none, int8 or int4"),
     "output_format": (lambda v: v in ("text", "json"), "text or json"),
     "seed": (lambda v: v is None or type(v) is int, "a whole number"),
     "max_image_pixels": (lambda v: type(v) is int and v > 0, "a whole number > 0"),
@@ -108,8 +111,8 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
          max_image_pixels: int = DEFAULT_MAX_PIXELS, ignore_memory_check: bool = False, verbose: bool = False,
          compile: bool = False, stream: bool | None = None, annotate: str | None = None, vae_path: str | None = None,
          prompts_file: str | None = None, batch_size: int = 1, output: str | None = None, min_score: float = 0.0,
-         ray_address: str | None = None, workers: int = 1, cpus_per_worker: int | None = None,
-         gpus_per_worker: float = 0):
+         quantize: str = "none", save_quantized: str | None = None, ray_address: str | None = None, workers: int = 1,
+         cpus_per_worker: int | None = None, gpus_per_worker: float = 0):
     """Answer a prompt about an image, or about every image of a folder, a glob or a prompts file.
 
     Args:
@@ -135,12 +138,16 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
         batch_size: inputs answered together when there are several
         output: append the answers to this JSON Lines file; a rerun skips the inputs already there
         min_score: drop detected and segmented objects whose score is below this, from the JSON and the picture
+        quantize: none, int8 or int4: the decoder's weights as integers, quantized while they load (CPU only)
+        save_quantized: write the quantized model to this new folder, which later loads in place, and answer nothing
         ray_address: answer on Ray: local (start it on this machine), auto (this machine's cluster) or an address
         workers: Ray workers, each an actor with its own copy of the model (with --ray_address)
         cpus_per_worker: CPUs (torch threads) of each Ray worker; by default the cluster's CPUs shared evenly
         gpus_per_worker: GPUs of each Ray worker (a fraction shares one); 0 answers on the workers' CPUs
     """
     check_flags(locals())
+    if save_quantized is not None:
+        return save(Path(model_path), Path(save_quantized), quantize, DTYPES.get(dtype), not ignore_memory_check)
     on_ray = ray_batch_module(locals())
     clock, folder = Stopwatch(), Path(model_path)
     items = batch.gather(image_file_path, prompts_file, prompt)
@@ -176,12 +183,13 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
         sampling = dict(temperature=temperature if do_sample else 0.0, top_p=top_p, seed=seed, compile=compile,
                         min_score=min_score)
         length = min(longest, max_positions) + max_tokens_to_generate
+        quantize = None if quantize == "none" else quantize
         if on_ray is not None:
             warn_about_dtype(config, DTYPES.get(dtype))  # said here once: the workers load without a word
             job = on_ray.Job(folder=os.getcwd(), model_path=model_path, dtype=dtype,
                              memory_check=not ignore_memory_check, batch_size=batch_size, length=length,
                              max_tokens=max_tokens_to_generate, max_pixels=max_image_pixels, **sampling,
-                             vae_path=vae_path, annotate=annotate)
+                             vae_path=vae_path, annotate=annotate, quantize=quantize)
             with clock("ray_s"):
                 answered, failed = on_ray.answer_on_ray(items, results, job, address=ray_address, workers=workers,
                                                         cpus=cpus_per_worker, gpus=gpus_per_worker)
@@ -192,7 +200,8 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
             with clock("load_s"):
                 session = load_session(folder, device, DTYPES.get(dtype), **sampling, vae=vae,
                                        memory_check=not ignore_memory_check, tokenizer=tokenizer,
-                                       batch=min(batch_size, len(items or [None])), length=length)
+                                       batch=min(batch_size, len(items or [None])), length=length,
+                                       quantize=quantize)
             if items is None:
                 return answer_one(session, image, prompt, max_tokens_to_generate, clock, output_format, stream,
                                   annotate, verbose)
@@ -207,6 +216,20 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
             f"{answered / max(clock['ray_s'], 1e-9):.2f} images/s")
     if failed:
         raise UserError(f"{failed} of {answered} inputs failed; their records say why")
+
+
+def save(folder: Path, out: Path, scheme: str, dtype: torch.dtype | None, memory_check: bool):
+    """--save_quantized: quantize the checkpoint while it loads, and write it as a folder that loads in place."""
+    if scheme == "none" and quantization.read_scheme(folder) is None:
+        raise UserError("--save_quantized needs --quantize int8 or int4")
+    if kind_of(out) != "nothing":
+        raise UserError(f"--save_quantized {out} already exists; name a new folder")
+    if kind_of(out.resolve().parent) != "a folder":
+        raise UserError(f"--save_quantized {out}: the folder it goes in does not exist")
+    model, _ = load_hf_model(folder, "cpu", dtype, memory_check=memory_check,
+                             quantize=None if scheme == "none" else scheme)
+    quantization.save_quantized(model, folder, out)
+    log(f"wrote {out}: {model.quantization.name} weights that load in place (--model_path {out})")
 
 
 def answer_one(session: Session, image: Image.Image, prompt: str, max_tokens: int, clock: Stopwatch,
@@ -300,7 +323,7 @@ class StreamPrinter:
 
 
 STRING_FLAGS = ("model_path", "prompt", "image_file_path", "dtype", "output_format", "annotate", "vae_path",
-                "prompts_file", "output", "ray_address")
+                "prompts_file", "output", "quantize", "save_quantized", "ray_address")
 
 
 def quote_string_flags(argv: list[str]) -> list[str]:

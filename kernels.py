@@ -25,6 +25,7 @@ within half precision); with PALIGEMMA_NO_KERNELS=1 `accelerate` leaves the plai
 import ctypes
 import functools
 import hashlib
+import math
 import mmap
 import os
 import platform
@@ -39,8 +40,10 @@ from torch import nn
 
 import modeling_siglip
 from console import UserError, log
+from quantization import QuantEmbedding, QuantizedWeight, QuantLinear
 
-SOURCE = Path(__file__).resolve().with_name("gemv.c")
+SOURCES = Path(__file__).resolve().parent  # gemv.c, quant.c and the simd.h they share
+C_FILES = ("gemv.c", "quant.c", "simd.h")
 HALF = (torch.float16, torch.bfloat16)
 MAX_GEMV_ROWS = 16  # rows of x up to which streaming the weights beats a matrix-matrix product
 PIECE_BYTES = 64 << 20  # what the loader converts from a shard at a time
@@ -89,16 +92,18 @@ def build() -> ctypes.CDLL:
         raise KernelsUnavailable("the CPU kernels cannot be built: no C compiler (cc or gcc) found")
     if platform.machine() not in ("x86_64", "AMD64"):
         raise KernelsUnavailable(f"the CPU kernels need an x86-64 CPU, not {platform.machine()}")
-    source = SOURCE.read_bytes()
+    source = b"".join((SOURCES / name).read_bytes() for name in C_FILES)
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pytorch-paligemma"
-    built = cache / f"gemv-{hashlib.sha256(source + cpu_signature()).hexdigest()[:16]}.so"
+    march = os.environ.get("PALIGEMMA_MARCH", "native")  # e.g. haswell: the AVX2 build, which the tests check too
+    built = cache / f"kernels-{hashlib.sha256(source + cpu_signature() + march.encode()).hexdigest()[:16]}.so"
     try:
         if not built.exists():
             cache.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then move: never a half-written file
-                out = Path(tmp) / "gemv.so"
-                subprocess.run([compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(out),
-                                str(SOURCE)], check=True, capture_output=True, text=True, timeout=120)
+                out = Path(tmp) / "kernels.so"
+                subprocess.run([compiler, "-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-o", str(out),
+                                *(str(SOURCES / name) for name in C_FILES if name.endswith(".c"))], check=True,
+                               capture_output=True, text=True, timeout=120)
                 os.replace(out, built)
         lib = ctypes.CDLL(str(built))
     except subprocess.CalledProcessError as e:  # e.g. a CPU without AVX2 and F16C: the #error says so
@@ -112,8 +117,13 @@ def build() -> ctypes.CDLL:
     lib.gelu_tanh_mul.argtypes = [pointer, i64, pointer, i64, pointer, i64, i64, i32]
     lib.convert_shard.argtypes = [pointer, pointer, i64, i64, pointer]
     lib.convert_shard.restype = i64
-    lib.nonfinite.argtypes = [pointer, i64, i32]
+    lib.nonfinite.argtypes = [pointer, i64, i32, i32]
     lib.nonfinite.restype = i64
+    lib.quantize_rows.argtypes = [pointer, i32, i64, i64, i32, i64, pointer, pointer]
+    lib.quantize_rows.restype = i64
+    lib.dequantize.argtypes = [pointer, pointer, pointer, i64, i64, i32, i64]
+    lib.gemv_quant.argtypes = [i64, pointer, pointer, pointer, pointer, pointer, i64, i64, i64, i32]
+    lib.int4_rounds_x_to_bfloat16.restype = i32
     return lib
 
 
@@ -128,44 +138,63 @@ def gemv(weights: list[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
     return ys
 
 
+def gemv_quantized(weights: list[QuantizedWeight], x: torch.Tensor) -> list[torch.Tensor]:
+    """(M, K) float32 x times each quantized (N_i, K) weight transposed -> [(M, N_i) float32], in one pass."""
+    m, k = x.shape
+    ys = [torch.empty(m, w.shape[0]) for w in weights]
+    n, pointers, scheme = len(weights), ctypes.c_void_p * len(weights), weights[0].scheme
+    library().gemv_quant(n, pointers(*(w.qweight.data_ptr() for w in weights)),
+                         pointers(*(w.scales.data_ptr() for w in weights)), pointers(*(y.data_ptr() for y in ys)),
+                         (ctypes.c_int64 * n)(*(w.shape[0] for w in weights)), x.data_ptr(), m, k, scheme.group,
+                         scheme.bits)
+    return ys
+
+
 _scratch: dict[str, torch.Tensor] = {}
 
 
-def as_bfloat16(weight: torch.Tensor) -> torch.Tensor:
-    """A float16 weight rounded to bfloat16 (exactly as .to(torch.bfloat16)), in a scratch buffer that the next
-    call overwrites: a copy of one matrix at a time, never of the model."""
-    n = weight.numel()
+def as_bfloat16(weight: torch.Tensor | QuantizedWeight) -> torch.Tensor:
+    """A float16 or quantized weight in bfloat16 (a float16 one rounded exactly as .to(torch.bfloat16)), in a
+    scratch buffer that the next call overwrites: a copy of one matrix at a time, never of the model."""
+    n = math.prod(weight.shape)
     if _scratch.get("buffer") is None or _scratch["buffer"].numel() < n:
         with torch.inference_mode(False):  # a normal tensor, writable in and out of inference mode alike
             _scratch["buffer"] = torch.empty(n, dtype=torch.bfloat16)
     out = _scratch["buffer"][:n].view(weight.shape)
-    lib = library()
+    lib, quantized = library(), isinstance(weight, QuantizedWeight)
     if lib is None:
-        out.copy_(weight)
+        out.copy_(weight.dequantize(torch.bfloat16) if quantized else weight)
+    elif quantized:
+        lib.dequantize(weight.qweight.data_ptr(), weight.scales.data_ptr(), out.data_ptr(), *weight.shape,
+                       weight.scheme.bits, weight.scheme.group)
     else:
         lib.f16_to_bf16(weight.data_ptr(), out.data_ptr(), n)
     return out
 
 
-def products(x: torch.Tensor, weights: list[torch.Tensor], biases: list) -> list[torch.Tensor]:
-    """[F.linear(x, w, b) for each weight], by the fastest CPU path, in the dtype of x (which may differ from the
-    weights'); equal to F.linear up to the order of float32 additions and half-precision rounding."""
+def products(x: torch.Tensor, weights: list, biases: list) -> list[torch.Tensor]:
+    """[F.linear(x, w, b) for each weight (half precision or quantized)], by the fastest CPU path, in the dtype of x
+    (which may differ from the weights'); equal to F.linear with the dequantized weights up to the order of float32
+    additions and half-precision rounding."""
     rows = x.numel() // x.shape[-1]
     flat = x.reshape(rows, -1)
-    if rows <= MAX_GEMV_ROWS and weights[0].dtype in HALF and library() is not None and all(
-            w.is_contiguous() and w.dtype == weights[0].dtype for w in weights):
-        ys = gemv(weights, flat.float().contiguous())  # accumulated in float32, rounded once
-    elif rows > MAX_GEMV_ROWS and weights[0].dtype == torch.float16:
+    quantized = isinstance(weights[0], QuantizedWeight)
+    if rows <= MAX_GEMV_ROWS and library() is not None and (quantized or weights[0].dtype in HALF and all(
+            w.is_contiguous() and w.dtype == weights[0].dtype for w in weights)):
+        ys = (gemv_quantized if quantized else gemv)(weights, flat.float().contiguous())  # float32 sums, one rounding
+    elif rows > MAX_GEMV_ROWS and (quantized or weights[0].dtype == torch.float16):
         ys = [F.linear(flat.to(torch.bfloat16), as_bfloat16(w)) for w in weights]
+    elif quantized:  # a few rows without the compiled kernels: dequantize, then multiply
+        ys = [F.linear(flat, w.dequantize(flat.dtype)) for w in weights]
     else:
         ys = [F.linear(flat.to(w.dtype), w) for w in weights]
     return [(y if b is None else y + b.to(y.dtype)).to(x.dtype).view(*x.shape[:-1], -1) for y, b in zip(ys, biases)]
 
 
 class Linear(nn.Module):
-    """A linear layer over a half-precision weight, multiplied by `products`."""
+    """A linear layer over a half-precision or quantized weight, multiplied by `products`."""
 
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None):
+    def __init__(self, weight: nn.Parameter | QuantizedWeight, bias: nn.Parameter | None):
         super().__init__()
         self.weight, self.bias = weight, bias
 
@@ -177,7 +206,7 @@ class Fused(nn.Module):
     """Linear layers that read the same input, multiplied in one pass over all their weights; returns each output.
     Holds the layers' own parameters (not a concatenated copy), so weights used in place from a file fuse too."""
 
-    def __init__(self, weights: list[nn.Parameter], biases: list):
+    def __init__(self, weights: list, biases: list):
         super().__init__()
         self.weights, self.biases = list(weights), list(biases)  # lists: registered once, where the layers are
 
@@ -204,28 +233,33 @@ class GELUTanh(modeling_siglip.GELUTanh):
 
 
 class Embedding(nn.Module):
-    """Token embeddings from a float16 table, in bfloat16 for a prompt: everything after them then computes in
-    bfloat16, which CPUs multiply several times faster than float16. A decode step (a few rows) stays in float16."""
+    """Token embeddings from a float16 (or quantized) table, in bfloat16 for a prompt: everything after them then
+    computes in bfloat16, which CPUs multiply several times faster than float16. A decode step (a few rows) stays in
+    the model's own dtype."""
 
-    def __init__(self, weight: nn.Parameter):
+    def __init__(self, weight: nn.Parameter | QuantizedWeight, dtype: torch.dtype):
         super().__init__()
-        self.weight = weight
+        self.weight, self.dtype = weight, dtype
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = F.embedding(input_ids, self.weight)
-        return x.to(torch.bfloat16) if input_ids.numel() > MAX_GEMV_ROWS else x
+        dtype = torch.bfloat16 if input_ids.numel() > MAX_GEMV_ROWS else self.dtype
+        if isinstance(self.weight, QuantizedWeight):
+            return self.weight.rows(input_ids, dtype)
+        return F.embedding(input_ids, self.weight).to(dtype)
 
 
 def fast_module(name: str, module: nn.Module) -> nn.Module | None:
-    """The CPU-fast replacement of a half-precision model's module, or None to keep it."""
+    """The CPU-fast replacement of a half-precision (or quantized) model's module, or None to keep it."""
     if isinstance(module, modeling_siglip.Fused):
         return Fused([layer.weight for layer in module.layers], [layer.bias for layer in module.layers])
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, QuantLinear)):
         return Linear(module.weight, module.bias)
     if isinstance(module, modeling_siglip.GELUTanh):
         return GELUTanh()
-    if name == "embed_tokens" and module.weight.dtype == torch.float16:
-        return Embedding(module.weight)
+    if isinstance(module, QuantEmbedding) and module.dtype == torch.float16:
+        return Embedding(module.weight, module.dtype)
+    if name == "embed_tokens" and isinstance(module, nn.Embedding) and module.weight.dtype == torch.float16:
+        return Embedding(module.weight, torch.float16)
     return None
 
 
@@ -269,10 +303,19 @@ def convert_shard(mapped: mmap.mmap, jobs: list[tuple[int, torch.dtype, torch.Te
     return done.value, bad
 
 
-def count_nonfinite(tensor: torch.Tensor) -> int:
-    """How many values of a CPU tensor are NaN or infinite: gemv.c reads it with every thread, without Python's
-    lock (which also maps in the pages of a tensor used in place from a file); PyTorch where it cannot."""
+def count_nonfinite(tensor: torch.Tensor, threads: int = 0) -> int:
+    """How many values of a CPU tensor are NaN or infinite: gemv.c reads it with `threads` threads (0: all),
+    without Python's lock; PyTorch where it cannot."""
     lib, kind = library(), KINDS.get(tensor.dtype)
     if lib is None or kind is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
         return int((~torch.isfinite(tensor)).sum())
-    return lib.nonfinite(tensor.data_ptr(), tensor.numel(), kind)
+    return lib.nonfinite(tensor.data_ptr(), tensor.numel(), kind, threads)
+
+
+def quantize_rows(source: int, source_dtype: torch.dtype, rows: int, cols: int, qweight: torch.Tensor,
+                  scales: torch.Tensor, scheme) -> int:
+    """Quantize rows x cols values of source_dtype at the address source into qweight and scales (rows views of a
+    QuantizedWeight's buffers) with gemv.c's quant.c, without Python's lock; returns how many values or scales are
+    not finite. The library must be there (the caller falls back to quantization.quantize)."""
+    return library().quantize_rows(source, KINDS[source_dtype], rows, cols, scheme.bits, scheme.group,
+                                   qweight.data_ptr(), scales.data_ptr())

@@ -60,6 +60,7 @@ class Job:
     min_score: float  # objects of detect and segment answers that score below this are dropped
     vae_path: str | None
     annotate: str | None
+    quantize: str | None = None  # int8 or int4: each worker quantizes while it loads
 
 
 class Answerer:
@@ -88,7 +89,8 @@ class Answerer:
         session = load_session(Path(job.model_path), device, DTYPES.get(job.dtype), temperature=job.temperature,
                                top_p=job.top_p, seed=job.seed, compile=job.compile, min_score=job.min_score,
                                vae=masks.load_vae(job.vae_path) if job.vae_path else None,
-                               memory_check=job.memory_check, batch=job.batch_size, length=job.length, verbose=False)
+                               memory_check=job.memory_check, batch=job.batch_size, length=job.length, verbose=False,
+                               quantize=job.quantize)
         log(f"{socket.gethostname()}: model loaded on {device} with {torch.get_num_threads()} threads, peak memory "
             f"{peak_rss_gib():.2f} GiB")
         return session

@@ -6,6 +6,8 @@ copied piece by piece, converted to the target dtype on the way, so that at no t
 float32 copy of a large tensor, sit in memory; a tensor the file already holds in the target dtype is used in place.
 """
 
+import ctypes
+import math
 import mmap
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +16,7 @@ from pathlib import Path
 import torch
 
 import kernels
+import quantization
 from checkpoint import (
     HARMLESS_EXTRAS,
     LoadError,
@@ -30,13 +33,18 @@ from checkpoint import (
 from console import gib, log, peak_rss_gib, progress
 from modeling_gemma import QUERY_CHUNK
 from modeling_paligemma import CACHE_STEP, PaliGemmaConfig, PaliGemmaForConditionalGeneration
+from quantization import QuantizedWeight
 
 MAP_IN_PLACE = True  # use tensors stored in the target dtype straight from the (privately) mapped files
 
 
 def plan_load(model: torch.nn.Module, shards: list[Path]) -> list[TensorEntry]:
-    """Match every stored tensor to a parameter by name and shape; error on anything missing or unknown."""
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    """Match every stored tensor to a parameter (or a quantized weight's buffer) by name and shape, or mark a full-
+    precision weight to be quantized into its QuantizedWeight module; error on anything missing or unknown."""
+    expected = {name: (tuple(p.shape), None) for name, p in model.named_parameters()}
+    expected.update((name, (tuple(b.shape), b.dtype)) for name, b in model.named_buffers()
+                    if name.endswith((".qweight", ".scales")))
+    quantized = {name: m.shape for name, m in model.named_modules() if isinstance(m, QuantizedWeight)}
     plan, seen = [], {}
     for shard in shards:
         for entry in read_safetensors_header(shard):
@@ -44,22 +52,29 @@ def plan_load(model: torch.nn.Module, shards: list[Path]) -> list[TensorEntry]:
             if name in seen:
                 raise LoadError(f"{shard}: tensor {entry.key!r} is stored twice (also in {seen[name].name})")
             seen[name] = shard
-            if name not in expected:
+            if name not in expected and name not in quantized:
                 if name.startswith(HARMLESS_EXTRAS):
                     continue
                 raise LoadError(f"{shard}: unexpected tensor {entry.key!r}, which this model has no parameter for")
-            if entry.shape != expected[name]:
-                raise LoadError(f"{shard}: tensor {entry.key!r} has shape {list(entry.shape)}, "
-                                f"expected {list(expected[name])}")
-            if entry.torch_dtype is None:
+            shape, dtype = expected.get(name) or (quantized[name], None)
+            if entry.shape != shape:
+                raise LoadError(f"{shard}: tensor {entry.key!r} has shape {list(entry.shape)}, expected {list(shape)}")
+            if dtype is not None and entry.torch_dtype != dtype:
+                raise LoadError(f"{shard}: tensor {entry.key!r} has dtype {entry.dtype}, expected "
+                                f"{str(dtype).removeprefix('torch.')}")
+            if dtype is None and not (entry.torch_dtype and entry.torch_dtype.is_floating_point):
                 raise LoadError(f"{shard}: tensor {entry.key!r} has dtype {entry.dtype}, not a floating-point one")
-            entry.name = name
+            entry.name, entry.quantize = name, name in quantized
             plan.append(entry)
-    skipped = sorted(n for n in seen if n not in expected)
+    skipped = sorted(n for n in seen if n not in expected and n not in quantized)
     if skipped:
         log(f"warning: skipping {len(skipped)} unused stored tensors ({', '.join(skipped[:3])}"
             f"{', ...' if len(skipped) > 3 else ''})")
-    missing = [n for n in expected if n not in seen]
+    missing = [n for n in expected if n not in seen and n.rpartition(".")[0] not in quantized]
+    for name in quantized:  # stored in full precision, to quantize now, or stored quantized
+        stored = (f"{name}.qweight" in seen) + (f"{name}.scales" in seen)
+        if (name in seen) + (stored == 2) != 1:
+            missing.append(name if stored == 0 else f"{name}.qweight and .scales, or {name} alone,")
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise LoadError(f"{shards[0].parent}: tensor {', '.join(missing[:3])}{more} missing from the checkpoint")
@@ -67,65 +82,120 @@ def plan_load(model: torch.nn.Module, shards: list[Path]) -> list[TensorEntry]:
 
 
 def materialise(model: torch.nn.Module, plan: list[TensorEntry], dtype: torch.dtype,
-                device: torch.device) -> tuple[list[TensorEntry], dict[Path, mmap.mmap]]:
-    """Give every parameter memory in the target dtype. On the CPU, a tensor the file already holds in that dtype
-    becomes a view straight into the shard's mapping: no copy, and the page cache is the weights (a 10B model in
-    bfloat16 then fits beside its own files). Every other parameter gets fresh memory for the loader to fill.
-    Returns the entries still to be copied."""
-    params = dict(model.named_parameters())  # a tied parameter is listed once
+                device: torch.device) -> list[TensorEntry]:
+    """Give every parameter and quantized buffer memory: parameters in the target dtype, quantized buffers in their
+    own. On the CPU, a tensor the file already holds in that dtype becomes a view straight into the shard's mapping:
+    no copy, and the page cache is the weights (a 10B model in bfloat16 then fits beside its own files). Everything
+    else gets fresh memory for the loader to fill. Returns the entries still to be copied or quantized."""
+    targets = {name: (p.shape, dtype) for name, p in model.named_parameters()}  # a tied parameter is listed once
+    targets.update((name, (b.shape, b.dtype)) for name, b in model.named_buffers()
+                   if name.endswith((".qweight", ".scales")))
     views = {}
     for file in dict.fromkeys(e.file for e in plan) if device.type == "cpu" and MAP_IN_PLACE else []:
-        in_place = [e for e in plan if e.file == file and e.torch_dtype == dtype and e.start % dtype.itemsize == 0]
+        in_place = [e for e in plan if e.file == file and not e.quantize and e.torch_dtype == targets[e.name][1]
+                    and e.start % e.torch_dtype.itemsize == 0]
         if in_place:
             with open(file, "rb") as f:
                 mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: never writes the file
             flat = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping alive with the parameters
-            views.update((e.name, flat[e.start:e.start + e.nbytes].view(dtype).view(e.shape)) for e in in_place)
-    for name, p in params.items():
+            views.update((e.name, flat[e.start:e.start + e.nbytes].view(e.torch_dtype).view(e.shape))
+                         for e in in_place)
+    for name, (shape, target_dtype) in targets.items():
         data = views.get(name)
         if data is None:
-            data = torch.empty(p.shape, dtype=dtype, device=device)
+            data = torch.empty(shape, dtype=target_dtype, device=device)
         module_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(data, requires_grad=False))
+        module = model.get_submodule(module_name)
+        setattr(module, attr, data if isinstance(module, QuantizedWeight) else torch.nn.Parameter(data, False))
     model.reset_buffers()  # ties the head to the new embedding, computes RoPE frequencies, allocates empty caches
     return [e for e in plan if e.name not in views]
 
 
 def stream_tensors(model: torch.nn.Module, plan: list[TensorEntry], to_copy: list[TensorEntry], bar=None):
-    """Shard by shard: read in the parameters used in place, and copy each other tensor into its parameter,
-    kernels.PIECE_BYTES at a time, converting to the parameter's dtype. Every value is checked to be finite.
+    """Shard by shard: read in the tensors used in place, copy each other tensor into its parameter, converting to
+    its dtype, and quantize each weight that is to be, kernels.PIECE_BYTES at a time. Every value is checked to be
+    finite.
 
     Each piece is converted straight from the mapped shard (one pass over the bytes), then unmapped again: the page
     cache keeps the file, but the pages do not pile up in this process's memory. On the CPU the compiled kernel
     converts a whole shard in one call, without Python's lock (see load_hf_model).
     """
-    params = dict(model.named_parameters())
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    modules = dict(model.named_modules())
     for file in dict.fromkeys(e.file for e in plan):
-        for entry in (e for e in plan if e.file == file and e not in to_copy):  # reading them maps them in
-            if kernels.count_nonfinite(params[entry.name]):
-                raise not_finite(entry, params[entry.name].dtype)
+        for entry in (e for e in plan if e.file == file and e not in to_copy):  # used in place: map in, then check
+            populate(tensors[entry.name])
+            # One thread: the other core loads the tokenizer meanwhile (load_hf_model), so the check costs no time.
+            if entry.torch_dtype.is_floating_point and kernels.count_nonfinite(tensors[entry.name], threads=1):
+                raise not_finite(entry, entry.torch_dtype)
             if bar is not None:
                 bar.update(entry.nbytes)
         entries = [e for e in to_copy if e.file == file]
-        if entries:
-            with open(file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
-                for entry in entries:
-                    if entry.start + entry.nbytes > len(mapped):
-                        raise LoadError(f"{file}: ended early while reading tensor {entry.key!r}")
-                dests = [params[e.name].data.view(-1) for e in entries]
-                converted = kernels.convert_shard(mapped, [(e.start, e.torch_dtype, d) for e, d in zip(entries, dests)])
-                if converted is None:
-                    for entry, dest in zip(entries, dests):
-                        copy_tensor(mapped, entry, dest, bar)
-                    continue
-                done, bad = converted
-                if bad >= 0:
-                    raise not_finite(entries[bad], dests[bad].dtype)
-                if bar is not None:
-                    bar.update(done)
+        if not entries:
+            continue
+        with open(file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
+            for entry in entries:
+                if entry.start + entry.nbytes > len(mapped):
+                    raise LoadError(f"{file}: ended early while reading tensor {entry.key!r}")
+            for entry in (e for e in entries if e.quantize):
+                quantize_tensor(mapped, entry, modules[entry.name], bar)
+            entries = [e for e in entries if not e.quantize]
+            dests = [tensors[e.name].data.view(-1) for e in entries]
+            converted = kernels.convert_shard(mapped, [(e.start, e.torch_dtype, d) for e, d in zip(entries, dests)])
+            if converted is None:
+                for entry, dest in zip(entries, dests):
+                    copy_tensor(mapped, entry, dest, bar)
+                continue
+            done, bad = converted
+            if bad >= 0:
+                raise not_finite(entries[bad], dests[bad].dtype)
+            if bar is not None:
+                bar.update(done)
 
 
-def not_finite(entry: TensorEntry, dtype: torch.dtype) -> LoadError:
+def quantize_tensor(mapped: mmap.mmap, entry: TensorEntry, weight: QuantizedWeight, bar=None):
+    """A full-precision weight from a mapped shard quantized into weight, a piece of rows at a time, each piece's
+    pages dropped from the process once done: never the whole weight in full precision."""
+    rows, cols = entry.shape
+    itemsize = entry.torch_dtype.itemsize
+    per_piece = max(1, kernels.PIECE_BYTES // (cols * itemsize))
+    base = ctypes.addressof(ctypes.c_char.from_buffer(mapped)) if kernels.library() else None
+    for first in range(0, rows, per_piece):
+        count = min(per_piece, rows - first)
+        offset = entry.start + first * cols * itemsize
+        q, scales = weight.qweight[first:first + count], weight.scales[first:first + count]
+        if base is not None:
+            bad = kernels.quantize_rows(base + offset, entry.torch_dtype, count, cols, q, scales, weight.scheme)
+        else:
+            piece = torch.frombuffer(mapped, dtype=entry.torch_dtype, count=count * cols, offset=offset)
+            bad = int(not torch.isfinite(piece).all())
+            q_piece, scale_piece = quantization.quantize(piece.view(count, cols), weight.scheme)
+            q.copy_(q_piece)
+            scales.copy_(scale_piece)
+            bad += int(not torch.isfinite(scales).all())
+            del piece  # the mapping can only be closed once no tensor views it
+        if bad:
+            raise not_finite(entry, weight.scheme.name)
+        page = offset - offset % mmap.PAGESIZE
+        mapped.madvise(mmap.MADV_DONTNEED, page, offset + count * cols * itemsize - page)
+        if bar is not None:
+            bar.update(count * cols * itemsize)
+
+
+LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def populate(tensor: torch.Tensor):
+    """Map a tensor used in place from a file in at once (MADV_POPULATE_READ, Linux 5.14; older kernels get
+    MADV_WILLNEED's read-ahead): far faster than a page fault per page as it is first read."""
+    start = tensor.data_ptr() - tensor.data_ptr() % mmap.PAGESIZE
+    length = tensor.data_ptr() + tensor.nbytes - start
+    for advice in (22, mmap.MADV_WILLNEED):
+        if LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice) == 0:
+            return
+
+
+def not_finite(entry: TensorEntry, dtype: torch.dtype | str) -> LoadError:
     name = str(dtype).removeprefix("torch.")
     return LoadError(f"{entry.file}: tensor {entry.key!r} has values that are not finite as {name} (NaN or infinity "
                      f"in the file, or beyond {name}'s range); the checkpoint is damaged, or needs another --dtype")
@@ -189,11 +259,13 @@ def check_memory(needed: int, device: torch.device):
 
 
 def load_hf_model(model_path: str | Path, device: str | torch.device, dtype: torch.dtype | None = None,
-                  verbose: bool = True, memory_check: bool = True, tokenizer=None, batch: int = 1, length: int = 512):
+                  verbose: bool = True, memory_check: bool = True, tokenizer=None, batch: int = 1, length: int = 512,
+                  quantize: str | None = None):
     """Build PaliGemma on the meta device and stream the folder's safetensors into it, while the folder's tokenizer
     loads beside it (unless one already loaded from the folder is passed in); returns (model, tokenizer). The model
     is the plain one: kernels.accelerate makes it fast on the CPU. dtype None is the checkpoint's own
-    (checkpoint.default_dtype).
+    (checkpoint.default_dtype). quantize "int8" or "int4" quantizes the decoder's weights while they stream
+    (quantization.py); a folder saved quantized loads quantized, in place.
 
     Everything is checked before any parameter memory is allocated: the config, every shard's header, every
     tensor's name and shape, that there are tokenizer files, and (unless memory_check is False) that the weights
@@ -201,17 +273,26 @@ def load_hf_model(model_path: str | Path, device: str | torch.device, dtype: tor
     """
     start = time.perf_counter()
     folder, device = Path(model_path), torch.device(device)
-    config = load_config(folder)
+    config, saved = load_config(folder), quantization.read_scheme(folder)
+    if quantize and saved and quantize != saved.name:
+        raise LoadError(f"{folder}: holds {saved.name} weights, not {quantize}")
+    scheme = saved or quantization.SCHEMES.get(quantize)
+    if scheme and device.type != "cpu":
+        raise LoadError("quantized weights run on the CPU only for now: pass --only_cpu True, or load a checkpoint "
+                        "in full precision")
+    shards = find_shards(folder)
+    dtype = dtype or default_dtype(config, shards)
     with torch.device("meta"):
         model = PaliGemmaForConditionalGeneration(config)
-    shards = find_shards(folder)
+        if scheme:
+            quantization.prepare(model, scheme, dtype)
     plan = plan_load(model, shards)
     check_tokenizer_files(folder)
-    dtype = dtype or default_dtype(config, shards)
     if verbose:
         warn_about_dtype(config, dtype)
     if memory_check:
-        weights = sum(p.numel() for p in model.parameters()) * dtype.itemsize
+        weights = sum(p.numel() for p in model.parameters()) * dtype.itemsize + sum(
+            b.numel() * b.element_size() for name, b in model.named_buffers() if name.endswith((".qweight", ".scales")))
         check_memory(weights + working_memory(config, batch, length, dtype), device)
     to_copy = materialise(model, plan, dtype, device)
     bar = progress(sum(e.nbytes for e in plan), "loading weights", "B", unit_scale=True, unit_divisor=1024,
@@ -227,9 +308,11 @@ def load_hf_model(model_path: str | Path, device: str | torch.device, dtype: tor
             raise failure
     model.eval().requires_grad_(False)
     if verbose:
-        n = sum(p.numel() for p in model.parameters())
+        n = sum(p.numel() for p in model.parameters()) + sum(
+            math.prod(m.shape) for m in model.modules() if isinstance(m, QuantizedWeight))
         used_in_place = sum(e.nbytes for e in plan) - sum(e.nbytes for e in to_copy)
-        log(f"loaded {n:,} parameters as {str(dtype).removeprefix('torch.')} on {device} in "
+        log(f"loaded {n:,} parameters as {str(dtype).removeprefix('torch.')}"
+            + (f" ({scheme.name} in the decoder)" if scheme else "") + f" on {device} in "
             f"{time.perf_counter() - start:.1f} s, peak memory {peak_rss_gib():.2f} GiB"
             + (f" ({gib(used_in_place)} GiB used in place from the files)" if used_in_place else ""))
     return model, tokenizer

@@ -91,15 +91,24 @@ def run(args: list[str]) -> tuple[dict, float]:
     return json.loads(proc.stdout.strip().splitlines()[-1]), wall
 
 
+QUANTIZED = ("int8", "int4")  # --dtypes that are --quantize schemes: the weights' dtype is the checkpoint's own
+
+
+def precision(dtype: str) -> list[str]:
+    return ["--quantize", dtype] if dtype in QUANTIZED else ["--dtype", dtype]
+
+
 def ours(model: Path, image: Path, prompt: str, dtype: str, tokens: int, device: str, root: Path = ROOT) -> dict:
     on_gpu = ["--only_cpu", "False", "--compile", "True"] if device == "cuda" else ["--only_cpu", "True"]
     result, wall = run([str(root / "inference.py"), "--model_path", str(model), "--image_file_path", str(image),
-                        "--prompt", prompt, "--dtype", dtype, "--max_tokens_to_generate", str(tokens),
+                        "--prompt", prompt, *precision(dtype), "--max_tokens_to_generate", str(tokens),
                         "--output_format", "json", *on_gpu])
     return {**result["timings"], "process_s": wall, "generated": len(result["token_ids"])}
 
 
 def transformers(model: Path, image: Path, prompt: str, dtype: str, tokens: int, device: str, **extra) -> dict:
+    if dtype in QUANTIZED:
+        raise Failed("not run: transformers has no such scheme")
     result, wall = run(["-c", TRANSFORMERS_CHILD, str(model), str(image), prompt, dtype, str(tokens), device,
                         json.dumps(extra)])
     return {**result, "process_s": wall, "generated": len(result.pop("token_ids"))}
@@ -122,7 +131,7 @@ def batch_rate(model: Path, image: Path, prompt: str, dtype: str, tokens: int, b
         prompts.write_text("".join(json.dumps({"image": str(image), "prompt": prompt}) + "\n" for _ in range(n)))
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         proc = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--model_path", str(model),
-                               "--prompts_file", str(prompts), "--batch_size", str(batch_size), "--dtype", dtype,
+                               "--prompts_file", str(prompts), "--batch_size", str(batch_size), *precision(dtype),
                                "--max_tokens_to_generate", str(tokens), "--only_cpu", str(device == "cpu"),
                                "--verbose", "True"],
                               capture_output=True, text=True, env=env)
@@ -154,6 +163,10 @@ def decoder_bytes(model: Path, dtype: str) -> int:
     per_layer = (text.hidden_size * text.head_dim * (2 * text.num_attention_heads + 2 * text.num_key_value_heads)
                  + 3 * text.hidden_size * text.intermediate_size + (4 if text.is_gemma2 else 2) * text.hidden_size)
     params = text.num_hidden_layers * per_layer + text.vocab_size * text.hidden_size + text.hidden_size
+    if dtype in QUANTIZED:  # the integers, and a float16 scale per group of them
+        from quantization import SCHEMES
+
+        return int(params * ((1 if dtype == "int8" else 0.5) + 2 / SCHEMES[dtype].group))
     return params * getattr(torch, dtype).itemsize
 
 
@@ -163,13 +176,15 @@ def main():
     parser.add_argument("--image", type=Path, default=ROOT / "test_images" / "cat.jpg")
     parser.add_argument("--prompt", default="caption en")
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
+    parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"],
+                        help="float16, bfloat16, float32, or the --quantize schemes int8 and int4 (ours only)")
     parser.add_argument("--runs", nargs="+", default=["ours", "transformers"], choices=list(IMPLEMENTATIONS))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="cuda: ours with --compile; add transformers-static to --runs there")
     parser.add_argument("--cold", action="store_true", help="drop the page cache before each run (needs root)")
     parser.add_argument("--batch_sizes", type=int, nargs="*", default=[1, 4, 8],
-                        help="also answer 8 images this many at a time (ours, first dtype); none to skip")
+                        help="also answer 8 images this many at a time (ours); none to skip")
+    parser.add_argument("--batch_dtypes", nargs="*", help="the dtypes of those batch runs (default: the first)")
     parser.add_argument("--baseline", type=Path, help="another checkout of this project, run as 'baseline' "
                         "(e.g. `git worktree add /tmp/before HEAD~3`): a before/after comparison in one run")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each implementation, taking turns; each "
@@ -227,16 +242,17 @@ def main():
               f"| {row['peak_rss_gib']:.2f} | {ratios} | {row['page_cache']} | {row.get('compile_s') or '-'} "
               f"| {row.get('peak_gpu_gib') or '-'} |")
     batches = []
-    for size in args.batch_sizes:
-        print(f"ours {args.dtypes[0]}, 8 images, batch {size} ...", file=sys.stderr)
-        batches.append(batch_rate(args.model_path, args.image, args.prompt, args.dtypes[0], args.tokens, size,
-                                  args.device))
+    for dtype in args.batch_dtypes or args.dtypes[:1]:
+        for size in args.batch_sizes:
+            print(f"ours {dtype}, 8 images, batch {size} ...", file=sys.stderr)
+            batches.append({"dtype": dtype, **batch_rate(args.model_path, args.image, args.prompt, dtype, args.tokens,
+                                                         size, args.device)})
     if batches:
-        print(f"\nours, {args.dtypes[0]}, 8 images, {args.tokens} new tokens each:")
-        print("| batch size | generation s | images/s |")
-        print("| --- | --- | --- |")
+        print(f"\nours, 8 images, {args.tokens} new tokens each:")
+        print("| dtype | batch size | generation s | images/s |")
+        print("| --- | --- | --- | --- |")
         for row in batches:
-            print(f"| {row['batch_size']} | {row['generate_s']:.1f} | {row['images_per_s']:.2f} |")
+            print(f"| {row['dtype']} | {row['batch_size']} | {row['generate_s']:.1f} | {row['images_per_s']:.2f} |")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"generate-{args.model_path.name}{'-cold' if args.cold else ''}.json"
     path.write_text(json.dumps({"model": args.model_path.name, "tokens": args.tokens, "prompt": args.prompt,

@@ -41,11 +41,14 @@ dtype = getattr(torch, sys.argv[2])
 CHILDREN = {
     "ours": PRELUDE + """
 import utils
+quantize = None if sys.argv[4] == "none" else sys.argv[4]
 start = time.perf_counter()
-model, tokenizer = utils.load_hf_model(sys.argv[1], "cpu", dtype)
+model, tokenizer = utils.load_hf_model(sys.argv[1], "cpu", dtype, **({"quantize": quantize} if quantize else {}))
 seconds = time.perf_counter() - start
-result = {"load_s": seconds, "params": sum(p.numel() for p in model.parameters()), **status()}
-if len(sys.argv) > 4:  # verify: every parameter against the file's tensor rounded to the dtype, piece by piece
+tensors = [*model.parameters(), *(b for n, b in model.named_buffers() if n.endswith((".qweight", ".scales")))]
+result = {"load_s": seconds, "params": sum(p.numel() for p in model.parameters()), **status(),
+          "weight_bytes": sum(t.numel() * t.element_size() for t in tensors)}
+if sys.argv[5:] == ["verify"]:  # verify: every parameter against the file's tensor rounded to the dtype, piece by piece
     from pathlib import Path
     from safetensors import safe_open
     from checkpoint import find_shards
@@ -85,10 +88,11 @@ def read_status(pid: int) -> dict | None:
         return None
 
 
-def run_child(name: str, model_path: Path, dtype: str, verify: bool, root: Path = ROOT) -> dict:
+def run_child(name: str, model_path: Path, dtype: str, verify: bool, root: Path = ROOT,
+              quantize: str = "none") -> dict:
     """Run one loader in a fresh process (this project's from the checkout root), sampling its memory every 50 ms."""
     child = CHILDREN["ours" if name == "baseline" else name]
-    args = [sys.executable, "-c", child, str(model_path), dtype, str(root)] + (["verify"] if verify else [])
+    args = [sys.executable, "-c", child, str(model_path), dtype, str(root), quantize] + (["verify"] if verify else [])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
     start = time.monotonic()
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -151,6 +155,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_path", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+                        help="ours quantizes the decoder while loading (a saved quantized folder needs its own)")
     parser.add_argument("--runs", nargs="+", default=["ours", "transformers"], choices=[*CHILDREN, "baseline"])
     parser.add_argument("--baseline", type=Path, help="another checkout of this project, run as 'baseline' "
                         "(e.g. `git worktree add /tmp/before HEAD~3`): a before/after comparison in one run")
@@ -170,7 +176,7 @@ def main():
             cache = page_cache_state(args.model_path, args.cold)
             print(f"running {name} ({cache} page cache), {repeat + 1} of {args.repeat} ...", file=sys.stderr)
             runs[name].append(run_child(name, args.model_path, args.dtype, verify=False,
-                                        root=args.baseline if name == "baseline" else ROOT))
+                                        root=args.baseline if name == "baseline" else ROOT, quantize=args.quantize))
             runs[name][-1]["page_cache"] = cache
     for name, attempts in runs.items():  # the median run by load time, with every run's seconds beside it
         results[name] = sorted(attempts, key=lambda r: r["load_s"])[len(attempts) // 2]
@@ -178,10 +184,10 @@ def main():
         results[name]["process_s_all"] = [r["process_s"] for r in attempts]  # Python and imports included
 
     params = next(iter(results.values()))["params"]
-    weights = params * {"float16": 2, "bfloat16": 2, "float32": 4}[args.dtype]
-    gib = 2**30
-    print(f"\n{args.model_path.name}: {params:,} parameters, {weights / gib:.2f} GiB of {args.dtype} weights; "
-          f"{cpu_name()}, {os.cpu_count()} CPUs")
+    weights = results.get("ours", {}).get("weight_bytes") or params * {"float16": 2, "bfloat16": 2, "float32": 4}[
+        args.dtype]
+    gib, kind = 2**30, args.dtype + (f", decoder {args.quantize}" if args.quantize != "none" else "")
+    print(f"\n{args.model_path.name}: {weights / gib:.2f} GiB of weights ({kind}); {cpu_name()}, {os.cpu_count()} CPUs")
     print("| loader | peak VmHWM GiB | peak - weights GiB | peak anon GiB | peak file-backed GiB | after GiB "
           "| load s (median) | every run s | process s (median) | page cache |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -196,7 +202,7 @@ def main():
         print(f"ours: every value equals the file's tensor rounded to {args.dtype}: {equal}")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"load-{args.model_path.name}-{args.dtype}"
+    stem = f"load-{args.model_path.name}-{args.dtype}" + (f"-{args.quantize}" if args.quantize != "none" else "")
     record = {"model": args.model_path.name, "dtype": args.dtype, "params": params, "weight_bytes": weights,
               "machine": {"cpus": os.cpu_count(), "processor": cpu_name(), "python": platform.python_version()},
               "results": results}

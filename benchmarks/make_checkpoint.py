@@ -175,13 +175,22 @@ def shard_header(entries, dtype_tag, itemsize):
     return struct.pack("<Q", len(raw)) + raw, offset
 
 
-def write_tensor(f, key, shape, init, dtype, seed, buf):
-    """Stream one tensor in CHUNK_BYTES pieces: N(0, 0.02) from a generator seeded by (seed, key), or 0 / 1."""
+def write_tensor(f, key, shape, init, dtype, seed, buf, heavy_tails=False):
+    """Stream one tensor in CHUNK_BYTES pieces: N(0, 0.02) from a generator seeded by (seed, key), or 0 / 1. With
+    heavy_tails, a decoder linear weight has 4 of its input channels (columns) scaled by 20 to 50, the outliers
+    trained language models have."""
     numel, done = math.prod(shape), 0
     gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{key}".encode()))  # the CPU generator keeps 32 bits
+    outliers = heavy_tails and ".layers." in key and key.endswith("_proj.weight") and key.startswith("language_model")
+    if outliers:
+        columns = torch.randperm(shape[1], generator=gen)[:4]
+        factors = 20 + 30 * torch.rand(4, generator=gen)
     while done < numel:
-        x = buf[: min(buf.numel(), numel - done)]
-        x = (x.normal_(0.0, 0.02, generator=gen) if init == "normal" else x.fill_(float(init == "ones"))).to(dtype)
+        x = buf[: min(buf.numel(), numel - done)]  # whole rows: the chunk is a multiple of every width here
+        x = x.normal_(0.0, 0.02, generator=gen) if init == "normal" else x.fill_(float(init == "ones"))
+        if outliers:
+            x.view(-1, shape[1])[:, columns] *= factors
+        x = x.to(dtype)
         f.write((x.view(torch.int16) if dtype == torch.bfloat16 else x).numpy().data)
         done += x.numel()
 
@@ -268,8 +277,10 @@ def main(argv=None):
     ap.add_argument("--num-layers", type=int, help="only this many vision and text layers (a quick, smaller check)")
     ap.add_argument("--force", action="store_true", help="rebuild even if the folder already holds the checkpoint")
     ap.add_argument("--dry-run", action="store_true", help="print the shard plan and exit")
+    ap.add_argument("--heavy_tails", action="store_true", help="scale 4 input channels of every decoder linear "
+                    "weight by 20-50, as trained models have outliers (for the quantization accuracy table)")
     args = ap.parse_args(argv)
-    suffix = f"-{args.num_layers}layers" if args.num_layers else ""
+    suffix = (f"-{args.num_layers}layers" if args.num_layers else "") + ("-heavy-tails" if args.heavy_tails else "")
     out = (args.out or Path.home() / ".cache" / "paligemma-bench" / (args.variant + suffix)).expanduser()
 
     config = build_config(args.variant, args.num_layers)
@@ -316,7 +327,7 @@ def main(argv=None):
         with open(out / name, "wb") as f:
             f.write(header)
             for key, shape, init in sorted(entries):
-                write_tensor(f, key, shape, init, dtype, args.seed, buf)
+                write_tensor(f, key, shape, init, dtype, args.seed, buf, args.heavy_tails)
         written += nbytes
         t = time.time() - start
         log(f"  {name}: {written / 1e9:.2f} / {total / 1e9:.2f} GB, {t:.0f} s, {written / 1e6 / t:.0f} MB/s")

@@ -1,0 +1,258 @@
+"""int8 and int4 weights: the scheme's round trip, the C kernels against a float32 reference on odd widths, a tiny
+quantized model against transformers' float32, saved quantized folders, and hostile ones refused."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import random_image
+from safetensors.torch import load_file, save_file
+from test_hostile_input import run
+from test_model import PROMPT, load_ours, reference_inputs, teacher_forced
+
+import kernels
+import quantization
+from checkpoint import LoadError
+from generate import generate, prefill
+from quantization import QuantizedWeight, Scheme
+from utils import load_hf_model
+
+SCHEMES = [Scheme(8, 128), Scheme(4, 128), Scheme(8, 32), Scheme(4, 32)]
+SHAPES = [(13, 37), (8, 64), (5, 200), (33, 100), (4, 300)]  # columns that are not a multiple of 16 or 32 too
+
+
+@pytest.fixture
+def compiled():
+    if kernels.library() is None:  # with PALIGEMMA_REQUIRE_KERNELS=1, library() has raised instead
+        pytest.skip("no C compiler with AVX2 here: the PyTorch fallback is what runs")
+    return kernels.library()
+
+
+def weights(rows: int, cols: int, dtype=torch.float32, seed=0) -> torch.Tensor:
+    torch.manual_seed(seed)
+    w = torch.randn(rows, cols) * 0.05
+    w[0, : min(cols, 40)] = 0  # a group of zeros: scale 0
+    w[-1, 3] = 1.0  # an outlier
+    return w.to(dtype)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_dequantized_weights_are_within_half_a_step_of_the_originals(scheme, shape):
+    w = weights(*shape)
+    q, scales = quantization.quantize(w, scheme)
+    back = quantization.dequantize(q, scales, scheme, shape[1])
+    step = scales.float().repeat_interleave(scheme.group, dim=1)[:, :shape[1]]
+    assert back.shape == w.shape and ((back - w).abs() <= step / 2 * 1.001 + 1e-12).all()
+    ints = q.float() if scheme.bits == 8 else quantization.unpack_int4(q, shape[1]).float()
+    assert ints.abs().max() <= scheme.qmax
+
+
+def test_int4_packing_puts_column_j_and_16_plus_j_in_one_byte():
+    q = torch.arange(-7, 8).repeat(3)[:40].view(1, 40).to(torch.int8)
+    packed = quantization.pack_int4(q)
+    assert packed.shape == (1, 32)  # two blocks of 32 columns, the second padded
+    assert packed[0, 0] == (q[0, 0] + 8) | ((q[0, 16] + 8) << 4)
+    assert packed[0, 31] == 8 | (8 << 4)  # padding: zeros
+    assert torch.equal(quantization.unpack_int4(packed, 40), q)
+
+
+@pytest.mark.parametrize("source", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_c_quantizer_equals_the_reference_bit_for_bit(shape, scheme, source, compiled):
+    w = weights(*shape, source)
+    q, scales = quantization.quantize(w, scheme)
+    target = QuantizedWeight(*shape, scheme)
+    assert kernels.quantize_rows(w.data_ptr(), source, *shape, target.qweight, target.scales, scheme) == 0
+    assert torch.equal(target.qweight, q) and torch.equal(target.scales.view(torch.int16), scales.view(torch.int16))
+
+
+def quantized(shape, scheme, seed=0) -> QuantizedWeight:
+    weight = QuantizedWeight(*shape, scheme)
+    weight.qweight, weight.scales = quantization.quantize(weights(*shape, seed=seed), scheme)
+    return weight
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("rows", [1, 3, 4, 6, 9])
+def test_gemv_equals_the_float32_product_of_the_dequantized_weights(rows, shape, scheme, compiled):
+    weight = quantized(shape, scheme)
+    x = torch.randn(rows, shape[1])
+    (y,) = kernels.gemv_quantized([weight], x)
+    atol = 1e-5
+    if scheme.bits == 4 and compiled.int4_rounds_x_to_bfloat16():  # bfloat16 dot products: x rounded, as documented
+        x[:, :shape[1] - shape[1] % 32] = x[:, :shape[1] - shape[1] % 32].bfloat16().float()
+        # (136 + q) x sums numbers 17 times q x before 136 sum(x) is taken off: float32 rounding of those sums
+        atol = 8 * 136 * 2**-23 * x.abs().sum(1).max().item() * weight.scales.float().max().item()
+    torch.testing.assert_close(y, x @ weight.dequantize(torch.float32).T, atol=atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES[:2], ids=str)
+def test_gemv_of_several_quantized_weights_equals_each_alone(scheme, compiled):
+    group = [quantized((n, 96), scheme, seed=n) for n in (5, 40, 8, 17)]
+    x = torch.randn(2, 96)
+    for together, weight in zip(kernels.gemv_quantized(group, x), group):
+        torch.testing.assert_close(together, kernels.gemv_quantized([weight], x)[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES[:2], ids=str)
+def test_dequantizing_to_bfloat16_equals_the_reference(scheme, compiled):
+    weight = quantized((33, 100), scheme)
+    expected = weight.dequantize(torch.bfloat16)
+    assert torch.equal(kernels.as_bfloat16(weight).view(torch.int16), expected.view(torch.int16))
+
+
+PATHS = {
+    "default": {},
+    "no compiled kernels": {"library": lambda: None},
+    "matrix products only": {"MAX_GEMV_ROWS": 0},
+}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("rows", [1, 40])
+@pytest.mark.parametrize("scheme", SCHEMES[:2], ids=str)
+def test_every_product_path_equals_f_linear_of_the_dequantized_weights(scheme, rows, path, monkeypatch):
+    for attribute, value in PATHS[path].items():
+        monkeypatch.setattr(kernels, attribute, value)
+    weight = quantized((48, 100), scheme)
+    x = torch.randn(rows, 100).to(torch.bfloat16)
+    (y,) = kernels.products(x, [weight], [None])
+    expected = F.linear(x.float(), weight.dequantize(torch.float32))
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected, atol=0.02, rtol=0.02)
+
+
+# A tiny quantized model against transformers' float32 model. The bound is relative to the logits' size (|logits|
+# < 1 here): int8 (steps of 1/127 of each group's largest weight) within 0.1, int4 (steps of 1/7) within 1.0, both
+# on the widths that leave every kernel a tail; measured 0.035-0.045 and 0.55-0.6.
+BOUNDS = {"int8": 0.1, "int4": 1.0}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("name", ["v1_odd", "v2_odd"])
+def test_a_tiny_quantized_model_stays_near_transformers_float32(name, scheme, path, checkpoint, reference, image,
+                                                                monkeypatch):
+    for attribute, value in PATHS[path].items():
+        monkeypatch.setattr(kernels, attribute, value)
+    ref, ref_processor = reference(name)
+    model, tokenizer = load_hf_model(checkpoint(name), "cpu", torch.bfloat16, verbose=False, quantize=scheme)
+    model = kernels.accelerate(model)
+    processor = load_ours(checkpoint(name))[1]
+    inputs = processor([PROMPT], [image])
+    with torch.no_grad():
+        expected = ref(**reference_inputs(ref_processor, image)).logits
+        out = ref.generate(**reference_inputs(ref_processor, image), max_new_tokens=4, min_new_tokens=4,
+                           do_sample=False, output_logits=True, return_dict_in_generate=True)
+        torch.testing.assert_close(prefill(model, inputs, 0, all_logits=True).float(), expected, atol=BOUNDS[scheme],
+                                   rtol=0)
+        for step, (ours, theirs) in enumerate(zip(teacher_forced(model, inputs, out.sequences[:, -4:]), out.logits)):
+            torch.testing.assert_close(ours.float(), theirs, atol=BOUNDS[scheme], rtol=0, msg=f"step {step}")
+
+
+def test_int8_answers_greedily_as_float32_does_on_a_tiny_model(checkpoint, image):
+    tokens = {}
+    for scheme in (None, "int8"):
+        model, tokenizer = load_hf_model(checkpoint("v1_mqa"), "cpu", torch.bfloat16, verbose=False,
+                                         quantize=scheme)
+        model = kernels.accelerate(model)
+        processor = load_ours(checkpoint("v1_mqa"))[1]
+        with torch.no_grad():
+            tokens[scheme] = [int(t) for t, _ in generate(model, processor([PROMPT], [image]), 6)]
+    assert tokens["int8"] == tokens[None]
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_saved_quantized_folder_round_trips_bit_exactly_and_loads_in_place(scheme, checkpoint, tmp_path, capsys):
+    model, _ = load_hf_model(checkpoint("v2_odd"), "cpu", torch.bfloat16, verbose=False, quantize=scheme)
+    quantization.save_quantized(model, checkpoint("v2_odd"), tmp_path / "saved")
+    again, _ = load_hf_model(tmp_path / "saved", "cpu")
+    before, after = model.state_dict(), again.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert again.quantization == quantization.SCHEMES[scheme]
+    qweight = again.language_model.model.layers[0].mlp.up_proj.weight.qweight
+    assert qweight.untyped_storage().nbytes() > qweight.nbytes  # a view into the mapped file: used in place
+    assert (tmp_path / "saved" / "tokenizer.json").is_file()
+
+
+@pytest.fixture
+def saved(checkpoint, tmp_path):
+    model, _ = load_hf_model(checkpoint("v1_mqa"), "cpu", torch.bfloat16, verbose=False, quantize="int4")
+    quantization.save_quantized(model, checkpoint("v1_mqa"), tmp_path / "saved")
+    return tmp_path / "saved"
+
+
+def edit_config(folder: Path, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"].update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def edit_tensor(folder: Path, part: str, change):
+    """Rewrite the tensor whose key holds part with change(tensor), or drop it where change gives None."""
+    shard = next(folder.glob("*.safetensors"))
+    tensors = load_file(shard)
+    key = next(k for k in tensors if part in k)
+    tensors[key] = change(tensors[key])
+    if tensors[key] is None:
+        del tensors[key]
+    save_file(tensors, shard)
+
+
+HOSTILE = {
+    "a newer format version": (lambda f: edit_config(f, format_version=2), "format_version 2; this tool reads"),
+    "another tool's method": (lambda f: edit_config(f, quant_method="gptq"), "'gptq', not this tool's"),
+    "3 bits": (lambda f: edit_config(f, bits=3), "needs bits 4 or 8"),
+    "a group of 48": (lambda f: edit_config(f, group_size=48), "a multiple of 32"),
+    "the other width asked for": (None, "holds int4 weights, not int8"),
+    "qweight of the wrong dtype": (lambda f: edit_tensor(f, "layers.0.mlp.up_proj.weight.qweight",
+                                                         lambda t: t.to(torch.int8)), "has dtype I8, expected uint8"),
+    "qweight of the wrong shape": (lambda f: edit_tensor(f, "layers.1.self_attn.o_proj.weight.qweight",
+                                                         lambda t: t[:, :-1].contiguous()), "has shape"),
+    "scales that are not finite": (lambda f: edit_tensor(f, "layers.0.self_attn.q_proj.weight.scales",
+                                                         lambda t: t.fill_(float("nan"))), "not finite"),
+    "scales missing": (lambda f: edit_tensor(f, "layers.1.mlp.down_proj.weight.scales", lambda t: None),
+                       "missing from the checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_a_hostile_quantized_folder_is_refused_with_one_clear_line(case, saved):
+    breaks, message = HOSTILE[case]
+    if breaks is not None:
+        breaks(saved)
+    with pytest.raises(LoadError, match=message):
+        load_hf_model(saved, "cpu", verbose=False, quantize="int8" if breaks is None else None)
+
+
+def test_quantized_weights_refuse_cuda_before_any_work(checkpoint):
+    with pytest.raises(LoadError, match="CPU only"):
+        load_hf_model(checkpoint("v1_mqa"), "cuda", verbose=False, quantize="int8")
+
+
+def test_a_weight_larger_than_a_piece_is_quantized_exactly(checkpoint, monkeypatch):
+    whole, _ = load_hf_model(checkpoint("v1_mqa"), "cpu", torch.bfloat16, verbose=False, quantize="int4")
+    monkeypatch.setattr(kernels, "PIECE_BYTES", 300)  # a few rows at a time
+    pieces, _ = load_hf_model(checkpoint("v1_mqa"), "cpu", torch.bfloat16, verbose=False, quantize="int4")
+    a, b = whole.state_dict(), pieces.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_command_line_saves_a_folder_that_answers_as_quantizing_at_load(checkpoint, tmp_path, capsys,
+                                                                            monkeypatch):
+    photo = tmp_path / "photo.png"
+    random_image(40, 30).save(photo)
+    args = ["--image_file_path", photo, "--max_tokens_to_generate", 6, "--output_format", "json", "--only_cpu", "True"]
+    code, _, err = run(["--model_path", checkpoint("v2_gqa"), "--quantize", "int8", "--save_quantized",
+                        tmp_path / "q8"], capsys, monkeypatch)
+    assert code == 0 and "wrote" in err
+    code, at_load, err = run(["--model_path", checkpoint("v2_gqa"), "--quantize", "int8", *args], capsys, monkeypatch)
+    assert code == 0, err
+    code, from_folder, err = run(["--model_path", tmp_path / "q8", *args], capsys, monkeypatch)
+    assert code == 0, err
+    assert json.loads(at_load)["token_ids"] == json.loads(from_folder)["token_ids"]
