@@ -122,8 +122,9 @@ def stream_tensors(model: torch.nn.Module, plan: list[TensorEntry], to_copy: lis
     """
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     modules = dict(model.named_modules())
+    copied = {e.name for e in to_copy}  # a set: comparing entries one by one costs a second on a full checkpoint
     for file in dict.fromkeys(e.file for e in plan):
-        for entry in (e for e in plan if e.file == file and e not in to_copy):  # used in place: map in, then check
+        for entry in (e for e in plan if e.file == file and e.name not in copied):  # in place: map in, then check
             populate(tensors[entry.name])
             # One thread: the other core loads the tokenizer meanwhile (load_hf_model), so the check costs no time.
             if entry.torch_dtype.is_floating_point and kernels.count_nonfinite(tensors[entry.name], threads=1):

@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -66,6 +67,20 @@ def random_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> I
     if mode == "P":
         image.putpalette(np.random.RandomState(seed + 1).randint(0, 256, 768, dtype=np.uint8).tobytes())
     return image
+
+
+@pytest.fixture
+def folder(checkpoint, tmp_path):
+    """A private copy of the tiny v1 checkpoint that a test may break."""
+    return Path(shutil.copytree(checkpoint("v1_mqa"), tmp_path / "ckpt"))
+
+
+@pytest.fixture
+def photo(tmp_path):
+    """A small photo on disk."""
+    path = tmp_path / "photo.jpg"
+    random_image(40, 30).save(path)
+    return path
 
 
 @pytest.fixture

@@ -34,11 +34,6 @@ def set_value(folder: Path, part: str, value: float, dtype=None):
     return key
 
 
-@pytest.fixture
-def folder(checkpoint, tmp_path):
-    return Path(shutil.copytree(checkpoint("v1_mqa"), tmp_path / "ckpt"))
-
-
 @pytest.fixture(scope="module")
 def bfloat16_folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("bf16")

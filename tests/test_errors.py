@@ -4,7 +4,6 @@ written, ctrl-C at any moment, and user errors told apart from bugs."""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, random_image
+from conftest import ROOT
 from test_hostile_input import assert_clean_failure, cli_args, run
 
 import checkpoint as checkpoint_files
@@ -25,18 +24,6 @@ from modeling_paligemma import PaliGemmaConfig
 def run_subprocess(argv, timeout=120, env=None, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "inference.py"), *map(str, argv)], capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})}, **kwargs)
-
-
-@pytest.fixture
-def folder(checkpoint, tmp_path):
-    return Path(shutil.copytree(checkpoint("v1_mqa"), tmp_path / "ckpt"))
-
-
-@pytest.fixture
-def photo(tmp_path):
-    path = tmp_path / "photo.png"
-    random_image(40, 30).save(path)
-    return path
 
 
 def fifo(path: Path) -> Path:

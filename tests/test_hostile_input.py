@@ -4,7 +4,6 @@ stdout and no traceback, with the user's files untouched; valid oddities just wo
 import hashlib
 import json
 import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -45,18 +44,6 @@ def assert_clean_failure(code, out, err, *needles):
     assert "Traceback" not in err
     for needle in needles:
         assert needle in lines[0], lines[0]
-
-
-@pytest.fixture
-def folder(checkpoint, tmp_path):
-    return Path(shutil.copytree(checkpoint("v1_mqa"), tmp_path / "ckpt"))
-
-
-@pytest.fixture
-def photo(tmp_path):
-    path = tmp_path / "photo.jpg"
-    random_image(40, 30).save(path)
-    return path
 
 
 def cli_args(folder, image, *extra):

@@ -29,12 +29,6 @@ def transformers_name(ours: str) -> str:
     raise AssertionError(ours)
 
 
-@pytest.fixture
-def folder(checkpoint, tmp_path):
-    """A private copy of the tiny v1 checkpoint that a test may break."""
-    return Path(shutil.copytree(checkpoint("v1_mqa"), tmp_path / "ckpt"))
-
-
 def shards(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
