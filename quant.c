@@ -1,69 +1,73 @@
 // Weight-only quantization for the CPU: int8 and int4 weights with one float16 scale per group of columns.
 //
-// Layout (the same in memory and in saved files; quantize.py documents it and holds the reference in PyTorch):
-// - int8: q (rows, cols) int8, value = q * scale, q in [-127, 127].
-// - int4: two weights a byte, in blocks of 32 columns: byte j of block b holds column 32b + j in its low nibble and
-//   column 32b + 16 + j in its high nibble, each stored as q + 8 with q in [-7, 7]; a row is ceil(cols / 32) * 16
-//   bytes, the columns past the end stored as 8 (zero).
-// - scales (rows, ceil(cols / group)) float16: the group's largest |w| / 127 (int8) or / 7 (int4), rounded to
-//   float16; q = round(w / scale), ties to even, as torch.round.
-// A decode step multiplies a few rows of x by the weights as they stream from memory, widening each weight to
-// float32 in registers (`gemv_quant`); a prompt multiplies a weight matrix dequantized to bfloat16 (`dequantize`).
+// Layout (the same in memory and in saved files; quantization.py documents it and holds the reference in PyTorch):
+// - Rows are padded with zeros to a multiple of 4 and columns to a chunk: 64 columns for int8, 128 for int4, so
+//   that a row's chunk is 64 bytes, one cache line.
+// - int8: q in [-127, 127], one byte each. int4: two a byte, in blocks of 32 columns: byte j of a block holds its
+//   column j in the low nibble and column 16 + j in the high one, each as q + 8 with q in [-7, 7].
+// - Tiles: the rows of each group of 4 are interleaved chunk by chunk, so that a pass over 4 rows reads memory in
+//   one straight line: byte b of row r is at (r / 4) * 4B + (b / 64) * 256 + (r % 4) * 64 + b % 64, B a row's
+//   padded bytes. Four short rows read side by side stream at 60 % of the bandwidth one long line does.
+// - scales (padded rows, ceil(padded columns / group)) float16: the group's largest |w| / 127 (int8) or / 7
+//   (int4), rounded to float16; q = round(w / scale), ties to even, as torch.round. Padding is q = 0, scale 0.
+// A decode step multiplies a few rows of x by the weights as they stream from memory (`gemv_quant`); a prompt
+// multiplies a weight matrix dequantized to bfloat16 (`dequantize`).
 #include <math.h>
 #include <stdlib.h>
 
 #include "simd.h"
 
-#define QROWS 4  // weight rows per pass
+#define TILE 4  // weight rows interleaved
+#define CHUNK 64  // bytes of one row in a tile's step
 #define QMAX_X 4  // rows of x per pass
-// Software prefetch, as in gemv.c: short rows (up to QSHORT_ROW bytes) are fetched one block of rows ahead, long
-// ones QPREFETCH bytes ahead.
-#define QPREFETCH 512
-#define QSHORT_ROW 4608
+#define QPREFETCH 1024  // bytes ahead of the reading position to prefetch
 
 enum { F32 = 0, F16 = 1, BF16 = 2 };
 
+static inline int64_t chunk_cols(int bits) { return bits == 8 ? 64 : 128; }
+static inline int64_t padded_cols(int64_t cols, int bits) {
+    return (cols + chunk_cols(bits) - 1) / chunk_cols(bits) * chunk_cols(bits);
+}
+static inline int64_t n_scales(int64_t cols, int bits, int64_t group) { return (padded_cols(cols, bits) + group - 1) / group; }
+// Where byte b of row r lies, rows of `row_bytes` padded bytes.
+static inline int64_t byte_at(int64_t r, int64_t b, int64_t row_bytes) {
+    return r / TILE * TILE * row_bytes + b / CHUNK * (TILE * CHUNK) + r % TILE * CHUNK + b % CHUNK;
+}
+
 #if defined(__AVX512F__)
-typedef __m512i ivec;
-static inline ivec load_u8(const uint8_t *p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
 static inline vec load_i8(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
-static inline vec low_nibbles(ivec v) { return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))); }
-static inline vec high_nibbles(ivec v) { return _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)); }
+static inline __m512i load_u8(const uint8_t *p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+static inline vec low_nibbles(__m512i v) { return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))); }
+static inline vec high_nibbles(__m512i v) { return _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)); }
 #else
-typedef __m256i ivec;
-static inline ivec load_u8(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
 static inline vec load_i8(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
-static inline vec low_nibbles(ivec v) { return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15))); }
-static inline vec high_nibbles(ivec v) { return _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)); }
+static inline __m256i load_u8(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+static inline vec low_nibbles(__m256i v) { return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15))); }
+static inline vec high_nibbles(__m256i v) { return _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)); }
 #endif
 
 #if defined(__AVX512BF16__)
-// With bfloat16 dot products (AVX512-BF16), an int4 block of 32 columns becomes one vector of 32 bfloat16 values
-// without float arithmetic: bfloat16(128 + u) is the bits 0x4300 | u for u < 128, and 128 + u = 136 + q. So the
-// group's sum is sum_k (136 + q_k) x_k - 136 sum_k x_k, with x rounded to bfloat16 for the product (a bfloat16
-// model's x already is) and float32 sums.
-#define INT4_BIAS 136.0f
-static inline __m512bh nibbles_bf16(const uint8_t *p) {
-    __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));  // 16 bytes -> 16 words
-    __m256i lo = _mm256_and_si256(v, _mm256_set1_epi16(15)), hi = _mm256_srli_epi16(v, 4);
-    __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // columns 0..15, then 16..31
-    return (__m512bh)_mm512_or_si512(u, _mm512_set1_epi16(0x4300));
-}
+// With bfloat16 dot products (AVX512-BF16) a 64-byte int4 chunk becomes four vectors of 32 bfloat16 values without
+// float arithmetic: interleaving a nibble u with the byte 0x43 gives the bits 0x43uu, bfloat16(128 + u), and
+// 128 + u = 136 + q. Interleaving works within 128-bit lanes, so x is laid out once per call in the order that
+// produces (x_order below), and each float lane of a product holds the sums of one block of 32 columns: one
+// vector of four scales, each repeated four times, scales them all. The sum is sum_k (136 + q_k) x_k minus
+// 136 sum_k x_k, with x rounded to bfloat16 for the product (a bfloat16 model's x already is) and float32 sums.
+#define INT4_BF16 1
+// Column of a chunk that word w of the chunk's x, laid out for the bfloat16 path, holds: vector w / 32 (low
+// nibbles of bytes 0-7, of 8-15, high nibbles of 0-7, of 8-15), lane (block) w % 32 / 8, byte w % 8.
+static inline int64_t x_order(int64_t w) { return w % 32 / 8 * 32 + w / 32 % 2 * 8 + w / 64 * 16 + w % 8; }
 #else
-#define INT4_BIAS 8.0f  // the float path multiplies the stored q + 8 and takes 8 sum_k x_k off
+#define INT4_BF16 0
 #endif
 
-static inline int64_t row_bytes(int64_t cols, int bits) { return bits == 8 ? cols : (cols + 31) / 32 * 16; }
-
-// The integer weight at column k of a row (q, not q + 8).
-static inline int weight_at(const uint8_t *row, int64_t k, int bits) {
-    if (bits == 8) return (int8_t)row[k];
-    uint8_t byte = row[k / 32 * 16 + k % 16];
-    return (k % 32 < 16 ? byte & 15 : byte >> 4) - 8;
+// The float16 scale of row `row` (scales of `n_groups` a row) for column k, as a float.
+static inline float scale_at(const uint16_t *S, int64_t row, int64_t n_groups, int64_t k, int64_t group) {
+    return scalar_f16(S[row * n_groups + k / group]);
 }
 
 static inline float read_value(const uint8_t *p, int kind, int64_t i) {
@@ -73,19 +77,21 @@ static inline float read_value(const uint8_t *p, int kind, int64_t i) {
     return kind == F16 ? scalar_f16(h) : scalar_bf16(h);
 }
 
-// Quantizes n_rows rows of cols values of the given kind at src into q and scales (layout above). Returns how many
-// values or scales are not finite (a NaN in the source, or a group too large for a float16 scale): 0 when all are.
+// Quantizes n_rows rows of cols values of the given kind at src into the tiles at q and the scales (layout above),
+// padding to a whole tile. Returns how many values or scales are not finite (a NaN in the source, or a group too
+// large for a float16 scale): 0 when all are.
 int64_t quantize_rows(const uint8_t *src, int src_kind, int64_t n_rows, int64_t cols, int bits, int64_t group,
                       uint8_t *q, uint16_t *scales) {
-    int64_t n_groups = (cols + group - 1) / group, stride = row_bytes(cols, bits), bad = 0;
-    int64_t size = src_kind == F32 ? 4 : 2;
+    int64_t n_groups = n_scales(cols, bits, group), padded = padded_cols(cols, bits), bad = 0;
+    int64_t row_bytes = padded * bits / 8, size = src_kind == F32 ? 4 : 2;
+    int64_t tiles = (n_rows + TILE - 1) / TILE;
     const float qmax = bits == 8 ? 127.0f : 7.0f;
+    memset(q, bits == 8 ? 0 : 0x88, tiles * TILE * row_bytes);
+    memset(scales, 0, tiles * TILE * n_groups * sizeof(uint16_t));
 #pragma omp parallel for reduction(+ : bad) schedule(static)
     for (int64_t r = 0; r < n_rows; r++) {
         const uint8_t *in = src + r * cols * size;
-        uint8_t *out = q + r * stride;
-        if (bits == 4) memset(out, 0x88, stride);
-        for (int64_t g = 0; g < n_groups; g++) {
+        for (int64_t g = 0; g * group < cols; g++) {
             int64_t k0 = g * group, k1 = k0 + group < cols ? k0 + group : cols;
             float amax = 0.0f;
             for (int64_t k = k0; k < k1; k++) {
@@ -101,9 +107,9 @@ int64_t quantize_rows(const uint8_t *src, int src_kind, int64_t n_rows, int64_t 
                 float v = s == 0.0f ? 0.0f : nearbyintf(read_value(in, src_kind, k) / s);
                 int qv = (int)fminf(fmaxf(v, -qmax), qmax);
                 if (bits == 8) {
-                    out[k] = (uint8_t)(int8_t)qv;
+                    q[byte_at(r, k, row_bytes)] = (uint8_t)(int8_t)qv;
                 } else {
-                    uint8_t *byte = out + k / 32 * 16 + k % 16;
+                    uint8_t *byte = q + byte_at(r, k / 32 * 16 + k % 16, row_bytes);
                     *byte = k % 32 < 16 ? (uint8_t)((*byte & 0xF0) | (qv + 8)) : (uint8_t)((*byte & 0x0F) | ((qv + 8) << 4));
                 }
             }
@@ -112,137 +118,185 @@ int64_t quantize_rows(const uint8_t *src, int src_kind, int64_t n_rows, int64_t 
     return bad;
 }
 
+// The float values of one row's chunk c (64 or 128 columns), p its 64 bytes, into out, in column order.
+static inline void chunk_values(const uint8_t *p, const uint16_t *S, int64_t row, int64_t n_groups, int64_t group,
+                                int64_t c, int bits, float *out) {
+    int64_t k0 = c * chunk_cols(bits);
+    if (bits == 8) {
+        for (int b = 0; b < CHUNK; b += WIDTH)
+            store_f32(out + b, vmul(load_i8((const int8_t *)p + b), splat(scale_at(S, row, n_groups, k0 + b, group))));
+        return;
+    }
+    for (int block = 0; block < 4; block++) {
+        vec s = splat(scale_at(S, row, n_groups, k0 + 32 * block, group)), eight = splat(8.0f);
+        for (int b = 0; b < 16; b += WIDTH) {
+            store_f32(out + 32 * block + b, vmul(vsub(low_nibbles(load_u8(p + 16 * block + b)), eight), s));
+            store_f32(out + 32 * block + 16 + b, vmul(vsub(high_nibbles(load_u8(p + 16 * block + b)), eight), s));
+        }
+    }
+}
+
 // dst (n_rows, cols) bfloat16 = the dequantized weights (q * scale in float32, rounded to bfloat16 once): a prompt
 // multiplies a matrix at a time in bfloat16, which CPUs do several times faster than anything else.
 void dequantize(const uint8_t *q, const uint16_t *scales, uint16_t *dst, int64_t n_rows, int64_t cols, int bits,
                 int64_t group) {
-    int64_t n_groups = (cols + group - 1) / group, stride = row_bytes(cols, bits);
+    int64_t n_groups = n_scales(cols, bits, group), width = chunk_cols(bits), row_bytes = padded_cols(cols, bits) * bits / 8;
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < n_rows; r++) {
-        for (int64_t k = 0; k < cols; k++) {
-            float s = scalar_f16(scales[r * n_groups + k / group]);
-            dst[r * cols + k] = scalar_to_bf16((float)weight_at(q + r * stride, k, bits) * s);
+        float values[128];
+        uint16_t out[128];
+        for (int64_t c = 0; c * width < cols; c++) {
+            chunk_values(q + byte_at(r, c * CHUNK, row_bytes), scales, r, n_groups, group, c, bits, values);
+            int64_t n = cols - c * width < width ? cols - c * width : width;
+            uint16_t *to = n == width ? dst + r * cols + c * width : out;
+            for (int64_t b = 0; b < width; b += WIDTH) store_bf16(to + b, load_f32(values + b));
+            if (n < width) memcpy(dst + r * cols + c * width, out, n * sizeof(uint16_t));
         }
     }
 }
 
-// Adds the products of one weight vector of row i with the nm rows of x at column k into acc[m][i], scaled by scale
-// (1 when the group's sum is scaled later).
-#define FOR_EACH_X(EXPR) for (int m = 0; m < nm; m++) acc[m][i] = (EXPR)
+// x as one pass reads it: float32 rows padded with zeros to whole chunks (xp); for the bfloat16 int4 path also
+// bfloat16 in the order above (xb) and each float lane's 136 sum x of a chunk (xoff, WIDTH floats a chunk).
+typedef struct {
+    float *xp, *xoff;
+    uint16_t *xb;
+    int64_t padded, chunks;
+} Inputs;
 
-// One pass over rows [r, r + nr) of one weight for the nm rows of x at x (nm, nr small constants once inlined).
-// For one row of x (a batch of one) the integers are multiplied by x as they are within a group, and the group's
-// sum is scaled once: y = sum_g s_g (sum_k q_k x_k), at most two float operations per weight vector. For several
-// rows of x, which would need a group sum per row in registers, each weight vector is scaled as it comes and shared
-// by the rows. int4 multiplies the stored q + 8 (or bfloat16(136 + q), above) and takes s_g * INT4_BIAS * xsum_g
-// off, with the sums of x per group, xsum, computed once per call. So the integers stream at memory speed.
-static inline __attribute__((always_inline)) void pass_quant(const uint8_t *Q, const uint16_t *S, const float *x,
-                                                             const uint16_t *xb, const float *xsum, float *y,
-                                                             int64_t rows, int64_t cols, int64_t group, int bits,
-                                                             int64_t r, const int nr, const int nm) {
-    int64_t stride = row_bytes(cols, bits), n_groups = (cols + group - 1) / group;
-    int64_t step = bits == 8 ? WIDTH : 32, body = cols - cols % step;
-    int64_t ahead = stride <= QSHORT_ROW ? QROWS * stride : QPREFETCH;
-    const int grouped = nm == 1;
-    vec total[QMAX_X][QROWS], acc[QMAX_X][QROWS];
-    float offset[QMAX_X][QROWS];
-    for (int m = 0; m < nm; m++)
-        for (int i = 0; i < nr; i++) total[m][i] = zero(), offset[m][i] = 0.0f;
-    for (int64_t g0 = 0; g0 < body; g0 += group) {
-        int64_t g1 = g0 + group < body ? g0 + group : body;
-        float s[QROWS];
-        for (int i = 0; i < nr; i++) {
-            s[i] = scalar_f16(S[(r + i) * n_groups + g0 / group]);
-            for (int m = 0; m < nm; m++) {
-                acc[m][i] = grouped ? zero() : total[m][i];
-                if (bits == 4) offset[m][i] += s[i] * xsum[m * n_groups + g0 / group];
-            }
-        }
-        for (int64_t k = g0; k < g1; k += step) {
-            for (int i = 0; i < nr; i++) {
-                const uint8_t *p = Q + (r + i) * stride + (bits == 8 ? k : k / 2);
-                _mm_prefetch((const char *)p + ahead, _MM_HINT_T0);
-                if (bits == 8) {
-                    vec w = grouped ? load_i8((const int8_t *)p) : vmul(load_i8((const int8_t *)p), splat(s[i]));
-                    FOR_EACH_X(fmadd(w, load_f32(x + m * cols + k), acc[m][i]));
-                    continue;
+static Inputs prepare_x(const float *x, int64_t n_x, int64_t cols, int bits) {
+    Inputs in = {.padded = padded_cols(cols, bits)};
+    in.chunks = in.padded / chunk_cols(bits);
+    in.xp = calloc(n_x * in.padded, sizeof(float));
+    for (int64_t m = 0; m < n_x; m++) memcpy(in.xp + m * in.padded, x + m * cols, cols * sizeof(float));
+#if INT4_BF16
+    if (bits == 4) {
+        in.xb = malloc(n_x * in.padded * sizeof(uint16_t));
+        in.xoff = calloc(n_x * in.chunks * WIDTH, sizeof(float));
+        for (int64_t m = 0; m < n_x; m++)
+            for (int64_t c = 0; c < in.chunks; c++)
+                for (int64_t w = 0; w < 128; w++) {
+                    uint16_t b = scalar_to_bf16(in.xp[m * in.padded + c * 128 + x_order(w)]);
+                    in.xb[m * in.padded + c * 128 + w] = b;
+                    in.xoff[(m * in.chunks + c) * WIDTH + w % 32 / 2] += 136.0f * scalar_bf16(b);
                 }
-#if defined(__AVX512BF16__)
-                __m512bh w = nibbles_bf16(p);
-                if (grouped) FOR_EACH_X(_mm512_dpbf16_ps(acc[m][i], w, (__m512bh)_mm512_loadu_si512(xb + m * cols + k)));
-                else FOR_EACH_X(fmadd(_mm512_dpbf16_ps(zero(), w, (__m512bh)_mm512_loadu_si512(xb + m * cols + k)),
-                                      splat(s[i]), acc[m][i]));
-#else
-                for (int b = 0; b < 16; b += WIDTH) {  // bytes b.. give columns k+b.. and k+16+b..
-                    ivec v = load_u8(p + b);
-                    vec lo = low_nibbles(v), hi = high_nibbles(v);
-                    if (!grouped) lo = vmul(lo, splat(s[i])), hi = vmul(hi, splat(s[i]));
-                    FOR_EACH_X(fmadd(hi, load_f32(x + m * cols + k + 16 + b),
-                                     fmadd(lo, load_f32(x + m * cols + k + b), acc[m][i])));
-                }
+    }
 #endif
-            }
-        }
-        for (int i = 0; i < nr; i++)
-            for (int m = 0; m < nm; m++) total[m][i] = grouped ? fmadd(acc[m][i], splat(s[i]), total[m][i]) : acc[m][i];
-    }
-    for (int m = 0; m < nm; m++)
-        for (int i = 0; i < nr; i++) {
-            float t = sum(total[m][i]) - INT4_BIAS * offset[m][i];
-            for (int64_t k = body; k < cols; k++)
-                t += (float)weight_at(Q + (r + i) * stride, k, bits) * scalar_f16(S[(r + i) * n_groups + k / group]) *
-                     x[m * cols + k];
-            y[m * rows + r + i] = t;
-        }
+    return in;
 }
 
-// ys[j][m, r] = sum_k x[m, k] * w_j[r, k] for each of the n_w quantized weights (Qs[j], scales Ss[j], rows[j] rows
-// of cols columns, `bits` wide, scales per `group` columns) and each of the n_x rows of x (float32); ys[j] is
-// (n_x, rows[j]) float32. The threads share out the rows of all the weights together, as gemv.c's gemv does.
+// Adds the products of weight row i of a tile (its chunk c at p) with the nm rows of x into total[m][i].
+static inline __attribute__((always_inline)) void chunk_products(const uint8_t *p, const uint16_t *S, int64_t row,
+                                                                 int64_t n_groups, int64_t group, int64_t c, int bits,
+                                                                 const Inputs *in, const int nm, vec *total) {
+    int64_t k0 = c * chunk_cols(bits);
+    const float *xp = in->xp + k0;
+    if (bits == 8) {
+        for (int half = 0; half < 2; half++) {  // 32 columns, one group's or part of one
+            vec acc[QMAX_X];
+            for (int b = 32 * half; b < 32 * half + 32; b += WIDTH) {
+                vec w = load_i8((const int8_t *)p + b);
+                for (int m = 0; m < nm; m++)
+                    acc[m] = b % 32 ? fmadd(w, load_f32(xp + m * in->padded + b), acc[m]) : vmul(w, load_f32(xp + m * in->padded + b));
+            }
+            vec s = splat(scale_at(S, row, n_groups, k0 + 32 * half, group));
+            for (int m = 0; m < nm; m++) total[m] = fmadd(acc[m], s, total[m]);
+        }
+        return;
+    }
+#if INT4_BF16
+    const __m512i v = _mm512_loadu_si512(p), nibble = _mm512_set1_epi8(15), high = _mm512_set1_epi8(0x43);
+    const __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+    const __m512bh w0 = (__m512bh)_mm512_unpacklo_epi8(lo, high), w1 = (__m512bh)_mm512_unpackhi_epi8(lo, high);
+    const __m512bh w2 = (__m512bh)_mm512_unpacklo_epi8(hi, high), w3 = (__m512bh)_mm512_unpackhi_epi8(hi, high);
+    __m128i h;
+    if (group == 32) h = _mm_loadl_epi64((const __m128i *)(S + row * n_groups + k0 / 32));
+    else h = _mm_setr_epi16(S[row * n_groups + k0 / group], S[row * n_groups + (k0 + 32) / group],
+                            S[row * n_groups + (k0 + 64) / group], S[row * n_groups + (k0 + 96) / group], 0, 0, 0, 0);
+    const vec s = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                        _mm512_castps128_ps512(_mm_cvtph_ps(h)));
+    for (int m = 0; m < nm; m++) {
+        const uint16_t *xb = in->xb + m * in->padded + k0;
+        vec acc = _mm512_dpbf16_ps(zero(), w0, (__m512bh)_mm512_loadu_si512(xb));
+        acc = _mm512_dpbf16_ps(acc, w1, (__m512bh)_mm512_loadu_si512(xb + 32));
+        acc = _mm512_dpbf16_ps(acc, w2, (__m512bh)_mm512_loadu_si512(xb + 64));
+        acc = _mm512_dpbf16_ps(acc, w3, (__m512bh)_mm512_loadu_si512(xb + 96));
+        total[m] = fmadd(vsub(acc, load_f32(in->xoff + (m * in->chunks + c) * WIDTH)), s, total[m]);
+    }
+#else
+    const vec eight = splat(8.0f);
+    for (int block = 0; block < 4; block++) {
+        vec acc[QMAX_X];
+        for (int b = 0; b < 16; b += WIDTH) {  // bytes b.. give columns b.. and 16 + b..
+            __typeof__(load_u8(p)) u = load_u8(p + 16 * block + b);
+            vec lo = vsub(low_nibbles(u), eight), hi = vsub(high_nibbles(u), eight);
+            for (int m = 0; m < nm; m++) {
+                const float *xm = xp + m * in->padded + 32 * block + b;
+                acc[m] = fmadd(hi, load_f32(xm + 16), b ? fmadd(lo, load_f32(xm), acc[m]) : vmul(lo, load_f32(xm)));
+            }
+        }
+        vec s = splat(scale_at(S, row, n_groups, k0 + 32 * block, group));
+        for (int m = 0; m < nm; m++) total[m] = fmadd(acc[m], s, total[m]);
+    }
+#endif
+}
+
+// One pass over tile t of a weight (rows rows, its tiles at Q, scales at S) for nm rows of x, into y (nm, rows).
+static inline __attribute__((always_inline)) void tile_pass(const uint8_t *Q, const uint16_t *S, float *y,
+                                                            int64_t rows, int64_t n_groups, int64_t group, int bits,
+                                                            const Inputs *in, int64_t t, const int nm) {
+    vec total[TILE][QMAX_X];
+    for (int i = 0; i < TILE; i++)
+        for (int m = 0; m < nm; m++) total[i][m] = zero();
+    const uint8_t *tile = Q + t * TILE * in->chunks * CHUNK;
+    for (int64_t c = 0; c < in->chunks; c++) {
+        const uint8_t *p = tile + c * TILE * CHUNK;
+        for (int i = 0; i < TILE; i++) {
+            _mm_prefetch((const char *)p + i * CHUNK + QPREFETCH, _MM_HINT_T0);
+            chunk_products(p + i * CHUNK, S, t * TILE + i, n_groups, group, c, bits, in, nm, total[i]);
+        }
+    }
+    for (int i = 0; i < TILE && t * TILE + i < rows; i++)
+        for (int m = 0; m < nm; m++) y[m * rows + t * TILE + i] = sum(total[i][m]);
+}
+
+// ys[j][m, r] = sum_k x[m, k] * w_j[r, k] for each of the n_w quantized weights (tiles Qs[j], scales Ss[j], rows[j]
+// rows of cols columns, `bits` wide, scales per `group` columns) and each of the n_x rows of x (float32); ys[j] is
+// (n_x, rows[j]) float32. The threads share out the tiles of all the weights together, as gemv.c's gemv does.
 void gemv_quant(int64_t n_w, const uint8_t *const *Qs, const uint16_t *const *Ss, float *const *ys,
                 const int64_t *rows, const float *x, int64_t n_x, int64_t cols, int64_t group, int bits) {
-    int64_t total = 0, n_groups = (cols + group - 1) / group, body = cols - cols % (bits == 8 ? WIDTH : 32);
-    for (int64_t j = 0; j < n_w; j++) total += rows[j];
-    uint16_t *xb = malloc(sizeof(uint16_t) * n_x * cols);  // x in bfloat16, for the int4 dot products
-    float *xsum = malloc(sizeof(float) * n_x * n_groups);  // each x row's sum over each group, for int4's offset
-    for (int64_t m = 0; m < n_x; m++)
-        for (int64_t g = 0; g < n_groups; g++) {
-            float t = 0.0f;
-            for (int64_t k = g * group; k < (g + 1) * group && k < cols; k++) {
-                xb[m * cols + k] = scalar_to_bf16(x[m * cols + k]);
-                if (k < body) t += INT4_BIAS == 8.0f ? x[m * cols + k] : scalar_bf16(xb[m * cols + k]);
-            }
-            xsum[m * n_groups + g] = t;
-        }
+    int64_t total = 0, n_groups = n_scales(cols, bits, group);
+    for (int64_t j = 0; j < n_w; j++) total += (rows[j] + TILE - 1) / TILE;
+    Inputs in = prepare_x(x, n_x, cols, bits);
 #pragma omp parallel
     {
         int64_t begin, end;
-        share(total, QROWS, &begin, &end);
+        share(total, 1, &begin, &end);
         for (int64_t m0 = 0; m0 < n_x; m0 += QMAX_X) {
             int64_t nm = n_x - m0 < QMAX_X ? n_x - m0 : QMAX_X, offset = 0;
-            for (int64_t j = 0; j < n_w; offset += rows[j++]) {
-                int64_t r = begin > offset ? begin - offset : 0, r1 = end - offset < rows[j] ? end - offset : rows[j];
-                const float *xm = x + m0 * cols, *xs = xsum + m0 * n_groups;
-                const uint16_t *xbm = xb + m0 * cols;
+            Inputs at = in;  // x from row m0 on
+            at.xp += m0 * in.padded;
+            if (at.xb) at.xb += m0 * in.padded, at.xoff += m0 * in.chunks * WIDTH;
+            for (int64_t j = 0; j < n_w; offset += (rows[j++] + TILE - 1) / TILE) {
+                int64_t tiles = (rows[j] + TILE - 1) / TILE;
+                int64_t t = begin > offset ? begin - offset : 0, t1 = end - offset < tiles ? end - offset : tiles;
                 float *ym = ys[j] + m0 * rows[j];
 #define QPASS(NM)                                                                                                 \
-    for (; r + QROWS <= r1; r += QROWS)                                                                           \
-        if (bits == 8) pass_quant(Qs[j], Ss[j], xm, xbm, xs, ym, rows[j], cols, group, 8, r, QROWS, NM);        \
-        else pass_quant(Qs[j], Ss[j], xm, xbm, xs, ym, rows[j], cols, group, 4, r, QROWS, NM);
+    for (; t < t1; t++)                                                                                           \
+        if (bits == 8) tile_pass(Qs[j], Ss[j], ym, rows[j], n_groups, group, 8, &at, t, NM);                     \
+        else tile_pass(Qs[j], Ss[j], ym, rows[j], n_groups, group, 4, &at, t, NM);
                 switch (nm) {
                     case 1: QPASS(1) break;
                     case 2: QPASS(2) break;
                     case 3: QPASS(3) break;
                     default: QPASS(4)
                 }
-                for (; r < r1; r++)
-                    pass_quant(Qs[j], Ss[j], xm, xbm, xs, ym, rows[j], cols, group, bits, r, 1, (int)nm);
             }
         }
     }
-    free(xb);
-    free(xsum);
+    free(in.xp);
+    free(in.xb);
+    free(in.xoff);
 }
 
 // Whether int4 products round x to bfloat16 (the AVX512-BF16 path above): the tests' reference does the same.
-int int4_rounds_x_to_bfloat16(void) { return INT4_BIAS != 8.0f; }
+int int4_rounds_x_to_bfloat16(void) { return INT4_BF16; }

@@ -5,11 +5,14 @@ What is quantized: every linear layer of the Gemma decoder and its token embeddi
 (tied): the weights a decode step reads. The vision tower, the projector and the norms keep the model's half
 precision. Each weight row is cut into groups of `group` columns; a group's integers share one float16 scale, its
 largest |w| divided by 127 (int8) or 7 (int4), and q = round(w / scale). quant.c holds the same arithmetic in C
-(bit for bit: the tests compare the two) and the layout in memory and in saved files:
-- int8: `qweight` int8 (rows, cols).
-- int4: `qweight` uint8 (rows, ceil(cols / 32) * 16): in each block of 32 columns, byte j holds column j in its
-  low nibble and column 16 + j in its high one, each as q + 8.
-- `scales` float16 (rows, ceil(cols / group)).
+(bit for bit: the tests compare the two) and the layout, the same in memory and in saved files:
+- Rows are padded with zeros to a multiple of 4, columns to a chunk of 64 bytes: 64 columns for int8, 128 for int4.
+- int8: one signed byte a weight. int4: two a byte, in blocks of 32 columns: byte j of a block holds its column j in
+  the low nibble and column 16 + j in the high one, each as q + 8.
+- `qweight` (padded rows / 4, 4 * row bytes) int8 or uint8: each group of 4 rows is a tile whose rows are
+  interleaved a 64-byte chunk at a time (chunk 0 of rows 0-3, then chunk 1 of rows 0-3, ...), so that a pass over
+  4 rows reads one straight line of memory.
+- `scales` float16 (padded rows, ceil(padded columns / group)); padding has scale 0.
 """
 
 import json
@@ -27,6 +30,8 @@ import modeling_siglip
 from checkpoint import LoadError, read_json
 from console import UserError
 
+TILE, CHUNK = 4, 64  # rows a tile interleaves; bytes of a row a tile holds at a time
+
 
 @dataclass(frozen=True)
 class Scheme:
@@ -43,11 +48,17 @@ class Scheme:
     def qmax(self) -> int:
         return 127 if self.bits == 8 else 7
 
-    def stored_cols(self, cols: int) -> int:
-        return cols if self.bits == 8 else math.ceil(cols / 32) * 16
+    def padded_cols(self, cols: int) -> int:
+        chunk = CHUNK * 8 // self.bits
+        return math.ceil(cols / chunk) * chunk
 
     def groups(self, cols: int) -> int:
-        return math.ceil(cols / self.group)
+        return math.ceil(self.padded_cols(cols) / self.group)
+
+    def shapes(self, rows: int, cols: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The stored shapes of a (rows, cols) weight's qweight and scales."""
+        tiles = math.ceil(rows / TILE)
+        return (tiles, TILE * self.padded_cols(cols) * self.bits // 8), (tiles * TILE, self.groups(cols))
 
 
 # Groups of 32 columns: int8 over groups of 128 moved logits 2.8 times as far as bfloat16 does on a model with outlier
@@ -58,13 +69,29 @@ SCHEMES = {"int8": Scheme(8, 32), "int4": Scheme(4, 32)}
 def quantize(weight: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, cols) weights -> (qweight, scales) in the layout above: the reference the C quantizer matches."""
     rows, cols = weight.shape
-    padded = F.pad(weight.float(), (0, scheme.groups(cols) * scheme.group - cols))
-    groups = padded.view(rows, -1, scheme.group)
+    padded_rows = math.ceil(rows / TILE) * TILE
+    padded = F.pad(weight.float(), (0, scheme.groups(cols) * scheme.group - cols, 0, padded_rows - rows))
+    groups = padded.view(padded_rows, -1, scheme.group)
     scales = (groups.abs().amax(-1) / scheme.qmax).to(torch.float16)
     s = scales.float()[..., None]
     q = torch.where(s == 0, 0.0, torch.round(groups / s)).clamp(-scheme.qmax, scheme.qmax)
-    q = q.view(rows, -1)[:, :cols].to(torch.int8)
-    return (q if scheme.bits == 8 else pack_int4(q)), scales
+    q = q.view(padded_rows, -1)[:, :scheme.padded_cols(cols)].to(torch.int8)
+    return tile(q if scheme.bits == 8 else pack_int4(q)), scales
+
+
+def tile(rows: torch.Tensor) -> torch.Tensor:
+    """(padded rows, row bytes) -> (padded rows / 4, 4 * row bytes): each 4 rows interleaved a chunk at a time."""
+    n, width = rows.shape
+    return rows.view(n // TILE, TILE, width // CHUNK, CHUNK).transpose(1, 2).reshape(n // TILE, TILE * width)
+
+
+def untile(qweight: torch.Tensor, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+    """The inverse of tile: the stored bytes of the given rows (all by default), (rows, row bytes)."""
+    tiles, width = qweight.shape
+    chunks = qweight.view(tiles, width // (TILE * CHUNK), TILE, CHUNK)
+    if isinstance(rows, slice):
+        return chunks.transpose(1, 2).reshape(tiles * TILE, -1)[rows]
+    return chunks[rows // TILE, :, rows % TILE].reshape(len(rows), -1)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -82,12 +109,19 @@ def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
     return (both.view(rows, -1)[:, :cols].to(torch.int8) - 8)
 
 
-def dequantize(qweight: torch.Tensor, scales: torch.Tensor, scheme: Scheme, cols: int,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(rows, cols) weights back from the layout above: q * scale in float32, rounded to dtype once."""
-    q = qweight if scheme.bits == 8 else unpack_int4(qweight, cols)
+def values(stored: torch.Tensor, scales: torch.Tensor, scheme: Scheme, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of stored bytes (untiled) and their scales -> (rows, cols) weights: q * scale in float32, rounded to
+    dtype once."""
+    q = stored[:, :cols] if scheme.bits == 8 else unpack_int4(stored, cols)
     s = scales.float().repeat_interleave(scheme.group, dim=-1)[:, :cols]
     return (q.float() * s).to(dtype)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, scheme: Scheme, shape: tuple[int, int],
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The (rows, cols) weights of shape back from the layout above."""
+    rows, cols = shape
+    return values(untile(qweight)[:rows], scales[:rows], scheme, cols, dtype)
 
 
 class QuantizedWeight(nn.Module):
@@ -97,16 +131,17 @@ class QuantizedWeight(nn.Module):
         super().__init__()
         self.shape, self.scheme = (rows, cols), scheme
         qtype = torch.int8 if scheme.bits == 8 else torch.uint8
-        self.register_buffer("qweight", torch.empty(rows, scheme.stored_cols(cols), dtype=qtype))
-        self.register_buffer("scales", torch.empty(rows, scheme.groups(cols), dtype=torch.float16))
+        qshape, sshape = scheme.shapes(rows, cols)
+        self.register_buffer("qweight", torch.empty(qshape, dtype=qtype))
+        self.register_buffer("scales", torch.empty(sshape, dtype=torch.float16))
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize(self.qweight, self.scales, self.scheme, self.shape[1], dtype)
+        return dequantize(self.qweight, self.scales, self.scheme, self.shape, dtype)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The rows ids (any shape) dequantized: (*ids.shape, cols)."""
         flat = ids.reshape(-1)
-        out = dequantize(self.qweight[flat], self.scales[flat], self.scheme, self.shape[1], dtype)
+        out = values(untile(self.qweight, flat), self.scales[flat], self.scheme, self.shape[1], dtype)
         return out.view(*ids.shape, self.shape[1])
 
 

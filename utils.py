@@ -159,12 +159,14 @@ def quantize_tensor(mapped: mmap.mmap, entry: TensorEntry, weight: QuantizedWeig
     pages dropped from the process once done: never the whole weight in full precision."""
     rows, cols = entry.shape
     itemsize = entry.torch_dtype.itemsize
-    per_piece = max(1, kernels.PIECE_BYTES // (cols * itemsize))
+    tile = quantization.TILE  # pieces of whole tiles: the last one pads its tile
+    per_piece = max(1, kernels.PIECE_BYTES // (cols * itemsize * tile)) * tile
     base = ctypes.addressof(ctypes.c_char.from_buffer(mapped)) if kernels.library() else None
     for first in range(0, rows, per_piece):
         count = min(per_piece, rows - first)
         offset = entry.start + first * cols * itemsize
-        q, scales = weight.qweight[first:first + count], weight.scales[first:first + count]
+        q = weight.qweight[first // tile:(first + count + tile - 1) // tile]
+        scales = weight.scales[first:first + (count + tile - 1) // tile * tile]
         if base is not None:
             bad = kernels.quantize_rows(base + offset, entry.torch_dtype, count, cols, q, scales, weight.scheme)
         else:

@@ -43,11 +43,25 @@ def weights(rows: int, cols: int, dtype=torch.float32, seed=0) -> torch.Tensor:
 def test_dequantized_weights_are_within_half_a_step_of_the_originals(scheme, shape):
     w = weights(*shape)
     q, scales = quantization.quantize(w, scheme)
-    back = quantization.dequantize(q, scales, scheme, shape[1])
-    step = scales.float().repeat_interleave(scheme.group, dim=1)[:, :shape[1]]
+    back = quantization.dequantize(q, scales, scheme, shape)
+    step = scales[:shape[0]].float().repeat_interleave(scheme.group, dim=1)[:, :shape[1]]
     assert back.shape == w.shape and ((back - w).abs() <= step / 2 * 1.001 + 1e-12).all()
-    ints = q.float() if scheme.bits == 8 else quantization.unpack_int4(q, shape[1]).float()
+    stored = quantization.untile(q)
+    ints = stored.float() if scheme.bits == 8 else quantization.unpack_int4(stored, stored.shape[1] * 2).float()
     assert ints.abs().max() <= scheme.qmax
+    assert (ints[shape[0]:] == 0).all() and (ints[:, shape[1]:] == 0).all()  # padding: zeros
+
+
+def test_int8_tiles_interleave_four_rows_a_cache_line_at_a_time():
+    w = (torch.arange(5 * 70).view(5, 70) % 200 - 100).float()
+    w[:, ::32] = 127  # every group's largest value: scale 1, q = w
+    q, scales = quantization.quantize(w, Scheme(8, 32))
+    assert q.shape == (2, 4 * 128) and scales.shape == (8, 4)  # rows padded to 8, columns to 128
+    assert torch.equal(q[0, 64:128].float(), w[1, :64])  # chunk 0 of row 1 after chunk 0 of row 0
+    assert torch.equal(q[0, 256 + 64:256 + 70].float(), w[1, 64:])  # chunk 1 of row 1, then zeros
+    assert not q[0, 256 + 70:256 + 128].any() and not q[1].view(2, 4, 64)[:, 1:].any()  # padded columns, rows
+    assert torch.equal(q[1, :64].float(), w[4, :64])
+    assert torch.equal(quantization.untile(q, torch.tensor([4, 1])).float()[:, :70], w[[4, 1]])
 
 
 def test_int4_packing_puts_column_j_and_16_plus_j_in_one_byte():
@@ -85,7 +99,7 @@ def test_gemv_equals_the_float32_product_of_the_dequantized_weights(rows, shape,
     (y,) = kernels.gemv_quantized([weight], x)
     atol = 1e-5
     if scheme.bits == 4 and compiled.int4_rounds_x_to_bfloat16():  # bfloat16 dot products: x rounded, as documented
-        x[:, :shape[1] - shape[1] % 32] = x[:, :shape[1] - shape[1] % 32].bfloat16().float()
+        x = x.bfloat16().float()
         # (136 + q) x sums numbers 17 times q x before 136 sum(x) is taken off: float32 rounding of those sums
         atol = 8 * 136 * 2**-23 * x.abs().sum(1).max().item() * weight.scales.float().max().item()
     torch.testing.assert_close(y, x @ weight.dequantize(torch.float32).T, atol=atol, rtol=1e-5)

@@ -64,8 +64,8 @@ def test_ids_past_the_tokenizer_are_never_produced_greedy_or_sampled(checkpoint,
             assert all(int(token) < vocab for token, _ in steps)
 
 
-def stream(tokenizer, ids) -> list[str]:
-    """What StreamPrinter writes after each token, then at the end."""
+def stream(tokenizer, ids) -> list[str | None]:
+    """What StreamPrinter writes, with None where one token ends (not a string: any string may be a token's text)."""
     written = []
     printer = inference.StreamPrinter(tokenizer)
     real = inference.emit
@@ -73,7 +73,7 @@ def stream(tokenizer, ids) -> list[str]:
     try:
         for n in range(1, len(ids) + 1):
             printer.add(ids[:n])
-            written.append("|")
+            written.append(None)
         printer.close(tokenizer.decode(ids, skip_special_tokens=True))
     finally:
         inference.emit = real
@@ -83,11 +83,11 @@ def stream(tokenizer, ids) -> list[str]:
 def check_stream(tokenizer, ids):
     final = tokenizer.decode(ids, skip_special_tokens=True)
     written = stream(tokenizer, ids)
-    shown = "".join(w for w in written if w != "|")
+    shown = "".join(w for w in written if w is not None)
     assert shown == final + "\n" or (not final and shown == "")
     so_far = ""
     for piece in written:  # after every token, what was written is the beginning of the final text
-        so_far += "" if piece == "|" else piece
+        so_far += piece or ""
         assert (final + "\n").startswith(so_far)
 
 
