@@ -222,6 +222,12 @@ int64_t nonfinite(const void *p, int64_t n, int kind, int threads) {
     return bad;
 }
 
+// Ask the kernel to read bytes [offset, offset + length) of a mapped file in now, in large requests: read a page
+// fault at a time, a cold file came in at 5-12 MB/s where the disk gives 700 MB/s.
+static void read_ahead(uint8_t *base, int64_t offset, int64_t length, int64_t page) {
+    if (length > 0) madvise(base + offset / page * page, offset % page + length, MADV_WILLNEED);
+}
+
 // Runs the jobs in order, piece_bytes of source at a time; *done counts the source bytes converted so far. Every
 // converted value is checked to be finite (a NaN in the file, or a float32 beyond float16's range, is not): returns
 // the index of the first job with a value that is not, or -1 when all are.
@@ -234,6 +240,10 @@ int64_t convert_shard(uint8_t *base, const convert_job *jobs, int64_t n_jobs, in
             int64_t count = job->n - first < per_piece ? job->n - first : per_piece;
             const uint8_t *src = base + job->src_offset + first * size[job->src_kind];
             uint8_t *dst = (uint8_t *)job->dst + first * size[job->dst_kind];
+            if (first == 0) read_ahead(base, src - base, count * size[job->src_kind], page);
+            read_ahead(base, (src - base) + count * size[job->src_kind],  // the next piece comes in meanwhile
+                       (job->n - first - count < per_piece ? job->n - first - count : per_piece) * size[job->src_kind],
+                       page);
 #pragma omp parallel reduction(+ : bad)
             {
                 int64_t begin, end;

@@ -162,9 +162,11 @@ def quantize_tensor(mapped: mmap.mmap, entry: TensorEntry, weight: QuantizedWeig
     tile = quantization.TILE  # pieces of whole tiles: the last one pads its tile
     per_piece = max(1, kernels.PIECE_BYTES // (cols * itemsize * tile)) * tile
     base = ctypes.addressof(ctypes.c_char.from_buffer(mapped)) if kernels.library() else None
+    read_ahead(mapped, entry.start, min(per_piece, rows) * cols * itemsize)
     for first in range(0, rows, per_piece):
         count = min(per_piece, rows - first)
         offset = entry.start + first * cols * itemsize
+        read_ahead(mapped, offset + count * cols * itemsize, min(per_piece, rows - first - count) * cols * itemsize)
         q = weight.qweight[first // tile:(first + count + tile - 1) // tile]
         scales = weight.scales[first:first + (count + tile - 1) // tile * tile]
         if base is not None:
@@ -186,6 +188,14 @@ def quantize_tensor(mapped: mmap.mmap, entry: TensorEntry, weight: QuantizedWeig
 
 
 LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def read_ahead(mapped: mmap.mmap, start: int, length: int):
+    """Ask the kernel to read a mapped range in now, in large requests, while the caller works on the range before
+    it: a cold file read a page fault at a time came in at 5-12 MB/s where the disk gives 700 MB/s."""
+    page = start - start % mmap.PAGESIZE
+    if length > 0:
+        mapped.madvise(mmap.MADV_WILLNEED, page, min(start + length, len(mapped)) - page)
 
 
 def populate(tensor: torch.Tensor):
