@@ -25,7 +25,6 @@ within half precision); with PALIGEMMA_NO_KERNELS=1 `accelerate` leaves the plai
 import ctypes
 import functools
 import hashlib
-import math
 import mmap
 import os
 import platform
@@ -40,7 +39,7 @@ from torch import nn
 
 import modeling_siglip
 from console import UserError, log
-from quantization import QuantEmbedding, QuantizedWeight, QuantLinear
+from quantization import TILE, QuantEmbedding, QuantizedWeight, QuantLinear
 
 SOURCES = Path(__file__).resolve().parent  # gemv.c, quant.c and the simd.h they share
 C_FILES = ("gemv.c", "quant.c", "simd.h")
@@ -151,25 +150,42 @@ def gemv_quantized(weights: list[QuantizedWeight], x: torch.Tensor) -> list[torc
 
 
 _scratch: dict[str, torch.Tensor] = {}
+SCRATCH_BYTES = 64 << 20  # a prompt's products convert at most this much of a weight at a time
 
 
-def as_bfloat16(weight: torch.Tensor | QuantizedWeight) -> torch.Tensor:
-    """A float16 or quantized weight in bfloat16 (a float16 one rounded exactly as .to(torch.bfloat16)), in a
-    scratch buffer that the next call overwrites: a copy of one matrix at a time, never of the model."""
-    n = math.prod(weight.shape)
+def as_bfloat16(weight: torch.Tensor | QuantizedWeight, first: int = 0, count: int | None = None) -> torch.Tensor:
+    """Rows first .. first + count of a float16 or quantized weight in bfloat16 (a float16 one rounded exactly as
+    .to(torch.bfloat16)), in a scratch buffer that the next call overwrites: a copy of part of one matrix at a time,
+    never of the model. A quantized weight's first row is a multiple of its tiles' 4."""
+    count = weight.shape[0] - first if count is None else count
+    cols = weight.shape[1]
+    n = count * cols
     if _scratch.get("buffer") is None or _scratch["buffer"].numel() < n:
         with torch.inference_mode(False):  # a normal tensor, writable in and out of inference mode alike
             _scratch["buffer"] = torch.empty(n, dtype=torch.bfloat16)
-    out = _scratch["buffer"][:n].view(weight.shape)
+    out = _scratch["buffer"][:n].view(count, cols)
     lib, quantized = library(), isinstance(weight, QuantizedWeight)
     if lib is None:
-        out.copy_(weight.dequantize(torch.bfloat16) if quantized else weight)
+        out.copy_(weight.rows(torch.arange(first, first + count), torch.bfloat16) if quantized
+                  else weight[first:first + count])
     elif quantized:
-        lib.dequantize(weight.qweight.data_ptr(), weight.scales.data_ptr(), out.data_ptr(), *weight.shape,
-                       weight.scheme.bits, weight.scheme.group)
+        q, scales = weight.qweight[first // TILE:], weight.scales[first:]
+        lib.dequantize(q.data_ptr(), scales.data_ptr(), out.data_ptr(), count, cols, weight.scheme.bits,
+                       weight.scheme.group)
     else:
-        lib.f16_to_bf16(weight.data_ptr(), out.data_ptr(), n)
+        lib.f16_to_bf16(weight[first:].data_ptr(), out.data_ptr(), n)
     return out
+
+
+def bfloat16_product(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> torch.Tensor:
+    """F.linear(x, weight in bfloat16) for bfloat16 x, converting SCRATCH_BYTES of the weight at a time: a
+    PaliGemma 2 28B gate projection alone is 340 MB in bfloat16."""
+    rows, cols = weight.shape
+    step = max(TILE, SCRATCH_BYTES // (2 * cols) // TILE * TILE)
+    if step >= rows:
+        return F.linear(x, as_bfloat16(weight))
+    return torch.cat([F.linear(x, as_bfloat16(weight, first, min(step, rows - first)))
+                      for first in range(0, rows, step)], dim=-1)
 
 
 def products(x: torch.Tensor, weights: list, biases: list) -> list[torch.Tensor]:
@@ -183,7 +199,7 @@ def products(x: torch.Tensor, weights: list, biases: list) -> list[torch.Tensor]
             w.is_contiguous() and w.dtype == weights[0].dtype for w in weights)):
         ys = (gemv_quantized if quantized else gemv)(weights, flat.float().contiguous())  # float32 sums, one rounding
     elif rows > MAX_GEMV_ROWS and (quantized or weights[0].dtype == torch.float16):
-        ys = [F.linear(flat.to(torch.bfloat16), as_bfloat16(w)) for w in weights]
+        ys = [bfloat16_product(flat.to(torch.bfloat16), w) for w in weights]
     elif quantized:  # a few rows without the compiled kernels: dequantize, then multiply
         ys = [F.linear(flat, w.dequantize(flat.dtype)) for w in weights]
     else:

@@ -165,6 +165,21 @@ def test_library_is_built_once_into_the_cache_and_can_be_turned_off(tmp_path, mo
         kernels.library.cache_clear()
 
 
+@pytest.mark.parametrize("library", ["compiled", "none"])
+def test_a_prompt_converts_a_float16_weight_a_block_of_rows_at_a_time_with_the_same_products(library, monkeypatch,
+                                                                                              request):
+    if library == "compiled":
+        request.getfixturevalue("compiled")
+    else:
+        monkeypatch.setattr(kernels, "library", lambda: None)
+    weight = torch.randn(50, 64).to(torch.float16)
+    x = torch.randn(20, 64).to(torch.bfloat16)
+    whole = kernels.bfloat16_product(x, weight)
+    monkeypatch.setattr(kernels, "SCRATCH_BYTES", 2 * 12 * 64)  # blocks of 12 rows, the last of 2
+    torch.testing.assert_close(kernels.bfloat16_product(x, weight), whole, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(whole, F.linear(x, weight.to(torch.bfloat16)), atol=0, rtol=0)
+
+
 def test_scratch_buffer_made_in_inference_mode_is_reused_outside_it(monkeypatch):
     monkeypatch.setattr(kernels, "library", lambda: None)  # the PyTorch conversion, which writes the scratch in place
     monkeypatch.setattr(kernels, "_scratch", {})

@@ -124,6 +124,8 @@ PATHS = {
     "default": {},
     "no compiled kernels": {"library": lambda: None},
     "matrix products only": {"MAX_GEMV_ROWS": 0},
+    "a prompt's weights 20 rows at a time": {"SCRATCH_BYTES": 2 * 20 * 100},  # 48 rows: blocks of 20, 20 and 8
+    "20 rows at a time, no compiled kernels": {"SCRATCH_BYTES": 2 * 20 * 100, "library": lambda: None},
 }
 
 
