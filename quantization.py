@@ -252,8 +252,10 @@ def save_quantized(model: nn.Module, source: Path, out: Path, shard_bytes: int =
             shards[-1].append(name)
             size += tensor.nbytes
         files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        mode = (work / "config.json").stat().st_mode & 0o777  # what the umask gives a new file
         for names, file in zip(shards, files):
             save_file({n: tensors[n].contiguous() for n in names}, work / file, metadata={"format": "pt"})
+            os.chmod(work / file, mode)  # safetensors writes 0600: other users (a Ray worker, say) could not read
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
                  "weight_map": {n: file for names, file in zip(shards, files) for n in names}}
         (work / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

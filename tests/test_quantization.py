@@ -194,6 +194,8 @@ def test_a_saved_quantized_folder_round_trips_bit_exactly_and_loads_in_place(sch
     qweight = again.language_model.model.layers[0].mlp.up_proj.weight.qweight
     assert qweight.untyped_storage().nbytes() > qweight.nbytes  # a view into the mapped file: used in place
     assert (tmp_path / "saved" / "tokenizer.json").is_file()
+    modes = {path.stat().st_mode & 0o777 for path in (tmp_path / "saved").iterdir()}
+    assert len(modes) == 1  # the shards are as readable as the files beside them
 
 
 @pytest.fixture
