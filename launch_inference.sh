@@ -26,8 +26,9 @@ MSG
     exit 1
 fi
 
-# --dtype only when DTYPE is set: by default the checkpoint's own half precision.
-exec "$PYTHON" "$HERE/inference.py" ${DTYPE:+--dtype "$DTYPE"} \
+# --dtype, --quantize and --seed only when DTYPE, QUANTIZE and SEED are set: by default the checkpoint's own half
+# precision, and an unseeded sample.
+exec "$PYTHON" "$HERE/inference.py" ${DTYPE:+--dtype "$DTYPE"} ${QUANTIZE:+--quantize "$QUANTIZE"} ${SEED:+--seed "$SEED"} \
     --model_path "$MODEL_PATH" \
     --prompt "$PROMPT" \
     --image_file_path "$IMAGE_FILE_PATH" \

@@ -64,6 +64,22 @@ def test_text_output_is_the_answer_alone_with_progress_on_stderr(checkpoint, ref
     assert "loading weights" in result.stderr and "loaded" in result.stderr
 
 
+def test_launch_inference_sh_answers_as_the_command_line_given_the_same_settings(checkpoint, image_file):
+    settings = {"MODEL_PATH": checkpoint("v1_mqa"), "PROMPT": "answer en what?", "IMAGE_FILE_PATH": image_file,
+                "MAX_TOKENS_TO_GENERATE": 5, "DO_SAMPLE": "True", "TEMPERATURE": 1.3, "TOP_P": 0.97, "SEED": 11,
+                "ONLY_CPU": "True", "QUANTIZE": "int8", "OUTPUT_FORMAT": "json", "PYTHON": sys.executable}
+    script = subprocess.run(["bash", str(ROOT / "launch_inference.sh")], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, **{k: str(v) for k, v in settings.items()}})
+    assert script.returncode == 0, script.stderr
+    assert "int8 in the decoder" in script.stderr
+    direct = run_cli("--model_path", checkpoint("v1_mqa"), "--prompt", "answer en what?", "--image_file_path",
+                     image_file, "--max_tokens_to_generate", 5, "--do_sample", "True", "--temperature", 1.3,
+                     "--top_p", 0.97, "--seed", 11, "--only_cpu", "True", "--quantize", "int8",
+                     "--output_format", "json")
+    assert direct.returncode == 0, direct.stderr
+    assert json.loads(script.stdout)["token_ids"] == json.loads(direct.stdout)["token_ids"]
+
+
 def test_sampling_with_a_seed_is_reproducible(checkpoint, image_file):
     args = ["--model_path", checkpoint("v1_mqa"), "--image_file_path", image_file, "--do_sample", "True",
             "--temperature", 1.5, "--top_p", 0.95, "--seed", 7, "--output_format", "json"]
