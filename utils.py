@@ -162,11 +162,12 @@ def quantize_tensor(mapped: mmap.mmap, entry: TensorEntry, weight: QuantizedWeig
     tile = quantization.TILE  # pieces of whole tiles: the last one pads its tile
     per_piece = max(1, kernels.PIECE_BYTES // (cols * itemsize * tile)) * tile
     base = ctypes.addressof(ctypes.c_char.from_buffer(mapped)) if kernels.library() else None
-    read_ahead(mapped, entry.start, min(per_piece, rows) * cols * itemsize)
+    advise(mapped, mmap.MADV_WILLNEED, entry.start, min(per_piece, rows) * cols * itemsize)
     for first in range(0, rows, per_piece):
         count = min(per_piece, rows - first)
         offset = entry.start + first * cols * itemsize
-        read_ahead(mapped, offset + count * cols * itemsize, min(per_piece, rows - first - count) * cols * itemsize)
+        advise(mapped, mmap.MADV_WILLNEED, offset + count * cols * itemsize,  # the next piece, meanwhile
+               min(per_piece, rows - first - count) * cols * itemsize)
         q = weight.qweight[first // tile:(first + count + tile - 1) // tile]
         scales = weight.scales[first:first + (count + tile - 1) // tile * tile]
         if base is not None:
@@ -181,8 +182,7 @@ def quantize_tensor(mapped: mmap.mmap, entry: TensorEntry, weight: QuantizedWeig
             del piece  # the mapping can only be closed once no tensor views it
         if bad:
             raise not_finite(entry, weight.scheme.name)
-        page = offset - offset % mmap.PAGESIZE
-        mapped.madvise(mmap.MADV_DONTNEED, page, offset + count * cols * itemsize - page)
+        advise(mapped, mmap.MADV_DONTNEED, offset, count * cols * itemsize)
         if bar is not None:
             bar.update(count * cols * itemsize)
 
@@ -190,12 +190,14 @@ def quantize_tensor(mapped: mmap.mmap, entry: TensorEntry, weight: QuantizedWeig
 LIBC = ctypes.CDLL(None, use_errno=True)
 
 
-def read_ahead(mapped: mmap.mmap, start: int, length: int):
-    """Ask the kernel to read a mapped range in now, in large requests, while the caller works on the range before
-    it: a cold file read a page fault at a time came in at 5-12 MB/s where the disk gives 700 MB/s."""
+def advise(mapped: mmap.mmap, advice: int, start: int, length: int):
+    """madvise bytes start .. start + length of a mapping (from the page that holds start; nothing if length is 0).
+    MADV_DONTNEED drops pages already converted from the process; MADV_WILLNEED has the kernel read a range in now,
+    in large requests, while the caller works on the range before it: a cold file read a page fault at a time came
+    in at 5-12 MB/s where the disk gives 700 MB/s."""
     page = start - start % mmap.PAGESIZE
     if length > 0:
-        mapped.madvise(mmap.MADV_WILLNEED, page, min(start + length, len(mapped)) - page)
+        mapped.madvise(advice, page, min(start + length, len(mapped)) - page)
 
 
 def populate(tensor: torch.Tensor):
@@ -226,8 +228,7 @@ def copy_tensor(mapped: mmap.mmap, entry: TensorEntry, dest: torch.Tensor, bar=N
         del piece  # the mapping can only be closed once no tensor views it
         if not torch.isfinite(dest[first:first + count]).all():
             raise not_finite(entry, dest.dtype)
-        page = offset - offset % mmap.PAGESIZE
-        mapped.madvise(mmap.MADV_DONTNEED, page, offset + count * itemsize - page)
+        advise(mapped, mmap.MADV_DONTNEED, offset, count * itemsize)
         if bar is not None:
             bar.update(count * itemsize)
 
