@@ -20,9 +20,9 @@
 // One pass: y[m, r..r+nr) for the nm rows of x at x_m (nm, nr small constants once inlined, so that the
 // accumulators live in registers).
 #define PASS(NAME, LOAD, SCALAR)                                                                                   \
-    static inline __attribute__((always_inline)) void NAME(const uint16_t *W, const float *x, float *y,          \
-                                                           int64_t rows, int64_t cols, int64_t r, const int nr,  \
-                                                           const int nm) {                                       \
+    static inline __attribute__((always_inline)) void NAME(const uint16_t *W, const float *x, void *y,           \
+                                                           int y_kind, int64_t rows, int64_t cols, int64_t r,    \
+                                                           const int nr, const int nm) {                         \
         int64_t body = cols - cols % WIDTH, ahead = cols <= SHORT_ROW ? ROWS * cols : PREFETCH;                \
         vec acc[MAX_X][ROWS];                                                                                     \
         for (int m = 0; m < nm; m++)                                                                              \
@@ -42,7 +42,7 @@
             for (int i = 0; i < nr; i++) {                                                                        \
                 float s = sum(acc[m][i]);                                                                         \
                 for (int64_t k = body; k < cols; k++) s += SCALAR(W[(r + i) * cols + k]) * x[m * cols + k];      \
-                y[m * rows + r + i] = s;                                                                          \
+                write_kind(y, y_kind, m * rows + r + i, s);                                                       \
             }                                                                                                     \
     }
 
@@ -50,12 +50,14 @@ PASS(pass_f16, load_f16, scalar_f16)
 PASS(pass_bf16, load_bf16, scalar_bf16)
 
 // ys[j][m, r] = sum_k x[m, k] * Ws[j][r, k] for each of the n_w weights (rows[j], cols), half-precision (bf16 or
-// f16), and each of the n_x rows of x (float32); ys[j] is (n_x, rows[j]) float32, all row-major. The threads share
-// out the rows of all the weights together, so small matrices cost no extra round of threads.
-void gemv(int64_t n_w, const uint16_t *const *Ws, float *const *ys, const int64_t *rows, const float *x,
-          int64_t n_x, int64_t cols, int bf16) {
-    int64_t total = 0;
+// f16), and each of the n_x rows of x; x and every ys[j] (n_x, rows[j]) are row-major, of the kinds x_kind and
+// y_kind (float32 sums, one rounding). The threads share out the rows of all the weights together, so small
+// matrices cost no extra round of threads.
+void gemv(int64_t n_w, const uint16_t *const *Ws, void *const *ys, const int64_t *rows, const void *x_in,
+          int64_t n_x, int64_t cols, int bf16, int x_kind, int y_kind) {
+    int64_t total = 0, size = y_kind == F32 ? 4 : 2;
     for (int64_t j = 0; j < n_w; j++) total += rows[j];
+    const float *x = widen(x_in, x_kind, n_x * cols);
 #pragma omp parallel
     {
         int64_t begin, end;
@@ -65,43 +67,28 @@ void gemv(int64_t n_w, const uint16_t *const *Ws, float *const *ys, const int64_
             for (int64_t j = 0; j < n_w; offset += rows[j++]) {
                 int64_t r = begin > offset ? begin - offset : 0, r1 = end - offset < rows[j] ? end - offset : rows[j];
                 const float *xm = x + m0 * cols;
-                float *ym = ys[j] + m0 * rows[j];
+                void *ym = (uint8_t *)ys[j] + m0 * rows[j] * size;
                 for (; r + ROWS <= r1; r += ROWS) {
                     if (bf16) switch (nm) {
-                        case 1: pass_bf16(Ws[j], xm, ym, rows[j], cols, r, ROWS, 1); break;
-                        case 2: pass_bf16(Ws[j], xm, ym, rows[j], cols, r, ROWS, 2); break;
-                        case 3: pass_bf16(Ws[j], xm, ym, rows[j], cols, r, ROWS, 3); break;
-                        default: pass_bf16(Ws[j], xm, ym, rows[j], cols, r, ROWS, 4);
+                        case 1: pass_bf16(Ws[j], xm, ym, y_kind, rows[j], cols, r, ROWS, 1); break;
+                        case 2: pass_bf16(Ws[j], xm, ym, y_kind, rows[j], cols, r, ROWS, 2); break;
+                        case 3: pass_bf16(Ws[j], xm, ym, y_kind, rows[j], cols, r, ROWS, 3); break;
+                        default: pass_bf16(Ws[j], xm, ym, y_kind, rows[j], cols, r, ROWS, 4);
                     } else switch (nm) {
-                        case 1: pass_f16(Ws[j], xm, ym, rows[j], cols, r, ROWS, 1); break;
-                        case 2: pass_f16(Ws[j], xm, ym, rows[j], cols, r, ROWS, 2); break;
-                        case 3: pass_f16(Ws[j], xm, ym, rows[j], cols, r, ROWS, 3); break;
-                        default: pass_f16(Ws[j], xm, ym, rows[j], cols, r, ROWS, 4);
+                        case 1: pass_f16(Ws[j], xm, ym, y_kind, rows[j], cols, r, ROWS, 1); break;
+                        case 2: pass_f16(Ws[j], xm, ym, y_kind, rows[j], cols, r, ROWS, 2); break;
+                        case 3: pass_f16(Ws[j], xm, ym, y_kind, rows[j], cols, r, ROWS, 3); break;
+                        default: pass_f16(Ws[j], xm, ym, y_kind, rows[j], cols, r, ROWS, 4);
                     }
                 }
                 for (; r < r1; r++) {
-                    if (bf16) pass_bf16(Ws[j], xm, ym, rows[j], cols, r, 1, (int)nm);
-                    else pass_f16(Ws[j], xm, ym, rows[j], cols, r, 1, (int)nm);
+                    if (bf16) pass_bf16(Ws[j], xm, ym, y_kind, rows[j], cols, r, 1, (int)nm);
+                    else pass_f16(Ws[j], xm, ym, y_kind, rows[j], cols, r, 1, (int)nm);
                 }
             }
         }
     }
-}
-
-// exp(t) for t in about [-87, 87]: 2^(t log2 e) split into 2^i * 2^f, f in [-0.5, 0.5], and a degree-6 Taylor
-// polynomial for 2^f (relative error ~1e-7, well below what a half-precision result keeps).
-static inline vec exp_approx(vec t) {
-    t = vmin(vmax(t, splat(-87.0f)), splat(87.0f));
-    vec y = vmul(t, splat(1.44269504088896341f));  // log2(e)
-    vec i = vround(y), f = vsub(y, i);               // y = i + f, |f| <= 0.5
-    vec p = splat(1.535336188319500e-4f);            // (ln 2)^k / k!, k = 6 .. 0
-    p = fmadd(p, f, splat(1.339887440266574e-3f));
-    p = fmadd(p, f, splat(9.618437357674640e-3f));
-    p = fmadd(p, f, splat(5.550332471162809e-2f));
-    p = fmadd(p, f, splat(2.402264791363012e-1f));
-    p = fmadd(p, f, splat(6.931472028550421e-1f));
-    p = fmadd(p, f, splat(1.0f));
-    return vmul(p, pow2i(i));
+    if (x != x_in) free((void *)x);
 }
 
 // gelu_tanh(x) = 0.5 x (1 + tanh(z)) = x / (1 + exp(-2z)), z = sqrt(2 / pi) (x + 0.044715 x^3).
@@ -148,7 +135,6 @@ void gelu_tanh_mul(const uint16_t *x, int64_t x_stride, const uint16_t *up, int6
 // Loading: convert tensors from a mapped safetensors shard into parameters, piece by piece, dropping each piece's
 // pages from the process once it is converted (the page cache keeps them). One call does a whole shard without the
 // GIL, so that Python can load the tokenizer at the same time.
-enum { F32 = 0, F16 = 1, BF16 = 2 };
 typedef struct {
     int64_t src_offset;  // bytes from the start of the mapping
     void *dst;
@@ -156,32 +142,14 @@ typedef struct {
     int32_t src_kind, dst_kind;
 } convert_job;
 
-static inline float read_kind(const uint8_t *p, int kind, int64_t i) {
-    if (kind == F32) { float f; memcpy(&f, p + 4 * i, 4); return f; }
-    uint16_t h;
-    memcpy(&h, p + 2 * i, 2);
-    return kind == F16 ? scalar_f16(h) : scalar_bf16(h);
-}
-
 static void convert_slice(const uint8_t *src, int src_kind, uint8_t *dst, int dst_kind, int64_t i, int64_t end) {
     int64_t size[] = {4, 2, 2};
     if (src_kind == dst_kind) {
         memcpy(dst + i * size[dst_kind], src + i * size[src_kind], (end - i) * size[src_kind]);
         return;
     }
-    for (; i + WIDTH <= end; i += WIDTH) {
-        vec v = src_kind == F32 ? load_f32((const float *)src + i)
-                : src_kind == F16 ? load_f16((const uint16_t *)src + i) : load_bf16((const uint16_t *)src + i);
-        if (dst_kind == F32) store_f32((float *)dst + i, v);
-        else if (dst_kind == F16) store_f16((uint16_t *)dst + i, v);
-        else store_bf16((uint16_t *)dst + i, v);
-    }
-    for (; i < end; i++) {
-        float f = read_kind(src, src_kind, i);
-        if (dst_kind == F32) ((float *)dst)[i] = f;
-        else if (dst_kind == F16) ((uint16_t *)dst)[i] = _cvtss_sh(f, 0);
-        else ((uint16_t *)dst)[i] = scalar_to_bf16(f);
-    }
+    for (; i + WIDTH <= end; i += WIDTH) store_kind(dst, dst_kind, i, load_kind(src, src_kind, i));
+    for (; i < end; i++) write_kind(dst, dst_kind, i, read_kind(src, src_kind, i));
 }
 
 // dst = src rounded from float16 to bfloat16, n elements: the prefill multiplies in bfloat16, which most CPUs do

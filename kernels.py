@@ -37,12 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import modeling_gemma
 import modeling_siglip
 from console import UserError, log
 from quantization import TILE, QuantEmbedding, QuantizedWeight, QuantLinear
 
-SOURCES = Path(__file__).resolve().parent  # gemv.c, quant.c and the simd.h they share
-C_FILES = ("gemv.c", "quant.c", "simd.h")
+SOURCES = Path(__file__).resolve().parent  # gemv.c, quant.c, decode.c and the simd.h they share
+C_FILES = ("gemv.c", "quant.c", "decode.c", "simd.h")
 HALF = (torch.float16, torch.bfloat16)
 MAX_GEMV_ROWS = 16  # rows of x up to which streaming the weights beats a matrix-matrix product
 PIECE_BYTES = 64 << 20  # what the loader converts from a shard at a time
@@ -111,7 +112,7 @@ def build() -> ctypes.CDLL:
     except (OSError, subprocess.SubprocessError) as e:  # a read-only home, a compiler that hangs, ...
         raise KernelsUnavailable(f"the CPU kernels cannot be built ({type(e).__name__}: {e})") from None
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.gemv.argtypes = [i64, pointer, pointer, pointer, pointer, i64, i64, i32]
+    lib.gemv.argtypes = [i64, pointer, pointer, pointer, pointer, i64, i64, i32, i32, i32]
     lib.f16_to_bf16.argtypes = [pointer, pointer, i64]
     lib.gelu_tanh_mul.argtypes = [pointer, i64, pointer, i64, pointer, i64, i64, i32]
     lib.convert_shard.argtypes = [pointer, pointer, i64, i64, pointer]
@@ -121,31 +122,37 @@ def build() -> ctypes.CDLL:
     lib.quantize_rows.argtypes = [pointer, i32, i64, i64, i32, i64, pointer, pointer]
     lib.quantize_rows.restype = i64
     lib.dequantize.argtypes = [pointer, pointer, pointer, i64, i64, i32, i64]
-    lib.gemv_quant.argtypes = [i64, pointer, pointer, pointer, pointer, pointer, i64, i64, i64, i32]
+    lib.gemv_quant.argtypes = [i64, pointer, pointer, pointer, pointer, pointer, i64, i64, i64, i32, i32, i32]
     lib.int4_rounds_x_to_bfloat16.restype = i32
+    lib.rms_norm.argtypes = [pointer, pointer, pointer, i64, i64, ctypes.c_float, i32, i32]
+    lib.attend_one.argtypes = [pointer, pointer, pointer, pointer, pointer, *[i64] * 8, ctypes.c_float,
+                               ctypes.c_float, i32]
     return lib
 
 
-def gemv(weights: list[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
-    """(M, K) float32 x times each (N_i, K) half-precision weight transposed -> [(M, N_i) float32], in one pass."""
+def gemv(weights: list[torch.Tensor], x: torch.Tensor, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """(M, K) x times each (N_i, K) half-precision weight transposed -> [(M, N_i)] in dtype, in one pass: float32
+    sums, rounded once to dtype."""
     m, k = x.shape
-    ys = [torch.empty(m, w.shape[0]) for w in weights]
+    ys = [torch.empty(m, w.shape[0], dtype=dtype) for w in weights]
     n, pointers = len(weights), ctypes.c_void_p * len(weights)
     library().gemv(n, pointers(*(w.data_ptr() for w in weights)), pointers(*(y.data_ptr() for y in ys)),
                    (ctypes.c_int64 * n)(*(w.shape[0] for w in weights)), x.data_ptr(), m, k,
-                   int(weights[0].dtype == torch.bfloat16))
+                   int(weights[0].dtype == torch.bfloat16), KINDS[x.dtype], KINDS[dtype])
     return ys
 
 
-def gemv_quantized(weights: list[QuantizedWeight], x: torch.Tensor) -> list[torch.Tensor]:
-    """(M, K) float32 x times each quantized (N_i, K) weight transposed -> [(M, N_i) float32], in one pass."""
+def gemv_quantized(weights: list[QuantizedWeight], x: torch.Tensor,
+                   dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """(M, K) x times each quantized (N_i, K) weight transposed -> [(M, N_i)] in dtype, in one pass: float32 sums,
+    rounded once to dtype."""
     m, k = x.shape
-    ys = [torch.empty(m, w.shape[0]) for w in weights]
+    ys = [torch.empty(m, w.shape[0], dtype=dtype) for w in weights]
     n, pointers, scheme = len(weights), ctypes.c_void_p * len(weights), weights[0].scheme
     library().gemv_quant(n, pointers(*(w.qweight.data_ptr() for w in weights)),
                          pointers(*(w.scales.data_ptr() for w in weights)), pointers(*(y.data_ptr() for y in ys)),
                          (ctypes.c_int64 * n)(*(w.shape[0] for w in weights)), x.data_ptr(), m, k, scheme.group,
-                         scheme.bits)
+                         scheme.bits, KINDS[x.dtype], KINDS[dtype])
     return ys
 
 
@@ -195,9 +202,11 @@ def products(x: torch.Tensor, weights: list, biases: list) -> list[torch.Tensor]
     rows = x.numel() // x.shape[-1]
     flat = x.reshape(rows, -1)
     quantized = isinstance(weights[0], QuantizedWeight)
-    if rows <= MAX_GEMV_ROWS and library() is not None and (quantized or weights[0].dtype in HALF and all(
-            w.is_contiguous() and w.dtype == weights[0].dtype for w in weights)):
-        ys = (gemv_quantized if quantized else gemv)(weights, flat.float().contiguous())  # float32 sums, one rounding
+    streamable = quantized or weights[0].dtype in HALF and all(
+        w.is_contiguous() and w.dtype == weights[0].dtype for w in weights)
+    if rows <= MAX_GEMV_ROWS and library() is not None and x.dtype in KINDS and streamable:
+        dtype = x.dtype if all(b is None for b in biases) else torch.float32  # float32 sums, one rounding
+        ys = (gemv_quantized if quantized else gemv)(weights, flat.contiguous(), dtype)
     elif rows > MAX_GEMV_ROWS and (quantized or weights[0].dtype == torch.float16):
         ys = [bfloat16_product(flat.to(torch.bfloat16), w) for w in weights]
     elif quantized:  # a few rows without the compiled kernels: dequantize, then multiply
@@ -248,6 +257,40 @@ class GELUTanh(modeling_siglip.GELUTanh):
         return out
 
 
+class RMSNorm(modeling_gemma.GemmaRMSNorm):
+    """Gemma's RMSNorm over the same weight, in one pass of decode.c for half-precision x on the CPU."""
+
+    def __init__(self, weight: nn.Parameter, eps: float):
+        nn.Module.__init__(self)  # not GemmaRMSNorm's, which would make a weight of its own
+        self.weight, self.eps = weight, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lib = library() if x.dtype in HALF and x.device.type == "cpu" and x.is_contiguous() else None
+        if lib is None or self.weight.dtype not in KINDS or not self.weight.is_contiguous():
+            return super().forward(x)
+        out = torch.empty_like(x)
+        lib.rms_norm(x.data_ptr(), self.weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1],
+                     self.eps, KINDS[x.dtype], KINDS[self.weight.dtype])
+        return out
+
+
+class Attend(modeling_gemma.Attend):
+    """A decode step's attention (one query position) over a half-precision KV cache in one pass of decode.c;
+    everything else, PyTorch's."""
+
+    def forward(self, q, k, v, mask: torch.Tensor) -> torch.Tensor:
+        B, n_heads, L, hd = q.shape
+        lib = library() if L == 1 and q.dtype in HALF and q.device.type == "cpu" else None
+        if lib is None or k.dtype != q.dtype or v.dtype != q.dtype or k.stride() != v.stride() or \
+                k.stride()[2:] != (hd, 1) or mask.dtype != torch.bool or mask.shape != (B, 1, 1, k.shape[2]):
+            return super().forward(q, k, v, mask)
+        q, mask, out = q.contiguous(), mask.contiguous(), torch.empty_like(q, memory_format=torch.contiguous_format)
+        lib.attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(), out.data_ptr(), B, n_heads,
+                       k.shape[1], k.shape[2], hd, k.stride(0), k.stride(1), mask.shape[-1], self.scale,
+                       self.softcap or 0.0, KINDS[q.dtype])
+        return out
+
+
 class Embedding(nn.Module):
     """Token embeddings from a float16 (or quantized) table, in bfloat16 for a prompt: everything after them then
     computes in bfloat16, which CPUs multiply several times faster than float16. A decode step (a few rows) stays in
@@ -272,6 +315,10 @@ def fast_module(name: str, module: nn.Module) -> nn.Module | None:
         return Linear(module.weight, module.bias)
     if isinstance(module, modeling_siglip.GELUTanh):
         return GELUTanh()
+    if isinstance(module, modeling_gemma.GemmaRMSNorm):
+        return RMSNorm(module.weight, module.eps)
+    if isinstance(module, modeling_gemma.Attend):
+        return Attend(module.scale, module.softcap)
     if isinstance(module, QuantEmbedding) and module.dtype == torch.float16:
         return Embedding(module.weight, module.dtype)
     if name == "embed_tokens" and isinstance(module, nn.Embedding) and module.weight.dtype == torch.float16:

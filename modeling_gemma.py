@@ -195,14 +195,25 @@ def attend(q, k, v, mask: torch.Tensor, scale: float, softcap: float | None) -> 
     return torch.matmul(probs, v.float()).to(v.dtype).view(B, n_heads, L, hd)
 
 
+class Attend(nn.Module):
+    """`attend` over cached keys and values, converted to the queries' dtype; a module, so that the CPU fast path
+    can swap in its one-pass decode step."""
+
+    def __init__(self, scale: float, softcap: float | None):
+        super().__init__()
+        self.scale, self.softcap = scale, softcap
+
+    def forward(self, q, k, v, mask: torch.Tensor) -> torch.Tensor:
+        return attend(q, k.to(q.dtype), v.to(q.dtype), mask, self.scale, self.softcap)
+
+
 class GemmaAttention(nn.Module):
     """Grouped-query attention with RoPE over the KV cache; Gemma 2 adds a tanh soft-cap on the scores."""
 
     def __init__(self, config: GemmaConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.scale = (config.query_pre_attn_scalar or config.head_dim) ** -0.5
-        self.softcap = config.attn_logit_softcapping
+        self.attend = Attend((config.query_pre_attn_scalar or config.head_dim) ** -0.5, config.attn_logit_softcapping)
         bias, hidden = config.attention_bias, config.hidden_size
         self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=bias)
@@ -226,7 +237,7 @@ class GemmaAttention(nn.Module):
         q, k = apply_rope(q, cos_q, sin_q), apply_rope(k, cos, sin)
         k, v = self.kv_cache.update(input_pos, k, v)
         T = mask.shape[-1]
-        y = attend(q, k[:, :, :T].to(q.dtype), v[:, :, :T].to(q.dtype), mask, self.scale, self.softcap)
+        y = self.attend(q, k[:, :, :T], v[:, :, :T], mask)  # (B, nh, Lq, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, q.shape[2], -1))  # (B, Lq, hidden)
 
 

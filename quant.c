@@ -22,8 +22,6 @@
 #define QMAX_X 4  // rows of x per pass
 #define QPREFETCH 1024  // bytes ahead of the reading position to prefetch
 
-enum { F32 = 0, F16 = 1, BF16 = 2 };
-
 static inline int64_t chunk_cols(int bits) { return bits == 8 ? 64 : 128; }
 static inline int64_t padded_cols(int64_t cols, int bits) {
     return (cols + chunk_cols(bits) - 1) / chunk_cols(bits) * chunk_cols(bits);
@@ -70,13 +68,6 @@ static inline float scale_at(const uint16_t *S, int64_t row, int64_t n_groups, i
     return scalar_f16(S[row * n_groups + k / group]);
 }
 
-static inline float read_value(const uint8_t *p, int kind, int64_t i) {
-    if (kind == F32) { float f; memcpy(&f, p + 4 * i, 4); return f; }
-    uint16_t h;
-    memcpy(&h, p + 2 * i, 2);
-    return kind == F16 ? scalar_f16(h) : scalar_bf16(h);
-}
-
 // Quantizes n_rows rows of cols values of the given kind at src into the tiles at q and the scales (layout above),
 // padding to a whole tile. Returns how many values or scales are not finite (a NaN in the source, or a group too
 // large for a float16 scale): 0 when all are.
@@ -95,7 +86,7 @@ int64_t quantize_rows(const uint8_t *src, int src_kind, int64_t n_rows, int64_t 
             int64_t k0 = g * group, k1 = k0 + group < cols ? k0 + group : cols;
             float amax = 0.0f;
             for (int64_t k = k0; k < k1; k++) {
-                float v = read_value(in, src_kind, k);
+                float v = read_kind(in, src_kind, k);
                 bad += !isfinite(v);
                 amax = fmaxf(amax, fabsf(v));
             }
@@ -104,7 +95,7 @@ int64_t quantize_rows(const uint8_t *src, int src_kind, int64_t n_rows, int64_t 
             scales[r * n_groups + g] = h;
             bad += !isfinite(s);
             for (int64_t k = k0; k < k1; k++) {
-                float v = s == 0.0f ? 0.0f : nearbyintf(read_value(in, src_kind, k) / s);
+                float v = s == 0.0f ? 0.0f : nearbyintf(read_kind(in, src_kind, k) / s);
                 int qv = (int)fminf(fmaxf(v, -qmax), qmax);
                 if (bits == 8) {
                     q[byte_at(r, k, row_bytes)] = (uint8_t)(int8_t)qv;
@@ -163,11 +154,12 @@ typedef struct {
     int64_t padded, chunks;
 } Inputs;
 
-static Inputs prepare_x(const float *x, int64_t n_x, int64_t cols, int bits) {
+static Inputs prepare_x(const void *x, int x_kind, int64_t n_x, int64_t cols, int bits) {
     Inputs in = {.padded = padded_cols(cols, bits)};
     in.chunks = in.padded / chunk_cols(bits);
     in.xp = calloc(n_x * in.padded, sizeof(float));
-    for (int64_t m = 0; m < n_x; m++) memcpy(in.xp + m * in.padded, x + m * cols, cols * sizeof(float));
+    for (int64_t m = 0; m < n_x; m++)
+        for (int64_t k = 0; k < cols; k++) in.xp[m * in.padded + k] = read_kind(x, x_kind, m * cols + k);
 #if INT4_BF16
     if (bits == 4) {
         in.xb = malloc(n_x * in.padded * sizeof(uint16_t));
@@ -241,8 +233,8 @@ static inline __attribute__((always_inline)) void chunk_products(const uint8_t *
 }
 
 // One pass over tile t of a weight (rows rows, its tiles at Q, scales at S) for nm rows of x, into y (nm, rows).
-static inline __attribute__((always_inline)) void tile_pass(const uint8_t *Q, const uint16_t *S, float *y,
-                                                            int64_t rows, int64_t n_groups, int64_t group, int bits,
+static inline __attribute__((always_inline)) void tile_pass(const uint8_t *Q, const uint16_t *S, void *y,
+                                                            int y_kind, int64_t rows, int64_t n_groups, int64_t group, int bits,
                                                             const Inputs *in, int64_t t, const int nm) {
     vec total[TILE][QMAX_X];
     for (int i = 0; i < TILE; i++)
@@ -256,17 +248,19 @@ static inline __attribute__((always_inline)) void tile_pass(const uint8_t *Q, co
         }
     }
     for (int i = 0; i < TILE && t * TILE + i < rows; i++)
-        for (int m = 0; m < nm; m++) y[m * rows + t * TILE + i] = sum(total[i][m]);
+        for (int m = 0; m < nm; m++) write_kind(y, y_kind, m * rows + t * TILE + i, sum(total[i][m]));
 }
 
 // ys[j][m, r] = sum_k x[m, k] * w_j[r, k] for each of the n_w quantized weights (tiles Qs[j], scales Ss[j], rows[j]
-// rows of cols columns, `bits` wide, scales per `group` columns) and each of the n_x rows of x (float32); ys[j] is
-// (n_x, rows[j]) float32. The threads share out the tiles of all the weights together, as gemv.c's gemv does.
-void gemv_quant(int64_t n_w, const uint8_t *const *Qs, const uint16_t *const *Ss, float *const *ys,
-                const int64_t *rows, const float *x, int64_t n_x, int64_t cols, int64_t group, int bits) {
-    int64_t total = 0, n_groups = n_scales(cols, bits, group);
+// rows of cols columns, `bits` wide, scales per `group` columns) and each of the n_x rows of x; x and every ys[j]
+// (n_x, rows[j]) are of the kinds x_kind and y_kind (float32 sums, one rounding). The threads share out the tiles
+// of all the weights together, as gemv.c's gemv does.
+void gemv_quant(int64_t n_w, const uint8_t *const *Qs, const uint16_t *const *Ss, void *const *ys,
+                const int64_t *rows, const void *x, int64_t n_x, int64_t cols, int64_t group, int bits, int x_kind,
+                int y_kind) {
+    int64_t total = 0, n_groups = n_scales(cols, bits, group), size = y_kind == F32 ? 4 : 2;
     for (int64_t j = 0; j < n_w; j++) total += (rows[j] + TILE - 1) / TILE;
-    Inputs in = prepare_x(x, n_x, cols, bits);
+    Inputs in = prepare_x(x, x_kind, n_x, cols, bits);
 #pragma omp parallel
     {
         int64_t begin, end;
@@ -279,11 +273,11 @@ void gemv_quant(int64_t n_w, const uint8_t *const *Qs, const uint16_t *const *Ss
             for (int64_t j = 0; j < n_w; offset += (rows[j++] + TILE - 1) / TILE) {
                 int64_t tiles = (rows[j] + TILE - 1) / TILE;
                 int64_t t = begin > offset ? begin - offset : 0, t1 = end - offset < tiles ? end - offset : tiles;
-                float *ym = ys[j] + m0 * rows[j];
+                void *ym = (uint8_t *)ys[j] + m0 * rows[j] * size;
 #define QPASS(NM)                                                                                                 \
     for (; t < t1; t++)                                                                                           \
-        if (bits == 8) tile_pass(Qs[j], Ss[j], ym, rows[j], n_groups, group, 8, &at, t, NM);                     \
-        else tile_pass(Qs[j], Ss[j], ym, rows[j], n_groups, group, 4, &at, t, NM);
+        if (bits == 8) tile_pass(Qs[j], Ss[j], ym, y_kind, rows[j], n_groups, group, 8, &at, t, NM);             \
+        else tile_pass(Qs[j], Ss[j], ym, y_kind, rows[j], n_groups, group, 4, &at, t, NM);
                 switch (nm) {
                     case 1: QPASS(1) break;
                     case 2: QPASS(2) break;

@@ -2,6 +2,7 @@
 // else AVX2 with F16C and FMA; loads and stores of float16, bfloat16 and float32; and how threads share work.
 #pragma once
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <immintrin.h>
 #include <omp.h>
@@ -44,7 +45,6 @@ static inline uint16_t scalar_to_bf16(float f) {
     memcpy(&u, &f, 4);
     return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
-
 
 #if defined(__AVX512F__)
 static inline vec splat(float f) { return _mm512_set1_ps(f); }
@@ -91,6 +91,59 @@ static inline void store_bf16(uint16_t *p, vec v) {
     _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)));
 }
 #endif
+
+enum { F32 = 0, F16 = 1, BF16 = 2 };  // dtypes, numbered as kernels.py's KINDS
+
+// Value i of an array of the given kind at p, as a float.
+static inline float read_kind(const void *p, int kind, int64_t i) {
+    const uint8_t *b = p;  // memcpy: a mapped file's tensor need not be aligned
+    if (kind == F32) { float f; memcpy(&f, b + 4 * i, 4); return f; }
+    uint16_t h;
+    memcpy(&h, b + 2 * i, 2);
+    return kind == F16 ? scalar_f16(h) : scalar_bf16(h);
+}
+
+// Stores f as value i of an array of the given kind at p, rounded to nearest, ties to even.
+static inline void write_kind(void *p, int kind, int64_t i, float f) {
+    if (kind == F32) ((float *)p)[i] = f;
+    else if (kind == F16) ((uint16_t *)p)[i] = _cvtss_sh(f, 0);
+    else ((uint16_t *)p)[i] = scalar_to_bf16(f);
+}
+
+// WIDTH values i.. of an array of the given kind at p, as floats; and the converse store, rounded as write_kind.
+static inline vec load_kind(const void *p, int kind, int64_t i) {
+    return kind == F32 ? load_f32((const float *)p + i)
+           : kind == F16 ? load_f16((const uint16_t *)p + i) : load_bf16((const uint16_t *)p + i);
+}
+static inline void store_kind(void *p, int kind, int64_t i, vec v) {
+    if (kind == F32) store_f32((float *)p + i, v);
+    else if (kind == F16) store_f16((uint16_t *)p + i, v);
+    else store_bf16((uint16_t *)p + i, v);
+}
+
+// x as float32: x itself, or a copy of its n values (the caller frees it when it is not x).
+static inline const float *widen(const void *x, int kind, int64_t n) {
+    if (kind == F32) return (const float *)x;
+    float *f = malloc(n * sizeof(float));
+    for (int64_t i = 0; i < n; i++) f[i] = read_kind(x, kind, i);
+    return f;
+}
+
+// exp(t) for t in about [-87, 87]: 2^(t log2 e) split into 2^i * 2^f, f in [-0.5, 0.5], and a degree-6 Taylor
+// polynomial for 2^f (relative error ~1e-7, well below what a half-precision result keeps).
+static inline vec exp_approx(vec t) {
+    t = vmin(vmax(t, splat(-87.0f)), splat(87.0f));
+    vec y = vmul(t, splat(1.44269504088896341f));  // log2(e)
+    vec i = vround(y), f = vsub(y, i);               // y = i + f, |f| <= 0.5
+    vec p = splat(1.535336188319500e-4f);            // (ln 2)^k / k!, k = 6 .. 0
+    p = fmadd(p, f, splat(1.339887440266574e-3f));
+    p = fmadd(p, f, splat(9.618437357674640e-3f));
+    p = fmadd(p, f, splat(5.550332471162809e-2f));
+    p = fmadd(p, f, splat(2.402264791363012e-1f));
+    p = fmadd(p, f, splat(6.931472028550421e-1f));
+    p = fmadd(p, f, splat(1.0f));
+    return vmul(p, pow2i(i));
+}
 
 // The slice [*begin, *end) of [0, n) that this OpenMP thread takes, in multiples of `align`.
 static inline void share(int64_t n, int64_t align, int64_t *begin, int64_t *end) {

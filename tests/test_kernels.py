@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from conftest import CHECKPOINTS, ROOT
 
 import kernels
+import modeling_gemma
 import modeling_siglip
 from generate import decode_one_token, prefill
 from utils import load_hf_model
@@ -45,6 +46,15 @@ def test_gemv_of_several_weights_equals_each_alone(dtype, compiled):
     x = torch.randn(2, 96)
     for together, weight in zip(kernels.gemv(weights, x), weights):
         torch.testing.assert_close(together, kernels.gemv([weight], x)[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_gemv_reads_and_writes_half_precision_as_one_rounding_of_the_float32_sums(dtype, compiled):
+    torch.manual_seed(0)
+    weights = [torch.randn(n, 77).to(dtype) for n in (9, 33)]
+    x = torch.randn(3, 77).to(dtype)
+    for got, wide in zip(kernels.gemv(weights, x, dtype), kernels.gemv(weights, x.float())):
+        assert got.dtype == dtype and torch.equal(got.view(torch.int16), wide.to(dtype).view(torch.int16))
 
 
 def test_float16_to_bfloat16_rounds_exactly_as_torch(compiled):
@@ -94,10 +104,53 @@ def test_fused_gelu_equals_torch_within_half_precision(dtype, with_up):
     torch.testing.assert_close(got.float(), expected, atol=0.02, rtol=0.01)
 
 
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("weight_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 1, 2048), (2, 5, 37), (1, 40, 64)])
+def test_rms_norm_kernel_equals_gemma_rms_norm_within_half_precision(dtype, weight_dtype, shape, compiled,
+                                                                     monkeypatch):
+    torch.manual_seed(0)
+    plain = modeling_gemma.GemmaRMSNorm(shape[-1], 1e-6)
+    plain.weight.data = torch.randn(shape[-1]).to(weight_dtype)
+    x = (torch.randn(shape) * 4).to(dtype)
+    expected = plain(x)
+    monkeypatch.setattr(modeling_gemma.GemmaRMSNorm, "forward", None)  # the kernel's own result, not PyTorch's
+    got = kernels.RMSNorm(plain.weight, plain.eps)(x)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, expected)
+
+
+def cache_and_mask(B, n_kv, T, hd, dtype, masked_rows=()):
+    """Keys and values as the KV cache hands them over (the first T of 2T positions) and a random mask that lets
+    each row read at least one position, except the rows in masked_rows, which may read none."""
+    k_cache, v_cache = (torch.randn(B, n_kv, 2 * T, hd).to(dtype) for _ in range(2))
+    mask = torch.rand(B, 1, 1, T) < 0.7
+    mask[..., -1] = True
+    mask[list(masked_rows)] = False
+    return k_cache[:, :, :T], v_cache[:, :, :T], mask
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("heads", [(8, 1), (4, 2), (2, 2)])
+@pytest.mark.parametrize("T, hd", [(1, 256), (37, 12), (300, 256)])
+@pytest.mark.parametrize("softcap", [None, 50.0])
+def test_decode_attention_kernel_equals_attend_within_half_precision(dtype, heads, T, hd, softcap, compiled,
+                                                                    monkeypatch):
+    torch.manual_seed(0)
+    (n_heads, n_kv), B = heads, 3
+    q = torch.randn(B, n_heads, 1, hd).to(dtype)
+    k, v, mask = cache_and_mask(B, n_kv, T, hd, dtype, masked_rows=[1])
+    expected = modeling_gemma.attend(q, k, v, mask, hd**-0.5 * 4, softcap)
+    monkeypatch.setattr(modeling_gemma.Attend, "forward", None)  # the kernel's own result, not PyTorch's
+    got = kernels.Attend(hd**-0.5 * 4, softcap)(q, k, v, mask)
+    assert got.dtype == dtype and got.shape == expected.shape
+    torch.testing.assert_close(got, expected)
+
+
 def gemv_calls(monkeypatch) -> list[int]:
     """Spy on kernels.gemv: the list receives the number of weights of each call."""
     calls, real = [], kernels.gemv
-    monkeypatch.setattr(kernels, "gemv", lambda weights, x: calls.append(len(weights)) or real(weights, x))
+    monkeypatch.setattr(kernels, "gemv", lambda weights, *rest: calls.append(len(weights)) or real(weights, *rest))
     return calls
 
 
@@ -251,7 +304,7 @@ def test_the_avx2_build_passes_the_kernel_tests_too(tmp_path, compiled):
     kernel tests run against it as they run against this CPU's own build."""
     env = {**os.environ, "PALIGEMMA_MARCH": "haswell", "XDG_CACHE_HOME": str(tmp_path),
            "PALIGEMMA_REQUIRE_KERNELS": "1"}
-    selection = "gemv or bfloat16 or gelu or quantizer or dequantiz or product"
+    selection = "gemv or bfloat16 or gelu or rms_norm or attention or quantizer or dequantiz or product"
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", selection,
                              str(ROOT / "tests" / "test_kernels.py"), str(ROOT / "tests" / "test_quantization.py")],
                             capture_output=True, text=True, env=env, timeout=600)

@@ -114,6 +114,15 @@ def test_gemv_of_several_quantized_weights_equals_each_alone(scheme, compiled):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES[:2], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quantized_gemv_reads_and_writes_half_precision_as_one_rounding_of_the_float32_sums(scheme, dtype, compiled):
+    group = [quantized((n, 77), scheme, seed=n) for n in (9, 33)]
+    x = torch.randn(3, 77).to(dtype)
+    for got, wide in zip(kernels.gemv_quantized(group, x, dtype), kernels.gemv_quantized(group, x.float())):
+        assert got.dtype == dtype and torch.equal(got.view(torch.int16), wide.to(dtype).view(torch.int16))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES[:2], ids=str)
 def test_dequantizing_to_bfloat16_equals_the_reference(scheme, compiled):
     weight = quantized((33, 100), scheme)
     expected = weight.dequantize(torch.bfloat16)
