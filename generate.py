@@ -109,12 +109,14 @@ def generate(model, inputs: dict, max_new_tokens: int, temperature: float = 0.0,
     stop = torch.tensor(stop_ids, device=logits.device)
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     for i in range(max_new_tokens):
-        if not bool(torch.isfinite(logits).all()):
+        scores = logits.float()  # CPUs find the maximum, softmax or NaNs of 257k half-precision logits far slower
+        low, high = torch.aminmax(scores, dim=-1)  # NaN if any is
+        if not bool((low.isfinite() & high.isfinite()).all()):
             raise NotFinite(f"step {i}")
-        allowed = logits if vocab is None or vocab >= logits.shape[-1] else logits.index_fill(
-            -1, torch.arange(vocab, logits.shape[-1], device=logits.device), float("-inf"))
+        allowed = scores if vocab is None or vocab >= scores.shape[-1] else scores.index_fill(
+            -1, torch.arange(vocab, scores.shape[-1], device=scores.device), float("-inf"))
         token = sample(allowed, temperature, top_p, generator)
-        logprob = torch.log_softmax(logits.float(), dim=-1).gather(-1, token[:, None])[:, 0]
+        logprob = torch.log_softmax(scores, dim=-1).gather(-1, token[:, None])[:, 0]
         token = token.masked_fill(done, 0)
         yield token, logprob
         done |= torch.isin(token, stop)

@@ -10,9 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
+import generate as generation
 import inference
 from checkpoint import load_tokenizer
-from generate import generate, sample
+from generate import NotFinite, generate, sample
 from processing_paligemma import PaliGemmaProcessor
 
 
@@ -149,3 +150,15 @@ def test_a_budget_that_cuts_an_emoji_after_a_cjk_character_streams_what_the_answ
     text = tokenizer.convert_tokens_to_ids(["▁a"])  # a text token, then the byte tokens of 乊 and half of 🐱
     ids = text + tokenizer.convert_tokens_to_ids([f"<0x{b:02X}>" for b in "乊".encode() + "🐱".encode()[:2]])
     check_stream(tokenizer, ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_logit_that_is_not_finite_in_any_row_stops_generation(dtype, bad, monkeypatch):
+    logits = torch.zeros(3, 40, dtype=dtype)
+    logits[1, 17] = bad
+    monkeypatch.setattr(generation, "prefill", lambda *args: logits)
+    with pytest.raises(NotFinite):
+        next(generate(None, {"input_ids": torch.zeros(3, 4, dtype=torch.long)}, 5))
+    logits[1, 17] = torch.finfo(dtype).max  # the largest finite value is an answer
+    assert next(generate(None, {"input_ids": torch.zeros(3, 4, dtype=torch.long)}, 5))[0].tolist() == [0, 17, 0]
