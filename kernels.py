@@ -5,6 +5,9 @@ Two facts about CPUs shape it (measured figures in README.md):
   memory. PyTorch's half-precision matrix-vector kernels widen weights to float32 too slowly for that on many CPUs;
   gemv.c's do it in registers and accumulate in float32, split by weight rows across torch's own OpenMP threads
   (the library is linked to the libgomp torch has loaded, so the two never compete for cores).
+- Around those products a decode step runs Gemma's norms and attention over the KV cache, a dozen small PyTorch
+  operations each, whose dispatch costs more than their arithmetic at one token; decode.c does each in one call,
+  and the products read and write half precision themselves.
 - A prompt multiplies hundreds of rows, which is arithmetic-bound, and many CPUs multiply bfloat16 several times
   faster than float16 (some have no float16 arithmetic at all, and even their float16 convolutions and additions
   are slow). So a float16 model computes a prompt in bfloat16: its token embeddings come out in bfloat16, and its
@@ -13,8 +16,8 @@ Two facts about CPUs shape it (measured figures in README.md):
 
 `accelerate(model)` is the one explicit step after loading that turns the plain model of modeling_*.py into this:
 each `nn.Linear` becomes a `Linear`, each `Fused` group (q, k, v; gate, up) a `Fused` that reads all its weights
-in one pass, each tanh GELU the one-pass C version, and a float16 token embedding an `Embedding` that picks the
-dtype a forward computes in. The weights are the model's own parameters, shared, whether they were copied or are
+in one pass, each tanh GELU, Gemma RMSNorm and decode attention the one-pass C version, and a float16 token
+embedding an `Embedding` that picks the dtype a forward computes in. The weights are the model's own parameters, shared, whether they were copied or are
 used in place from the checkpoint's files.
 
 gemv.c is compiled once per machine with the system's C compiler (`-O3 -march=native -fopenmp`) into

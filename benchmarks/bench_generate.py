@@ -194,8 +194,8 @@ def main():
     parser.add_argument("--batch_dtypes", nargs="*", help="the dtypes of those batch runs (default: the first)")
     parser.add_argument("--baseline", type=Path, help="another checkout of this project, run as 'baseline' "
                         "(e.g. `git worktree add /tmp/before HEAD~3`): a before/after comparison in one run")
-    parser.add_argument("--repeat", type=int, default=1, help="runs of each implementation, taking turns; each "
-                        "figure's median is reported")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each dtype and implementation, taking "
+                        "turns; each figure's median is reported")
     parser.add_argument("--time_limit", type=float, help="seconds after which a run is stopped and counted failed")
     parser.add_argument("--out", type=Path, default=RESULTS, help="the folder the JSON goes in")
     args = parser.parse_args()
@@ -206,31 +206,29 @@ def main():
         raise SystemExit("--runs baseline and --baseline DIR go together")
 
     bandwidth = copy_bandwidth(args.device)
+    attempts = {(dtype, name): [] for dtype in args.dtypes for name in args.runs}
+    for _ in range(args.repeat):  # every dtype and implementation takes a turn, so that a slow moment hits them all
+        for dtype, name in attempts:
+            cache = page_cache_state(args.model_path, args.cold)
+            print(f"{name} {dtype} ({cache} page cache) ...", file=sys.stderr)
+            extra = {"root": args.baseline} if name == "baseline" else {}
+            try:
+                result = IMPLEMENTATIONS[name](args.model_path, args.image, args.prompt, dtype, args.tokens,
+                                               args.device, **extra)
+            except Failed as e:
+                attempts[dtype, name].append({"failed": str(e), "page_cache": cache})
+                continue
+            # ours compiles within its decode (--compile on CUDA); transformers' compiled path, in a call apart
+            compile_s = (result.get("compile_s") or 0.0) if name in ("ours", "baseline") else 0.0
+            attempts[dtype, name].append({**result, "page_cache": cache,
+                                          "decode_tok_s": result["decode_tokens"] / (result["decode_s"] - compile_s),
+                                          "bandwidth_limit_tok_s": bandwidth / decoder_bytes(args.model_path, dtype)})
     rows = []
-    for dtype in args.dtypes:
-        attempts = {name: [] for name in args.runs}
-        for _ in range(args.repeat):  # the implementations take turns, so that a slow moment hits them all
-            for name in args.runs:
-                cache = page_cache_state(args.model_path, args.cold)
-                print(f"{name} {dtype} ({cache} page cache) ...", file=sys.stderr)
-                extra = {"root": args.baseline} if name == "baseline" else {}
-                try:
-                    result = IMPLEMENTATIONS[name](args.model_path, args.image, args.prompt, dtype, args.tokens,
-                                                   args.device, **extra)
-                except Failed as e:
-                    attempts[name].append({"failed": str(e), "page_cache": cache})
-                    continue
-                # ours compiles within its decode (--compile on CUDA); transformers' compiled path, in a call apart
-                compile_s = (result.get("compile_s") or 0.0) if name in ("ours", "baseline") else 0.0
-                attempts[name].append({**result, "page_cache": cache,
-                                       "decode_tok_s": result["decode_tokens"] / (result["decode_s"] - compile_s),
-                                       "bandwidth_limit_tok_s": bandwidth / decoder_bytes(args.model_path, dtype)})
-        for name, runs in attempts.items():  # each figure's median over the runs, with every run's beside it
-            done = [r for r in runs if "failed" not in r]
-            figures = ("first_token_s", "decode_tok_s", "load_s", "peak_rss_gib")
-            row = {**done[0], **{k: statistics.median(r[k] for r in done) for k in figures}} if done else runs[0]
-            rows.append({"impl": name, "dtype": dtype, **row,
-                         "every_run": [{k: r.get(k) for k in figures} for r in done]})
+    for (dtype, name), runs in attempts.items():  # each figure's median over the runs, with every run's beside it
+        done = [r for r in runs if "failed" not in r]
+        figures = ("first_token_s", "decode_tok_s", "load_s", "peak_rss_gib")
+        row = {**done[0], **{k: statistics.median(r[k] for r in done) for k in figures}} if done else runs[0]
+        rows.append({"impl": name, "dtype": dtype, **row, "every_run": [{k: r.get(k) for k in figures} for r in done]})
     reference = "baseline" if "baseline" in args.runs else "transformers"
 
     print(f"\n{args.model_path.name}, {args.tokens} new tokens, prompt {args.prompt!r}, {args.image.name}; "
