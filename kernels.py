@@ -17,12 +17,12 @@ Two facts about CPUs shape it (measured figures in README.md):
 `accelerate(model)` is the one explicit step after loading that turns the plain model of modeling_*.py into this:
 each `nn.Linear` becomes a `Linear`, each `Fused` group (q, k, v; gate, up) a `Fused` that reads all its weights
 in one pass, each tanh GELU, Gemma RMSNorm and decode attention the one-pass C version, and a float16 token
-embedding an `Embedding` that picks the dtype a forward computes in. The weights are the model's own parameters, shared, whether they were copied or are
-used in place from the checkpoint's files.
+embedding an `Embedding` that picks the dtype a forward computes in. The weights are the model's own parameters,
+shared, whether they were copied or are used in place from the checkpoint's files.
 
-gemv.c is compiled once per machine with the system's C compiler (`-O3 -march=native -fopenmp`) into
-~/.cache/pytorch-paligemma/. Without a compiler the swapped modules use PyTorch's own operations (the same results
-within half precision); with PALIGEMMA_NO_KERNELS=1 `accelerate` leaves the plain model as it is.
+gemv.c, quant.c and decode.c are compiled once per machine with the system's C compiler (`-O3 -march=native
+-fopenmp`) into ~/.cache/pytorch-paligemma/. Without a compiler the swapped modules use PyTorch's own operations
+(the same results within half precision); with PALIGEMMA_NO_KERNELS=1 `accelerate` leaves the plain model as it is.
 """
 
 import ctypes
