@@ -32,19 +32,29 @@ def path_text(path: str | Path) -> str:
 
 @dataclass(frozen=True)
 class Item:
-    """One input: an image and the prompt to ask about it."""
+    """One input: an image and the prompt to ask about it; or a line of a prompts file that names none."""
 
     index: int  # its place among this run's inputs
-    path: str  # the image file, as the operating system names it
-    prompt: str
+    path: str | None  # the image file, as the operating system names it
+    prompt: str | None
+    line: int | None = None  # its line in the prompts file
+    problem: str | None = None  # why it cannot be answered, found as the prompts file was read
+    text: str | None = None  # the line as written, where it names no input
 
     @property
-    def image(self) -> str:
+    def image(self) -> str | None:
         """The image as records name it, and resuming identifies it: its resolved path, as valid UTF-8."""
-        return path_text(Path(self.path).resolve())
+        return None if self.path is None else path_text(os.path.realpath(self.path))  # never fails, loops included
+
+    @property
+    def key(self) -> tuple[str | None, str]:
+        """What resuming identifies the input by (results.identity reads it back from the record)."""
+        return (self.image, self.prompt) if self.text is None else (None, self.text)
 
     def record(self, **fields) -> dict:
-        return {MARKER: FORMAT, "index": self.index, "image": self.image, "prompt": self.prompt, **fields}
+        extra = {"line": self.line} if self.line is not None else {}
+        extra.update({"input": self.text} if self.text is not None else {})
+        return {MARKER: FORMAT, "index": self.index, "image": self.image, "prompt": self.prompt, **extra, **fields}
 
 
 def gather(image_file_path: str, prompts_file: str | None, prompt: str) -> list[Item] | None:
@@ -57,8 +67,8 @@ def gather(image_file_path: str, prompts_file: str | None, prompt: str) -> list[
     kind = kind_of(image_file_path)
     if kind == "a folder":
         files = sorted(str(p) for p in Path(image_file_path).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    elif kind == "nothing" and glob.has_magic(image_file_path):
-        files = sorted(p for p in glob.glob(image_file_path, recursive=True) if kind_of(p) == "a file")
+    elif kind == "nothing" and glob.has_magic(image_file_path):  # what is not an image gets an error record
+        files = sorted(p for p in glob.glob(image_file_path, recursive=True) if kind_of(p) != "a folder")
     else:
         return None
     if not files:
@@ -68,7 +78,8 @@ def gather(image_file_path: str, prompts_file: str | None, prompt: str) -> list[
 
 def read_prompts(path: Path, default_prompt: str) -> list[Item]:
     """A JSON Lines file of {"image": ..., "prompt": ...}; an image path is relative to the file's folder. Blank
-    lines and a byte-order mark are fine."""
+    lines and a byte-order mark are fine; a line that is not such an object becomes an Item with a problem, which
+    gets an error record, so that it costs no other line its answer."""
     require_file(path, "the prompts file")
     try:
         lines = path.read_bytes().decode("utf-8-sig").splitlines()
@@ -82,12 +93,15 @@ def read_prompts(path: Path, default_prompt: str) -> list[Item]:
             continue
         try:
             entry = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path}:{number}: not a JSON object") from None
+        except (json.JSONDecodeError, RecursionError):
+            entry = None
         prompt = entry.get("prompt", default_prompt) if isinstance(entry, dict) else None
-        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or not isinstance(prompt, str):
-            raise UserError(f'{path}:{number}: expected {{"image": "path", "prompt": "text"}}')
-        items.append(Item(len(items), str(path.parent / entry["image"]), prompt))
+        if isinstance(entry, dict) and isinstance(entry.get("image"), str) and isinstance(prompt, str):
+            items.append(Item(len(items), str(path.parent / entry["image"]), prompt, number))
+        else:
+            problem = (f"{path}:{number}: " + ("not a JSON object" if entry is None else
+                                               'expected {"image": "path", "prompt": "text"}'))
+            items.append(Item(len(items), None, None, number, problem, line))
     if not items:
         raise UserError(f"{path}: no prompts in the file")
     return items
@@ -104,15 +118,15 @@ def open_results(output: str | None) -> ResultsFile | StdoutResults:
     return ResultsFile(Path(output)).open() if output else StdoutResults().open()
 
 
-def fit_budget(prompt_len: int, budget: int, max_positions: int) -> int:
-    """The token budget that fits the model's positions; a prompt that does not fit at all is an error."""
+def check_fits(prompt_len: int, max_tokens: int, max_positions: int, image_tokens: int, prompt: str = "the prompt"):
+    """UserError unless a prompt of prompt_len tokens (the image's included) and max_tokens more fit the positions."""
     if prompt_len > max_positions:
-        raise UserError(f"the prompt is {prompt_len} tokens with the image's, more than the model's "
-                         f"{max_positions} positions")
-    if prompt_len + budget > max_positions:
-        log(f"note: only {max_positions - prompt_len} tokens fit after the {prompt_len}-token prompt")
-        return max_positions - prompt_len
-    return budget
+        raise UserError(f"{prompt} is {prompt_len} tokens with the image's, more than the model's {max_positions} "
+                        "positions")
+    if prompt_len + max_tokens > max_positions:
+        raise UserError(f"--max_tokens_to_generate {max_tokens} does not fit: {prompt} takes {prompt_len} of the "
+                        f"model's {max_positions} positions ({image_tokens} of them the image's), so at most "
+                        f"{max_positions - prompt_len} tokens can follow it")
 
 
 def answer_batch(session: Session, items: list[Item], results: ResultsFile | StdoutResults, *, max_tokens: int,
@@ -136,7 +150,7 @@ def write_answers(items: list[Item], results: ResultsFile | StdoutResults, batch
     batch_size, to answer, which yields each chunk's records, and appends them behind a progress bar. An input
     answered twice (a batch that Ray retried) is written once; the answers are closed however the run ends, so
     that their work stops with it. Returns (answered now, of them failed)."""
-    todo = [item for item in items if (item.image, item.prompt) not in results.done]
+    todo = [item for item in items if item.key not in results.done]
     if annotate is not None:
         annotate.mkdir(parents=True, exist_ok=True)
     if len(todo) < len(items):
@@ -167,9 +181,12 @@ def answer_chunk(session: Session, chunk: list[Item], *, max_tokens: int, annota
     records, images, max_positions = {}, {}, session.model.config.text_config.max_position_embeddings
     for item in chunk:
         try:
+            if item.problem:
+                raise UserError(item.problem)
             images[item] = load_image(item.path, max_pixels)
             check_prompt(item.prompt)
-            fit_budget(session.processor([item.prompt], [images[item]])["input_ids"].shape[1], 0, max_positions)
+            check_fits(session.processor([item.prompt], [images[item]])["input_ids"].shape[1], 0, max_positions,
+                       session.model.config.num_image_tokens)
         except UserError as e:
             records[item] = item.record(error=one_line(e))
     ready = [item for item in chunk if item not in records]

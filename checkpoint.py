@@ -24,6 +24,7 @@ SAFETENSORS_DTYPES = {  # safetensors dtype -> (bytes per element, torch dtype f
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+TOKENIZER_SETTINGS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")  # JSON read beside them
 
 # Key prefixes of the layouts transformers has written, longest first, mapped to this model's names
 # (docs/NUMERICS.md §2).
@@ -174,7 +175,7 @@ def find_shards(folder: Path) -> list[Path]:
         shards = []
         for name in dict.fromkeys(weight_map.values()):
             shard = folder / name
-            if Path(name).name != name or shard.resolve().parent != folder.resolve():
+            if Path(name).name != name:  # the name, not its target: a hub cache links every file into blobs/
                 raise LoadError(f"{index_file}: shard {name!r} lies outside the checkpoint folder; shards are read "
                                 "from the folder itself only")
             kind = kind_of(shard)
@@ -194,13 +195,48 @@ def find_shards(folder: Path) -> list[Path]:
     raise LoadError(f"{folder}: no weights (model.safetensors or model.safetensors.index.json)")
 
 
-def check_tokenizer_files(folder: Path):
+def check_tokenizer_files(folder: Path) -> dict[str, dict]:
+    """That the folder has a tokenizer, and that its files are files; returns the JSON settings files beside it
+    (tokenizer_config.json, ...) that are there, read and checked."""
     present = [folder / name for name in TOKENIZER_FILES if kind_of(folder / name) != "nothing"]
     if not present:
         raise LoadError(f"{folder}: no tokenizer files ({' or '.join(TOKENIZER_FILES)})")
     for path in present:
         if kind_of(path) != "a file":
             raise LoadError(f"{path}: tokenizer file is {kind_of(path)}, not a file")
+    return {name: read_json(folder / name, name) for name in TOKENIZER_SETTINGS if kind_of(folder / name) != "nothing"}
+
+
+def tokenizer_vocab(folder: Path) -> dict[str, int] | None:
+    """Every token of the folder's tokenizer and its id, read from tokenizer.json and tokenizer_config.json without
+    building the tokenizer (which takes seconds, and is built while the weights stream); None for a folder whose
+    tokenizer is tokenizer.model alone. LoadError names a file that is broken or is not a tokenizer."""
+    settings = check_tokenizer_files(folder)
+    path = folder / "tokenizer.json"
+    if kind_of(path) == "nothing":
+        return None
+    data = read_json(path, "tokenizer.json")
+    model = data.get("model")
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    if isinstance(vocab, list):  # a Unigram model: [piece, score] pairs, each piece's id its place
+        vocab = {pair[0] if isinstance(pair, list) and pair else None: i for i, pair in enumerate(vocab)}
+    added = data.get("added_tokens", [])
+    if not isinstance(vocab, dict) or not vocab or not isinstance(added, list):
+        raise LoadError(f"{path}: is not a tokenizer (it has no model vocabulary)")
+    config_path = folder / "tokenizer_config.json"
+    decoder = settings.get(config_path.name, {}).get("added_tokens_decoder", {})
+    if not isinstance(decoder, dict):
+        raise LoadError(f"{config_path}: added_tokens_decoder is not a JSON object")
+    tokens = {}
+    for where, pairs in ((path, [*vocab.items(), *((t.get("content"), t.get("id")) if isinstance(t, dict) else (t, None)
+                                                   for t in added)]),
+                         (config_path, [(t.get("content") if isinstance(t, dict) else t, int(i) if i.isdigit() else i)
+                                        for i, t in decoder.items()])):
+        for token, i in pairs:
+            if not isinstance(token, str) or type(i) is not int or i < 0:
+                raise LoadError(f"{where}: is not a tokenizer's ({token!r} with id {i!r} is not a token and its id)")
+            tokens[token] = i
+    return tokens
 
 
 def stored_dtype(shards: list[Path]) -> torch.dtype:

@@ -4,6 +4,8 @@ and what a user's mistake is (`UserError`), as opposed to a bug.
 stdout carries answers only, so everything here writes to stderr.
 """
 
+import errno
+import math
 import os
 import stat
 import sys
@@ -17,10 +19,15 @@ class UserError(Exception):
 
 
 def kind_of(path: str | Path) -> str:
-    """What is at path, in words: "a file", "a folder", "a pipe", "a device", "a socket", or "nothing"."""
+    """What is at path, symlinks followed, in words: "a file", "a folder", "a pipe", "a device", "a socket",
+    "a dangling symlink", "a symlink loop", or "nothing"."""
     try:
         mode = os.stat(path).st_mode
-    except (OSError, ValueError):
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symlink loop"
+        return "a dangling symlink" if os.path.islink(path) else "nothing"
+    except ValueError:  # a NUL in the name
         return "nothing"
     for test, kind in ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a pipe"),
                        (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket")):
@@ -48,7 +55,8 @@ def one_line(e: BaseException) -> str:
 
 
 def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (not a bool, not NaN or infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def gib(nbytes: int) -> str:

@@ -16,8 +16,30 @@ def interrupted(*_):
     os._exit(130)
 
 
+def stand_in(fd: int):
+    """/dev/null on a standard descriptor that the run cannot use, so that no file opened later takes its number and
+    gets what is written to it."""
+    null = os.open(os.devnull, os.O_RDWR)
+    if null != fd:
+        os.dup2(null, fd)
+        os.close(null)
+
+
+def writable(fd: int) -> bool:
+    try:
+        os.write(fd, b"")
+        return True
+    except OSError:  # closed, or open for reading only (as a closed stderr reaches Python through some launchers)
+        return False
+
+
 if __name__ == "__main__":  # ctrl-C while the libraries below load: one line, not a traceback
     signal.signal(signal.SIGINT, interrupted)
+    if sys.stdout is None:  # a closed stdout stays None: an answer with nowhere to go is an error (results.emit)
+        stand_in(1)
+    if not writable(2):  # a closed stderr drops progress and notes; the answer still goes to stdout
+        stand_in(2)
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115
 
 import contextlib  # noqa: E402
 import inspect  # noqa: E402
@@ -35,11 +57,13 @@ import detection  # noqa: E402
 import masks  # noqa: E402
 import quantization  # noqa: E402
 from checkpoint import DTYPES, load_config, load_tokenizer, stop_tokens, warn_about_dtype  # noqa: E402
-from console import UserError, is_number, kind_of, log, one_line, peak_rss_gib, require_file  # noqa: E402
+from console import UserError, kind_of, log, one_line, peak_rss_gib, require_file  # noqa: E402
+from flags import check_flag_names, check_flags, quote_string_flags  # noqa: E402
 from generate import Session, Stopwatch, load_session  # noqa: E402
 from processing_paligemma import (  # noqa: E402
     DEFAULT_MAX_PIXELS,
     PaliGemmaProcessor,
+    check_tokenizer,
     load_image,
     max_prompt_length,
     read_image_settings,
@@ -48,34 +72,6 @@ from results import emit  # noqa: E402
 from utils import load_hf_model  # noqa: E402
 
 DEFAULT_IMAGE = Path(__file__).resolve().parent / "test_images" / "cat.jpg"
-BOOLEAN_FLAGS = ("do_sample", "only_cpu", "ignore_memory_check", "verbose", "compile", "stream")
-FLAG_RULES = {  # flag -> (test of its value, what it must be)
-    "max_tokens_to_generate": (lambda v: type(v) is int and v >= 0, "a whole number >= 0"),
-    "temperature": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
-    "top_p": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "dtype": (lambda v: v is None or v in DTYPES, f"one of {', '.join(DTYPES)}"),
-    "quantize": (lambda v: v in ("none", *quantization.SCHEMES), "none, int8 or int4"),
-    "output_format": (lambda v: v in ("text", "json"), "text or json"),
-    "seed": (lambda v: v is None or type(v) is int, "a whole number"),
-    "max_image_pixels": (lambda v: type(v) is int and v > 0, "a whole number > 0"),
-    "batch_size": (lambda v: type(v) is int and v >= 1, "a whole number >= 1"),
-    "min_score": (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "ray_address": (lambda v: v is None or isinstance(v, str) and v.strip() != "", "local, auto or an address"),
-    "workers": (lambda v: type(v) is int and v >= 1, "a whole number >= 1"),
-    "cpus_per_worker": (lambda v: v is None or type(v) is int and v >= 1, "a whole number >= 1"),
-    "gpus_per_worker": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
-    "stream": (lambda v: v is None or isinstance(v, bool), "True or False"),
-    **{name: (lambda v: isinstance(v, bool), "True or False") for name in BOOLEAN_FLAGS if name != "stream"},
-}
-
-
-def check_flags(flags: dict):
-    """Every flag's type and range, before anything is loaded; a UserError names the first bad one."""
-    for name, (valid, what) in FLAG_RULES.items():
-        if not valid(flags[name]):
-            raise UserError(f"--{name} must be {what}, not {flags[name]!r}")
-
-
 def ray_batch_module(flags: dict):
     """ray_batch.py for --ray_address, imported only then (None without it); a UserError says how to get Ray, or
     which flag needs --ray_address."""
@@ -120,13 +116,13 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
         prompt: the task prompt, e.g. "caption en", "answer en what is this?", "detect cat ; dog"
         image_file_path: an image file, a folder of images, or a quoted glob such as 'photos/*.jpg'
         max_tokens_to_generate: the most tokens to generate; generation also stops at a stop token
-        temperature: the sampling temperature, with --do_sample True (0 means greedy)
+        temperature: the sampling temperature, from 0.001 to 1000, with --do_sample True (0 means greedy)
         top_p: sample from the smallest set of likeliest tokens whose probability reaches this, in (0, 1]
         do_sample: True to sample with --temperature and --top_p, False for greedy decoding
         only_cpu: True to never use CUDA, False to use it when present
         dtype: float16, bfloat16 or float32; by default the checkpoint's own half precision
         output_format: text (the answer alone) or json (one object per line with ids, logprobs and timings)
-        seed: a seed for sampling, for reproducible samples
+        seed: a seed for sampling (0 to 2**64 - 1), for reproducible samples
         max_image_pixels: refuse images with more pixels than this (a guard against decompression bombs)
         ignore_memory_check: True to load even when the model looks larger than the memory available
         verbose: True to print timings and peak memory on stderr
@@ -160,29 +156,32 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
         with clock("image_s"):
             image = load_image(image_file_path, max_image_pixels)
         batch.check_prompt(prompt)
-    check_outputs(annotate, output, [image_file_path] if items is None else [i.path for i in items],
+    check_outputs(annotate, output, [image_file_path] if items is None else [i.path for i in items if i.path],
                   single=items is None)
     if vae_path is not None:
         require_file(vae_path, "the --vae_path file")
     vae = masks.load_vae(vae_path) if vae_path is not None else None
     config, settings = load_config(folder), read_image_settings(folder)
     stop_tokens(folder, config)  # read now, so that a broken generation_config.json is refused before loading
-    max_positions = config.text_config.max_position_embeddings
-    longest = max(max_prompt_length(p, config.num_image_tokens) for p in dict.fromkeys(
-        [prompt] if items is None else [i.prompt for i in items]))
-    tokenizer = None
-    if items is None and longest > max_positions:
-        # A prompt that may not fit: tokenise it before loading, which then cannot overlap the tokenizer.
-        tokenizer = load_tokenizer(folder)
-        processor = PaliGemmaProcessor(tokenizer, config.vision_config.image_size, config.num_image_tokens, **settings)
-        batch.fit_budget(processor([prompt], [image])["input_ids"].shape[1], 0, max_positions)
+    tokenizer = check_tokenizer(folder, config)  # its ids, from its files; built here only from tokenizer.model
+    max_positions, image_tokens = config.text_config.max_position_embeddings, config.num_image_tokens
+    longest = max(max_prompt_length(p, image_tokens) for p in dict.fromkeys(
+        [prompt] if items is None else [i.prompt for i in items if i.prompt is not None] or [""]))
+    if items is not None:  # the shortest prompt is the image, <bos> and its "\n"; a longer one gets fewer tokens
+        batch.check_fits(image_tokens + 2, max_tokens_to_generate, max_positions, image_tokens, "the shortest prompt")
+    elif longest + max_tokens_to_generate > max_positions:
+        # This prompt may not fit: tokenise it before loading, which then cannot overlap the tokenizer.
+        tokenizer = tokenizer or load_tokenizer(folder)
+        processor = PaliGemmaProcessor(tokenizer, config.vision_config.image_size, image_tokens, **settings)
+        batch.check_fits(processor([prompt], [image])["input_ids"].shape[1], max_tokens_to_generate, max_positions,
+                         image_tokens)
     with contextlib.ExitStack() as stack:
         results = None if items is None else stack.enter_context(contextlib.closing(batch.open_results(output)))
         if do_sample and temperature == 0:
             log("note: --temperature 0 means greedy decoding")
         sampling = dict(temperature=temperature if do_sample else 0.0, top_p=top_p, seed=seed, compile=compile,
                         min_score=min_score)
-        length = min(longest, max_positions) + max_tokens_to_generate
+        length = min(longest + max_tokens_to_generate, max_positions)
         quantize = None if quantize == "none" else quantize
         if on_ray is not None:
             warn_about_dtype(config, DTYPES.get(dtype))  # said here once: the workers load without a word
@@ -226,6 +225,7 @@ def save(folder: Path, out: Path, scheme: str, dtype: torch.dtype | None, memory
         raise UserError(f"--save_quantized {out} already exists; name a new folder")
     if kind_of(out.resolve().parent) != "a folder":
         raise UserError(f"--save_quantized {out}: the folder it goes in does not exist")
+    check_tokenizer(folder, load_config(folder))  # copied beside the weights: refused now, not after quantizing
     model, _ = load_hf_model(folder, "cpu", dtype, memory_check=memory_check,
                              quantize=None if scheme == "none" else scheme)
     quantization.save_quantized(model, folder, out)
@@ -237,11 +237,12 @@ def answer_one(session: Session, image: Image.Image, prompt: str, max_tokens: in
     """One image's answer on stdout: the text (streamed as it comes, on a terminal), or a JSON object."""
     with clock("image_s"):
         inputs = session.processor([prompt], [image])
-    budget = batch.fit_budget(inputs["input_ids"].shape[1], max_tokens, session.model.config.text_config
-                              .max_position_embeddings)
+    config = session.model.config
+    batch.check_fits(inputs["input_ids"].shape[1], max_tokens, config.text_config.max_position_embeddings,
+                     config.num_image_tokens)
     streaming = stream if stream is not None else output_format == "text" and bool(sys.stdout and sys.stdout.isatty())
     printer = StreamPrinter(session.tokenizer) if streaming and output_format == "text" else None
-    [(ids, logprobs)] = session.answer(inputs, budget, clock, printer and printer.add)
+    [(ids, logprobs)] = session.answer(inputs, max_tokens, clock, printer and printer.add)
     timings = {"load_s": clock["load_s"], "first_token_s": clock["image_s"] + clock["prefill_s"],
                "decode_s": clock["decode_s"], "decode_tokens": max(len(ids) - 1, 0), "peak_rss_gib": peak_rss_gib()}
     if hasattr(session.step, "compile_s"):  # --compile on CUDA: the part of decode_s spent compiling
@@ -322,44 +323,6 @@ class StreamPrinter:
             emit(text[len(self.shown):] + "\n")
 
 
-STRING_FLAGS = ("model_path", "prompt", "image_file_path", "dtype", "output_format", "annotate", "vae_path",
-                "prompts_file", "output", "quantize", "save_quantized", "ray_address")
-
-
-def quote_string_flags(argv: list[str]) -> list[str]:
-    """Quote the values of text flags, so that fire keeps a prompt like "1e3" or "[cat]" as the text typed."""
-    out, quote_next = [], False
-    for arg in argv:
-        name, eq, value = arg.partition("=")
-        if quote_next:
-            arg, quote_next = repr(arg), False
-        elif arg.startswith("--") and name[2:] in STRING_FLAGS:
-            if eq:
-                arg = f"{name}={value!r}"
-            else:
-                quote_next = True
-        out.append(arg)
-    return out
-
-
-def check_flag_names(argv: list[str]):
-    """Unknown flags, flags without a value and a missing --model_path get one line, not fire's usage screen."""
-    known = inspect.signature(main).parameters
-    for i, arg in enumerate(argv):
-        if not arg.startswith("--"):
-            continue
-        name, eq, _ = arg[2:].partition("=")
-        if name not in known and name != "help":
-            raise UserError(f"unknown flag --{name}; the flags are --{', --'.join(known)}")
-        following = argv[i + 1] if i + 1 < len(argv) else None
-        if name in known and name not in BOOLEAN_FLAGS and not eq and (
-                following is None or following.startswith("--") and following[2:].partition("=")[0] in known):
-            raise UserError(f"--{name} needs a value (write --{name}=VALUE for a value that starts with --)")
-    names = [arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")]
-    if "model_path" not in names and "help" not in names and not (argv and not argv[0].startswith("-")):
-        raise UserError("--model_path is required: the folder of a PaliGemma checkpoint")
-
-
 def failure(e: BaseException, debug: bool) -> tuple[str, int]:
     """The one line, and the exit status, for a run that ended in e."""
     if isinstance(e, KeyboardInterrupt):
@@ -374,11 +337,9 @@ def failure(e: BaseException, debug: bool) -> tuple[str, int]:
 
 def cli():
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, ctrl-C ends the run cleanly
-    if sys.stdout is None:  # started with stdout closed: keep descriptor 1 from being reused for a file of ours
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     debug = bool(os.environ.get("PALIGEMMA_DEBUG"))
     try:
-        check_flag_names(sys.argv[1:])
+        check_flag_names(sys.argv[1:], list(inspect.signature(main).parameters))
         fire.Fire(main, command=quote_string_flags(sys.argv[1:]))
     except SystemExit:
         raise

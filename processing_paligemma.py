@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from checkpoint import LoadError, read_json
-from console import UserError, is_number, require_file
+from checkpoint import LoadError, load_tokenizer, read_json, tokenizer_vocab
+from console import UserError, is_number, kind_of, require_file
 
 IMAGE_TOKEN = "<image>"
 # Location and segmentation codewords: already in the vocabulary, added so that each one is matched whole.
@@ -45,8 +45,10 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     try:
         with without_pillow_limit():
             image = Image.open(path)
-    except (Image.UnidentifiedImageError, OSError) as e:
+    except Image.UnidentifiedImageError as e:
         raise UserError(f"{path}: not an image pillow can read ({e})") from None
+    except OSError as e:  # permission denied, say
+        raise UserError(f"{path}: image file cannot be read ({e.strerror or e})") from None
     width, height = image.size
     if width * height > max_pixels:
         raise UserError(f"{path}: image is {width}x{height} = {width * height / 1e6:.0f} megapixels, above the limit "
@@ -78,7 +80,7 @@ def read_image_settings(folder: str | Path) -> dict:
     checked; LoadError names the file."""
     settings, path = {}, None
     for name in PROCESSOR_FILES:
-        if (Path(folder) / name).is_file():
+        if kind_of(Path(folder) / name) != "nothing":  # read_json names anything that is not a file
             path = Path(folder) / name
             data = read_json(path, name)
             settings = data.get("image_processor", data)
@@ -94,6 +96,32 @@ def read_image_settings(folder: str | Path) -> dict:
     if not is_number(kwargs.get("rescale_factor", 1)) or kwargs.get("resample", 3) not in range(6):
         raise LoadError(f"{path}: rescale_factor or resample is not valid")
     return kwargs
+
+
+def check_tokenizer(folder: Path, config):
+    """LoadError, before any weight loads, unless the folder's tokenizer, once PaliGemmaProcessor has added what it
+    lacks, gives `<image>` the id that the model (a PaliGemmaConfig) fills with image features, and has no more ids
+    than the embedding has rows. Its ids come from its files (checkpoint.tokenizer_vocab), so that building it still
+    overlaps the weights' loading; a folder with tokenizer.model alone has it built now, and returned.
+
+    A plain Gemma tokenizer passes where it lines up with the model: the processor adds the `<loc>` and `<seg>`
+    tokens in order, then `<image>`, after its last id, which is how PaliGemma's own tokenizer extends Gemma's."""
+    vocab, tokenizer = tokenizer_vocab(folder), None
+    if vocab is None:
+        tokenizer = load_tokenizer(folder)
+        vocab = tokenizer.get_vocab()
+    size, rows = max(vocab.values()) + 1, config.text_config.vocab_size
+    missing = [token for token in [*EXTRA_TOKENS, IMAGE_TOKEN] if token not in vocab]
+    image_id = vocab.get(IMAGE_TOKEN, size + len(missing) - 1)
+    added = f" ({len(missing)} of them added for PaliGemma's <image>, <loc> and <seg>)" if missing else ""
+    if size + len(missing) > rows:
+        raise LoadError(f"{folder}: the tokenizer has {size + len(missing)} ids{added}, more than the {rows} rows of "
+                        "the model's embedding (text_config.vocab_size): it is not this checkpoint's tokenizer")
+    if image_id != config.image_token_index:
+        has = f"lacks PaliGemma's {IMAGE_TOKEN} token, and would give it" if IMAGE_TOKEN in missing else "gives"
+        raise LoadError(f"{folder}: the tokenizer {has} {IMAGE_TOKEN} id {image_id}, but config.json's "
+                        f"image_token_index is {config.image_token_index}: it is not this checkpoint's tokenizer")
+    return tokenizer
 
 
 class PaliGemmaProcessor:

@@ -21,7 +21,7 @@ import socket
 import sys
 import threading
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import ray
@@ -36,7 +36,7 @@ from results import MARKER, ResultsFile, StdoutResults
 
 ROOT = Path(__file__).resolve().parent
 SHIPPED_WITHOUT = ["tests", "benchmarks", "examples", "docs", "test_images", ".ci"]  # workers need only the code
-IDENTITY = (MARKER, "index", "image", "prompt")  # the fields the driver writes from its own items
+IDENTITY = (MARKER, "index", "image", "prompt", "line", "input")  # the fields the driver writes from its own items
 WAIT_FOR_WORKERS_S = 600  # how long a cluster may take to find room for every worker (an autoscaler adding nodes)
 CRASH_FILE = "PALIGEMMA_TEST_CRASH_FILE"  # test-only: names a file that makes one worker die mid-batch
 
@@ -212,5 +212,5 @@ def batch_row(chunk: list[batch.Item], job: Job, on_disk: set[tuple[int, int]]) 
     """A batch as a worker gets it: its inputs, and the annotated pictures that would overwrite an input (checked
     here, once, as the driver sees the files)."""
     pictures = [batch.picture_path(Path(job.annotate), item) for item in chunk] if job.annotate else []
-    return {"items": [[item.index, item.path, item.prompt] for item in chunk],
+    return {"items": [astuple(item) for item in chunk],
             "refused": [str(p) for p in pictures if batch.overwrites(p, on_disk)]}

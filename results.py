@@ -6,8 +6,8 @@ every line is such a record (blank lines and a byte-order mark are tolerated), a
 While a run writes a file it holds an exclusive lock on it (`fcntl.flock`), so that a second run on the same file
 stops with one line instead of answering every input twice. An input is identified by its image's resolved path
 and its prompt, so a rerun skips what is done however the inputs are named or ordered. A last line cut off
-mid-write by a killed run (it still begins as every record does) is dropped, and redone, by the next run, only
-once it has an answer to write.
+mid-write by a killed run (it still begins as every record does), or blanks an editor left after the last
+newline, are dropped, and the line redone, by the next run, only once it has an answer to write.
 """
 
 import fcntl
@@ -43,12 +43,15 @@ def emit(text: str):
         raise UserError(f"cannot write the answer to stdout ({getattr(e, 'strerror', None) or e})") from None
 
 
-def identity(record: dict) -> tuple[str, str] | None:
-    """What a record answered (image, prompt), or None if it is not one of this tool's records."""
+def identity(record: dict) -> tuple[str | None, str] | None:
+    """What a record answered: (image, prompt), or (None, the line) for a line of a prompts file that named no input
+    (batch.Item.key); None if it is not one of this tool's records."""
     if not isinstance(record, dict) or record.get(MARKER) != FORMAT:
         return None
     image, prompt = record.get("image"), record.get("prompt")
-    return (image, prompt) if isinstance(image, str) and isinstance(prompt, str) else None
+    if isinstance(image, str) and isinstance(prompt, str):
+        return image, prompt
+    return (None, record["input"]) if isinstance(record.get("input"), str) else None
 
 
 class ResultsFile:
@@ -56,7 +59,7 @@ class ResultsFile:
 
     def __init__(self, path: Path):
         self.path, self.fd, self.created, self.written = path, None, False, False
-        self.done: set[tuple[str, str]] = set()
+        self.done: set[tuple[str | None, str]] = set()
         self.torn, self.keep = False, 0  # a torn last line beyond `keep` bytes is cut off before the first write
 
     def open(self) -> "ResultsFile":
@@ -87,7 +90,8 @@ class ResultsFile:
         lines = data.removeprefix(b"\xef\xbb\xbf").splitlines(keepends=True)  # a byte-order mark is fine
         self.torn = bool(lines) and not lines[-1].endswith(b"\n")
         self.keep = len(data) - (len(lines[-1]) if self.torn else 0)
-        if self.torn and not (lines[-1].startswith(RECORD_START) or RECORD_START.startswith(lines[-1])):
+        if self.torn and lines[-1].strip() and not (lines[-1].startswith(RECORD_START)
+                                                    or RECORD_START.startswith(lines[-1])):
             raise UserError(f"--output {self.path}: its last line is not a record of this tool, so the file is not "
                             "its results file; it is left as it is (choose another file)")
         for number, line in enumerate(lines[:-1] if self.torn else lines, 1):

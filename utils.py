@@ -9,6 +9,7 @@ float32 copy of a large tensor, sit in memory; a tensor the file already holds i
 import ctypes
 import math
 import mmap
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -111,10 +112,11 @@ def materialise(model: torch.nn.Module, plan: list[TensorEntry], dtype: torch.dt
     return [e for e in plan if e.name not in views]
 
 
-def stream_tensors(model: torch.nn.Module, plan: list[TensorEntry], to_copy: list[TensorEntry], bar=None):
+def stream_tensors(model: torch.nn.Module, plan: list[TensorEntry], to_copy: list[TensorEntry], bar=None,
+                   stop: threading.Event | None = None):
     """Shard by shard: read in the tensors used in place, copy each other tensor into its parameter, converting to
     its dtype, and quantize each weight that is to be, kernels.PIECE_BYTES at a time. Every value is checked to be
-    finite.
+    finite. Once stop is set, no further shard is begun.
 
     Each piece is converted straight from the mapped shard (one pass over the bytes), then unmapped again: the page
     cache keeps the file, but the pages do not pile up in this process's memory. On the CPU the compiled kernel
@@ -124,6 +126,8 @@ def stream_tensors(model: torch.nn.Module, plan: list[TensorEntry], to_copy: lis
     modules = dict(model.named_modules())
     copied = {e.name for e in to_copy}  # a set: comparing entries one by one costs a second on a full checkpoint
     for file in dict.fromkeys(e.file for e in plan):
+        if stop is not None and stop.is_set():
+            return
         for entry in (e for e in plan if e.file == file and e.name not in copied):  # in place: map in, then check
             populate(tensors[entry.name])
             # One thread: the other core loads the tokenizer meanwhile (load_hf_model), so the check costs no time.
@@ -313,9 +317,13 @@ def load_hf_model(model_path: str | Path, device: str | torch.device, dtype: tor
                    disable=not verbose)
     with torch.no_grad(), bar, ThreadPoolExecutor(1) as background:
         # The tokenizer (about a second of Python) is read while the weights stream, which runs without the GIL.
-        streaming = background.submit(stream_tensors, model, plan, to_copy, bar)
+        stop = threading.Event()
+        streaming = background.submit(stream_tensors, model, plan, to_copy, bar, stop)
         try:
             tokenizer = tokenizer or load_tokenizer(folder)
+        except BaseException:
+            stop.set()  # the weights are of no use without it
+            raise
         finally:
             failure = streaming.exception()  # waits for the weights, whatever happened to the tokenizer
         if failure:

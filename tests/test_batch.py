@@ -1,6 +1,7 @@
 """Batches (left-padded, exact per row), results files that survive an interruption, detections drawn, streaming."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -102,12 +103,72 @@ def test_folder_and_glob_give_their_images_in_sorted_order(tmp_path, images):
 
 
 @pytest.mark.parametrize("line, message", [("{oops", ":1: not a JSON object"), ('{"prompt": "x"}', ":1: expected"),
-                                           ("", "no prompts in the file")])
-def test_a_broken_prompts_file_names_the_line(line, message, tmp_path):
+                                           ("[1, 2]", ":1: expected")])
+def test_a_prompts_file_line_that_names_no_input_is_an_item_whose_problem_names_the_line(line, message, tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text(line + "\n")
-    with pytest.raises(UserError, match=message):
+    [item] = batch.gather("unused", str(path), "caption en")
+    assert message in item.problem and (item.line, item.path, item.text) == (1, None, line)
+
+
+def test_a_prompts_file_without_prompts_is_refused(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n  \n")
+    with pytest.raises(UserError, match="no prompts in the file"):
         batch.gather("unused", str(path), "caption en")
+
+
+def test_entries_of_a_folder_that_cannot_be_read_get_error_records_and_the_others_answers(checkpoint, tmp_path,
+                                                                                          images, capsys,
+                                                                                          monkeypatch):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    images[0].save(folder / "a.png")
+    images[1].save(folder / "f.png")
+    (folder / "b-loop.png").symlink_to(folder / "b-loop.png")
+    (folder / "c-dangling.png").symlink_to(tmp_path / "gone.png")
+    os.mkfifo(folder / "d-pipe.png")
+    images[2].save(folder / "e-denied.png")
+    real_open = Image.open
+
+    def open_as_another_user(path, *args, **kwargs):  # root reads any file: a user without permission cannot
+        if Path(path).name == "e-denied.png":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("processing_paligemma.Image.open", open_as_another_user)
+    code, out, err = run(["--model_path", checkpoint("v1_mqa"), "--image_file_path", folder, "--output_format",
+                          "json", "--max_tokens_to_generate", 2, "--batch_size", 2], capsys, monkeypatch)
+    records = [json.loads(line) for line in out.splitlines()]
+    assert code == 1 and "4 of 6 inputs failed" in err.splitlines()[-1]
+    assert [Path(r["image"]).name for r in records] == ["a.png", "b-loop.png", "gone.png", "d-pipe.png",
+                                                        "e-denied.png", "f.png"]
+    assert "token_ids" in records[0] and "token_ids" in records[5]
+    for record, kind in zip(records[1:5], ["is a symlink loop", "is a dangling symlink", "is a pipe",
+                                           "cannot be read (Permission denied)"]):
+        assert kind in record["error"], record
+
+
+def test_prompts_file_lines_that_cannot_be_answered_get_records_with_their_line_and_a_rerun_skips_them(
+        checkpoint, prompts_file, tmp_path, capsys, monkeypatch):
+    good = prompts_file.read_text().splitlines()
+    lines = [good[0], "{oops", json.dumps({"image": "image1.png", "prompt": "<image> one <image> two"}), "",
+             json.dumps({"image": "image1.png", "prompt": "a " * 9000}), json.dumps({"prompt": "no image"}), good[2]]
+    prompts_file.write_text("\n".join(lines) + "\n")
+    output = tmp_path / "out.jsonl"
+    code, out, err = run(batch_args(checkpoint, prompts_file, "--output", output, "--batch_size", 2), capsys,
+                         monkeypatch)
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert code == 1 and "4 of 6 inputs failed" in err.splitlines()[-1]
+    assert [r["line"] for r in records] == [1, 2, 3, 5, 6, 7]
+    assert "token_ids" in records[0] and "token_ids" in records[5]
+    assert f"{prompts_file}:2: not a JSON object" in records[1]["error"] and records[1]["input"] == "{oops"
+    assert "has 2 <image> tokens" in records[2]["error"]
+    assert "more than the model's 8192 positions" in records[3]["error"]
+    assert f"{prompts_file}:6: expected" in records[4]["error"] and records[4]["image"] is None
+    before = output.read_bytes()
+    code, out, err = run(batch_args(checkpoint, prompts_file, "--output", output), capsys, monkeypatch)
+    assert code == 0 and "resuming: 6 inputs already done" in err and output.read_bytes() == before
 
 
 def test_annotate_never_overwrites_the_input_image(checkpoint, tmp_path, capsys, monkeypatch):

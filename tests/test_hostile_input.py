@@ -107,7 +107,13 @@ BAD_FLAGS = {
     "fractional token budget": (["--max_tokens_to_generate", 2.5], "--max_tokens_to_generate"),
     "top_p zero": (["--top_p", 0], "--top_p must be a number in (0, 1]"),
     "top_p above one": (["--top_p", 1.5], "--top_p"),
-    "negative temperature": (["--temperature", -0.5], "--temperature must be a number >= 0"),
+    "negative temperature": (["--temperature", -0.5], "--temperature must be 0 (greedy) or a number from 0.001 to"),
+    "infinite temperature": (["--temperature", "inf"], "--temperature must be 0 (greedy) or a number from 0.001 to"),
+    "temperature not a number": (["--temperature", "nan"], "--temperature must be 0 (greedy) or a number from 0.001"),
+    "temperature below the range": (["--temperature", 1e-45], "--temperature must be 0 (greedy) or a number from"),
+    "temperature above the range": (["--temperature", 1e308], "--temperature must be 0 (greedy) or a number from"),
+    "seed of 2**64": (["--seed", 2**64], "--seed must be a whole number from 0 to 2**64 - 1"),
+    "negative seed": (["--seed=-1"], "--seed must be a whole number from 0 to 2**64 - 1"),
     "unknown dtype": (["--dtype", "float64"], "--dtype must be one of float16, bfloat16, float32"),
     "unknown output format": (["--output_format", "xml"], "--output_format"),
     "not a boolean": (["--do_sample", "maybe"], "--do_sample must be True or False"),
@@ -122,6 +128,44 @@ BAD_FLAGS = {
 def test_bad_flag_fails_cleanly_naming_the_flag(case, checkpoint, photo, capsys, monkeypatch):
     extra, message = BAD_FLAGS[case]
     assert_clean_failure(*run(cli_args(checkpoint("v1_mqa"), photo, *extra), capsys, monkeypatch), message)
+
+
+@pytest.mark.parametrize("extra", [["--temperature", 0.001], ["--temperature", 1000], ["--seed", 0],
+                                   ["--seed", 2**64 - 1]], ids=["lowest temperature", "highest temperature",
+                                                                "seed 0", "seed 2**64 - 1"])
+def test_the_ends_of_the_temperature_and_seed_ranges_sample(extra, checkpoint, photo, capsys, monkeypatch):
+    args = cli_args(checkpoint("v1_mqa"), photo, "--do_sample", "True", "--output_format", "json", *extra)
+    code, out, err = run(args, capsys, monkeypatch)
+    assert code == 0, err
+    assert len(json.loads(out)["token_ids"]) == 3
+
+
+def test_a_token_budget_beyond_the_positions_is_refused_naming_this_prompts_limit(checkpoint, photo, capsys,
+                                                                                 monkeypatch, no_loading):
+    # The tiny model has 8192 positions; "caption en" with its image is 4 + 1 + 3 + 1 = 9 tokens, so 8183 can follow.
+    args = cli_args(checkpoint("v1_mqa"), photo, "--max_tokens_to_generate", 8184)
+    assert_clean_failure(*run(args, capsys, monkeypatch), "--max_tokens_to_generate 8184 does not fit",
+                         "the prompt takes 9 of the model's 8192 positions (4 of them the image's)",
+                         "at most 8183 tokens can follow")
+    assert_clean_failure(*run([*args[:-2], "--max_tokens_to_generate", 10**12], capsys, monkeypatch),
+                         "at most 8183 tokens can follow")
+
+
+def test_a_token_budget_that_no_prompt_leaves_room_for_is_refused_in_a_batch(checkpoint, photo, capsys, monkeypatch,
+                                                                            no_loading):
+    args = ["--model_path", checkpoint("v1_mqa"), "--image_file_path", photo.parent, "--max_tokens_to_generate",
+            8187]
+    assert_clean_failure(*run(args, capsys, monkeypatch), "the shortest prompt takes 6 of the model's 8192",
+                         "at most 8186 tokens can follow")
+
+
+def test_with_stderr_closed_the_answer_still_reaches_stdout_and_the_run_succeeds(checkpoint, photo):
+    command = [sys.executable, str(ROOT / "inference.py"), *map(str, cli_args(checkpoint("v1_mqa"), photo))]
+    with_stderr = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    without = subprocess.run(command, stdout=subprocess.PIPE, stderr=None, text=True, timeout=300,
+                             preexec_fn=lambda: os.close(2))
+    assert with_stderr.returncode == 0 and with_stderr.stdout, with_stderr.stderr
+    assert (without.returncode, without.stdout) == (0, with_stderr.stdout)
 
 
 def test_missing_model_path_fails_cleanly(photo, capsys, monkeypatch):

@@ -151,6 +151,28 @@ def test_blank_lines_and_a_byte_order_mark_are_tolerated(checkpoint, prompts_fil
     assert len(records(output)) == 3
 
 
+@pytest.mark.parametrize("ending", [b"\n", b"   ", b"\n\t \n  "], ids=["blank line", "blanks", "blank lines"])
+def test_blank_lines_an_editor_leaves_at_the_end_are_ignored_and_answers_follow_them(ending, checkpoint, photos,
+                                                                                     prompts_file, tmp_path, capsys,
+                                                                                     monkeypatch):
+    output = tmp_path / "out.jsonl"
+    prompts_file.write_text(prompts_file.read_text().splitlines(keepends=True)[0])
+    assert run(args(checkpoint, "--prompts_file", prompts_file, "--output", output), capsys, monkeypatch)[0] == 0
+    output.write_bytes(output.read_bytes() + ending)
+    prompts_file.write_text(prompts_file.read_text() + json.dumps({"image": "p1.png", "prompt": "caption en"}) + "\n")
+    code, _, err = run(args(checkpoint, "--prompts_file", prompts_file, "--output", output), capsys, monkeypatch)
+    assert code == 0 and "resuming: 1 inputs already done" in err, err
+    assert [r["index"] for r in records(output)] == [0, 1]
+
+
+def test_a_line_that_is_not_json_refuses_the_results_file_naming_the_line(checkpoint, prompts_file, tmp_path,
+                                                                          capsys, monkeypatch, no_loading):
+    output = tmp_path / "out.jsonl"
+    output.write_text('{"pytorch_paligemma": 1, "image": "/a.png", "prompt": "p"}\n\n{oops\n')
+    code, out, err = run(args(checkpoint, "--prompts_file", prompts_file, "--output", output), capsys, monkeypatch)
+    assert code == 1 and out == "" and "line 3 is not a record of this tool" in err
+
+
 def test_output_through_a_symlink_appends_to_its_target(checkpoint, prompts_file, tmp_path, capsys, monkeypatch):
     target, link = tmp_path / "real.jsonl", tmp_path / "link.jsonl"
     target.write_text("")

@@ -4,6 +4,7 @@
 several safetensors shards with model.safetensors.index.json, tokenizer and processor files.
 """
 
+import hashlib
 import json
 import os
 import string
@@ -17,8 +18,9 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 IMAGE_SIZE, PATCH = 28, 14  # 4 image tokens
 
 
-def build_tokenizer():
-    """A Gemma-style BPE tokenizer with the real id layout in small: specials, bytes, text, <loc>, <seg>, <image>."""
+def build_tokenizer(paligemma: bool = True):
+    """A Gemma-style BPE tokenizer with the real id layout in small: specials, bytes, text, <loc>, <seg>, <image>;
+    or, with paligemma False, the plain Gemma tokenizer in small: without <loc>, <seg> and <image>."""
     from transformers import GemmaTokenizer
     from transformers.tokenization_utils_base import AddedToken
 
@@ -34,12 +36,30 @@ def build_tokenizer():
         if a + b not in merged:
             merged.append(a + b)
     vocab_list = pieces + chars + [m for m in merged if m not in chars]
-    vocab_list += [f"<loc{i:04d}>" for i in range(1024)] + [f"<seg{i:03d}>" for i in range(128)]
+    if paligemma:
+        vocab_list += [f"<loc{i:04d}>" for i in range(1024)] + [f"<seg{i:03d}>" for i in range(128)]
     vocab = {tok: i for i, tok in enumerate(vocab_list)}
     merges = [(a, b) for a, b in merge_pairs if a in vocab and b in vocab and a + b in vocab]
     tok = GemmaTokenizer(vocab=vocab, merges=merges)
-    tok.add_special_tokens({"additional_special_tokens": [AddedToken("<image>", normalized=False, special=True)]})
+    if paligemma:
+        tok.add_special_tokens({"additional_special_tokens": [AddedToken("<image>", normalized=False, special=True)]})
     return tok
+
+
+def hub_cache(folder: Path, cache: Path, commit: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+    """The files of a checkpoint folder laid out as huggingface_hub caches a download (models--org--name/ with
+    blobs/<sha256>, refs/main and snapshots/<commit>/ of relative symlinks into blobs/); returns the snapshot."""
+    repo = Path(cache) / "models--google--paligemma-tiny"
+    snapshot = repo / "snapshots" / commit
+    for path in (repo / "blobs", repo / "refs", snapshot):
+        path.mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for file in sorted(Path(folder).iterdir()):
+        data = file.read_bytes()
+        blob = hashlib.sha256(data).hexdigest()
+        (repo / "blobs" / blob).write_bytes(data)
+        (snapshot / file.name).symlink_to(Path("..", "..", "blobs", blob))
+    return snapshot
 
 
 def build_processor():
