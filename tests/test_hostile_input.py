@@ -159,13 +159,14 @@ def test_a_token_budget_that_no_prompt_leaves_room_for_is_refused_in_a_batch(che
                          "at most 8186 tokens can follow")
 
 
-def test_with_stderr_closed_the_answer_still_reaches_stdout_and_the_run_succeeds(checkpoint, photo):
-    command = [sys.executable, str(ROOT / "inference.py"), *map(str, cli_args(checkpoint("v1_mqa"), photo))]
-    with_stderr = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    without = subprocess.run(command, stdout=subprocess.PIPE, stderr=None, text=True, timeout=300,
-                             preexec_fn=lambda: os.close(2))
-    assert with_stderr.returncode == 0 and with_stderr.stdout, with_stderr.stderr
-    assert (without.returncode, without.stdout) == (0, with_stderr.stdout)
+def test_with_stderr_closed_the_answer_still_reaches_stdout_and_the_run_succeeds(checkpoint, photo, capsys,
+                                                                                monkeypatch):
+    args = cli_args(checkpoint("v1_mqa"), photo)
+    without = subprocess.run([sys.executable, str(ROOT / "inference.py"), *map(str, args)], stdout=subprocess.PIPE,
+                             text=True, timeout=300, preexec_fn=lambda: os.close(2))
+    code, out, err = run(args, capsys, monkeypatch)
+    assert code == 0 and out, err
+    assert (without.returncode, without.stdout) == (0, out)
 
 
 def test_missing_model_path_fails_cleanly(photo, capsys, monkeypatch):
