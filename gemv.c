@@ -102,30 +102,31 @@ static inline float gelu_scalar(float x) {
     return 0.5f * x * (1.0f + tanhf(z));
 }
 
-// out[r, c] = gelu_tanh(x[r, c]) * (up ? up[r, c] : 1) for (rows, cols) half-precision matrices whose rows start
+// out[r, c] = gelu_tanh(x[r, c]) * (up ? up[r, c] : 1) for (rows, cols) matrices of one kind whose rows start
 // x_stride, up_stride and cols elements apart (x and up may be column slices of a wider product); float32 inside,
 // one rounding at the end. The MLPs' activation in one pass instead of torch's three.
-void gelu_tanh_mul(const uint16_t *x, int64_t x_stride, const uint16_t *up, int64_t up_stride, uint16_t *out,
-                   int64_t rows, int64_t cols, int bf16) {
+void gelu_tanh_mul(const void *x, int64_t x_stride, const void *up, int64_t up_stride, void *out, int64_t rows,
+                   int64_t cols, int kind) {
+    int64_t size = kind == F32 ? 4 : 2;
 #pragma omp parallel
     {
         int64_t begin, end;
         share(rows * cols, WIDTH, &begin, &end);
         for (int64_t i = begin; i < end;) {
             int64_t r = i / cols, c = i % cols, n = (end - i < cols - c) ? end - i : cols - c;
-            const uint16_t *xr = x + r * x_stride + c, *ur = up ? up + r * up_stride + c : 0;
-            uint16_t *o = out + r * cols + c;
+            const uint8_t *xr = (const uint8_t *)x + (r * x_stride + c) * size;
+            const uint8_t *ur = up ? (const uint8_t *)up + (r * up_stride + c) * size : 0;
+            uint8_t *o = (uint8_t *)out + (r * cols + c) * size;
             int64_t j = 0;
             for (; j + WIDTH <= n; j += WIDTH) {
-                vec g = gelu(bf16 ? load_bf16(xr + j) : load_f16(xr + j));
-                if (ur) g = vmul(g, bf16 ? load_bf16(ur + j) : load_f16(ur + j));
-                if (bf16) store_bf16(o + j, g);
-                else store_f16(o + j, g);
+                vec g = gelu(load_kind(xr, kind, j));
+                if (ur) g = vmul(g, load_kind(ur, kind, j));
+                store_kind(o, kind, j, g);
             }
             for (; j < n; j++) {
-                float g = gelu_scalar(bf16 ? scalar_bf16(xr[j]) : scalar_f16(xr[j]));
-                if (ur) g *= bf16 ? scalar_bf16(ur[j]) : scalar_f16(ur[j]);
-                o[j] = bf16 ? scalar_to_bf16(g) : _cvtss_sh(g, 0);
+                float g = gelu_scalar(read_kind(xr, kind, j));
+                if (ur) g *= read_kind(ur, kind, j);
+                write_kind(o, kind, j, g);
             }
             i += n;
         }
@@ -152,14 +153,15 @@ static void convert_slice(const uint8_t *src, int src_kind, uint8_t *dst, int ds
     for (; i < end; i++) write_kind(dst, dst_kind, i, read_kind(src, src_kind, i));
 }
 
-// dst = src rounded from float16 to bfloat16, n elements: the prefill multiplies in bfloat16, which most CPUs do
-// several times faster than float16, and torch's own float16 -> bfloat16 conversion is slow.
-void f16_to_bf16(const uint16_t *src, uint16_t *dst, int64_t n) {
+// dst = n values of src converted from one kind to another (rounded to nearest, ties to even), by all threads: a
+// prompt multiplies a piece of a weight at a time in the dtype the CPU is fastest at, and torch's own conversions
+// between half precisions are slow.
+void convert(const void *src, int src_kind, void *dst, int dst_kind, int64_t n) {
 #pragma omp parallel
     {
         int64_t begin, end;
         share(n, 64, &begin, &end);
-        convert_slice((const uint8_t *)src, F16, (uint8_t *)dst, BF16, begin, end);
+        convert_slice((const uint8_t *)src, src_kind, (uint8_t *)dst, dst_kind, begin, end);
     }
 }
 

@@ -8,11 +8,11 @@ Two facts about CPUs shape it (measured figures in README.md):
 - Around those products a decode step runs Gemma's norms and attention over the KV cache, a dozen small PyTorch
   operations each, whose dispatch costs more than their arithmetic at one token; decode.c does each in one call,
   and the products read and write half precision themselves.
-- A prompt multiplies hundreds of rows, which is arithmetic-bound, and many CPUs multiply bfloat16 several times
-  faster than float16 (some have no float16 arithmetic at all, and even their float16 convolutions and additions
-  are slow). So a float16 model computes a prompt in bfloat16: its token embeddings come out in bfloat16, and its
-  float16 weights are rounded to bfloat16, a matrix at a time into a scratch buffer, for each product. A decode
-  step stays in float16.
+- A prompt multiplies hundreds of rows, which is arithmetic-bound, so it computes in the dtype this CPU multiplies
+  fastest (`prompt_dtype`): bfloat16 where it has bfloat16 dot products (AVX512-BF16, AMX), float32 elsewhere,
+  where torch emulates both half precisions 3-5x slower than float32. The token embeddings of a prompt come out in
+  that dtype, the vision tower and attention follow them, and each product widens its half-precision or quantized
+  weight into a scratch buffer, 64 MiB at a time, never the whole model. A decode step stays in the model's dtype.
 
 `accelerate(model)` is the one explicit step after loading that turns the plain model of modeling_*.py into this:
 each `nn.Linear` becomes a `Linear`, each `Fused` group (q, k, v; gate, up) a `Fused` that reads all its weights
@@ -116,7 +116,7 @@ def build() -> ctypes.CDLL:
         raise KernelsUnavailable(f"the CPU kernels cannot be built ({type(e).__name__}: {e})") from None
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.gemv.argtypes = [i64, pointer, pointer, pointer, pointer, i64, i64, i32, i32, i32]
-    lib.f16_to_bf16.argtypes = [pointer, pointer, i64]
+    lib.convert.argtypes = [pointer, i32, pointer, i32, i64]
     lib.gelu_tanh_mul.argtypes = [pointer, i64, pointer, i64, pointer, i64, i64, i32]
     lib.convert_shard.argtypes = [pointer, pointer, i64, i64, pointer]
     lib.convert_shard.restype = i64
@@ -124,13 +124,30 @@ def build() -> ctypes.CDLL:
     lib.nonfinite.restype = i64
     lib.quantize_rows.argtypes = [pointer, i32, i64, i64, i32, i64, pointer, pointer]
     lib.quantize_rows.restype = i64
-    lib.dequantize.argtypes = [pointer, pointer, pointer, i64, i64, i32, i64]
+    lib.dequantize.argtypes = [pointer, pointer, pointer, i64, i64, i32, i64, i32]
     lib.gemv_quant.argtypes = [i64, pointer, pointer, pointer, pointer, pointer, i64, i64, i64, i32, i32, i32]
     lib.int4_rounds_x_to_bfloat16.restype = i32
     lib.rms_norm.argtypes = [pointer, pointer, pointer, i64, i64, ctypes.c_float, i32, i32]
     lib.attend_one.argtypes = [pointer, pointer, pointer, pointer, pointer, *[i64] * 8, ctypes.c_float,
                                ctypes.c_float, i32]
     return lib
+
+
+# oneDNN's ISA caps below the first with bfloat16 dot products (ONEDNN_MAX_CPU_ISA, as oneDNN spells them)
+ONEDNN_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+@functools.cache
+def prompt_dtype() -> torch.dtype:
+    """The dtype a prompt's products compute in on this CPU: bfloat16 where torch multiplies it with the CPU's own
+    bfloat16 instructions (AVX512-BF16 or AMX, which oneDNN uses, and torch's kernels run at AVX-512), float32
+    elsewhere. Decided once per process from what torch reports, so ATEN_CPU_CAPABILITY=avx2 or
+    ONEDNN_MAX_CPU_ISA=AVX2 make it float32 on any CPU, as on the AVX2 laptops most users have."""
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", bool)() or getattr(torch.cpu, "_is_amx_tile_supported",
+                                                                                bool)()
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ONEDNN_WITHOUT_BF16
+    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    return torch.bfloat16 if native and avx512 and not capped else torch.float32
 
 
 def gemv(weights: list[torch.Tensor], x: torch.Tensor, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
@@ -160,41 +177,44 @@ def gemv_quantized(weights: list[QuantizedWeight], x: torch.Tensor,
 
 
 _scratch: dict[str, torch.Tensor] = {}
-SCRATCH_BYTES = 64 << 20  # a prompt's products convert at most this much of a weight at a time
+# A prompt's products widen this much of a weight at a time: a piece that stays in the last-level cache for the
+# product that reads it next (16 MiB pieces ran 4-15% faster than 64 MiB ones, and than float32 weights, here).
+SCRATCH_BYTES = 16 << 20
 
 
-def as_bfloat16(weight: torch.Tensor | QuantizedWeight, first: int = 0, count: int | None = None) -> torch.Tensor:
-    """Rows first .. first + count of a float16 or quantized weight in bfloat16 (a float16 one rounded exactly as
-    .to(torch.bfloat16)), in a scratch buffer that the next call overwrites: a copy of part of one matrix at a time,
-    never of the model. A quantized weight's first row is a multiple of its tiles' 4."""
+def widened(weight: torch.Tensor | QuantizedWeight, dtype: torch.dtype, first: int = 0,
+            count: int | None = None) -> torch.Tensor:
+    """Rows first .. first + count of a half-precision or quantized weight in dtype (float32 or bfloat16, rounded
+    exactly as .to(dtype)), in a scratch buffer that the next call overwrites: a copy of part of one matrix at a
+    time, never of the model. A quantized weight's first row is a multiple of its tiles' 4."""
     count = weight.shape[0] - first if count is None else count
     cols = weight.shape[1]
     n = count * cols
-    if _scratch.get("buffer") is None or _scratch["buffer"].numel() < n:
+    if _scratch.get("buffer") is None or _scratch["buffer"].numel() < n * dtype.itemsize:
         with torch.inference_mode(False):  # a normal tensor, writable in and out of inference mode alike
-            _scratch["buffer"] = torch.empty(n, dtype=torch.bfloat16)
-    out = _scratch["buffer"][:n].view(count, cols)
+            _scratch["buffer"] = torch.empty(n * dtype.itemsize, dtype=torch.uint8)
+    out = _scratch["buffer"][:n * dtype.itemsize].view(dtype).view(count, cols)
     lib, quantized = library(), isinstance(weight, QuantizedWeight)
     if lib is None:
-        out.copy_(weight.rows(torch.arange(first, first + count), torch.bfloat16) if quantized
+        out.copy_(weight.rows(torch.arange(first, first + count), dtype) if quantized
                   else weight[first:first + count])
     elif quantized:
         q, scales = weight.qweight[first // TILE:], weight.scales[first:]
         lib.dequantize(q.data_ptr(), scales.data_ptr(), out.data_ptr(), count, cols, weight.scheme.bits,
-                       weight.scheme.group)
+                       weight.scheme.group, KINDS[dtype])
     else:
-        lib.f16_to_bf16(weight[first:].data_ptr(), out.data_ptr(), n)
+        lib.convert(weight[first:].data_ptr(), KINDS[weight.dtype], out.data_ptr(), KINDS[dtype], n)
     return out
 
 
-def bfloat16_product(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> torch.Tensor:
-    """F.linear(x, weight in bfloat16) for bfloat16 x, converting SCRATCH_BYTES of the weight at a time: a
-    PaliGemma 2 28B gate projection alone is 340 MB in bfloat16."""
+def widened_product(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> torch.Tensor:
+    """F.linear(x, weight in the dtype of x) for float32 or bfloat16 x, widening SCRATCH_BYTES of the weight at a
+    time: a PaliGemma 2 28B gate projection alone is 680 MB in float32."""
     rows, cols = weight.shape
-    step = max(TILE, SCRATCH_BYTES // (2 * cols) // TILE * TILE)
+    step = max(TILE, SCRATCH_BYTES // (x.dtype.itemsize * cols) // TILE * TILE)
     if step >= rows:
-        return F.linear(x, as_bfloat16(weight))
-    return torch.cat([F.linear(x, as_bfloat16(weight, first, min(step, rows - first)))
+        return F.linear(x, widened(weight, x.dtype))
+    return torch.cat([F.linear(x, widened(weight, x.dtype, first, min(step, rows - first)))
                       for first in range(0, rows, step)], dim=-1)
 
 
@@ -210,8 +230,9 @@ def products(x: torch.Tensor, weights: list, biases: list) -> list[torch.Tensor]
     if rows <= MAX_GEMV_ROWS and library() is not None and x.dtype in KINDS and streamable:
         dtype = x.dtype if all(b is None for b in biases) else torch.float32  # float32 sums, one rounding
         ys = (gemv_quantized if quantized else gemv)(weights, flat.contiguous(), dtype)
-    elif rows > MAX_GEMV_ROWS and (quantized or weights[0].dtype == torch.float16):
-        ys = [bfloat16_product(flat.to(torch.bfloat16), w) for w in weights]
+    elif rows > MAX_GEMV_ROWS and (quantized or weights[0].dtype != flat.dtype):
+        dtype = flat.dtype if flat.dtype in (torch.float32, torch.bfloat16) else prompt_dtype()
+        ys = [widened_product(flat.to(dtype), w) for w in weights]
     elif quantized:  # a few rows without the compiled kernels: dequantize, then multiply
         ys = [F.linear(flat, w.dequantize(flat.dtype)) for w in weights]
     else:
@@ -243,10 +264,11 @@ class Fused(nn.Module):
 
 
 class GELUTanh(modeling_siglip.GELUTanh):
-    """gelu_tanh(x) [* up] in one pass of gemv.c for half-precision tensors on the CPU; PyTorch's otherwise."""
+    """gelu_tanh(x) [* up] in one pass of gemv.c for CPU tensors (half precision, or a prompt's float32); PyTorch's
+    otherwise."""
 
     def forward(self, x: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
-        lib, cols, rows = library() if x.dtype in HALF and x.device.type == "cpu" else None, x.shape[-1], []
+        lib, cols, rows = library() if x.dtype in KINDS and x.device.type == "cpu" else None, x.shape[-1], []
         if lib is not None:
             try:
                 rows = [t.view(-1, cols) for t in (x, x if up is None else up)]  # row-strided views, e.g. of a split
@@ -256,19 +278,20 @@ class GELUTanh(modeling_siglip.GELUTanh):
             return super().forward(x, up)
         out = torch.empty(x.shape, dtype=x.dtype)
         lib.gelu_tanh_mul(rows[0].data_ptr(), rows[0].stride(0), None if up is None else rows[1].data_ptr(),
-                          rows[1].stride(0), out.data_ptr(), rows[0].shape[0], cols, int(x.dtype == torch.bfloat16))
+                          rows[1].stride(0), out.data_ptr(), rows[0].shape[0], cols, KINDS[x.dtype])
         return out
 
 
 class RMSNorm(modeling_gemma.GemmaRMSNorm):
-    """Gemma's RMSNorm over the same weight, in one pass of decode.c for half-precision x on the CPU."""
+    """Gemma's RMSNorm over the same weight, in one pass of decode.c for x on the CPU (half precision, or a
+    prompt's float32)."""
 
     def __init__(self, weight: nn.Parameter, eps: float):
         nn.Module.__init__(self)  # not GemmaRMSNorm's, which would make a weight of its own
         self.weight, self.eps = weight, eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lib = library() if x.dtype in HALF and x.device.type == "cpu" and x.is_contiguous() else None
+        lib = library() if x.dtype in KINDS and x.device.type == "cpu" and x.is_contiguous() else None
         if lib is None or self.weight.dtype not in KINDS or not self.weight.is_contiguous():
             return super().forward(x)
         out = torch.empty_like(x)
@@ -295,16 +318,16 @@ class Attend(modeling_gemma.Attend):
 
 
 class Embedding(nn.Module):
-    """Token embeddings from a float16 (or quantized) table, in bfloat16 for a prompt: everything after them then
-    computes in bfloat16, which CPUs multiply several times faster than float16. A decode step (a few rows) stays in
-    the model's own dtype."""
+    """Token embeddings from a half-precision (or quantized) table, in `prompt_dtype()` for a prompt: everything
+    after them then computes in the dtype this CPU multiplies fastest. A decode step (a few rows) stays in the
+    model's own dtype."""
 
     def __init__(self, weight: nn.Parameter | QuantizedWeight, dtype: torch.dtype):
         super().__init__()
         self.weight, self.dtype = weight, dtype
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        dtype = torch.bfloat16 if input_ids.numel() > MAX_GEMV_ROWS else self.dtype
+        dtype = prompt_dtype() if input_ids.numel() > MAX_GEMV_ROWS else self.dtype
         if isinstance(self.weight, QuantizedWeight):
             return self.weight.rows(input_ids, dtype)
         return F.embedding(input_ids, self.weight).to(dtype)
@@ -322,10 +345,10 @@ def fast_module(name: str, module: nn.Module) -> nn.Module | None:
         return RMSNorm(module.weight, module.eps)
     if isinstance(module, modeling_gemma.Attend):
         return Attend(module.scale, module.softcap)
-    if isinstance(module, QuantEmbedding) and module.dtype == torch.float16:
+    if isinstance(module, QuantEmbedding) and module.dtype in HALF:
         return Embedding(module.weight, module.dtype)
-    if name == "embed_tokens" and isinstance(module, nn.Embedding) and module.weight.dtype == torch.float16:
-        return Embedding(module.weight, torch.float16)
+    if name == "embed_tokens" and isinstance(module, nn.Embedding) and module.weight.dtype in HALF:
+        return Embedding(module.weight, module.weight.dtype)
     return None
 
 

@@ -11,7 +11,7 @@
 // - scales (padded rows, ceil(padded columns / group)) float16: the group's largest |w| / 127 (int8) or / 7
 //   (int4), rounded to float16; q = round(w / scale), ties to even, as torch.round. Padding is q = 0, scale 0.
 // A decode step multiplies a few rows of x by the weights as they stream from memory (`gemv_quant`); a prompt
-// multiplies a weight matrix dequantized to bfloat16 (`dequantize`).
+// multiplies a piece of a weight matrix dequantized to bfloat16 or float32 (`dequantize`).
 #include <math.h>
 #include <stdlib.h>
 
@@ -127,21 +127,22 @@ static inline void chunk_values(const uint8_t *p, const uint16_t *S, int64_t row
     }
 }
 
-// dst (n_rows, cols) bfloat16 = the dequantized weights (q * scale in float32, rounded to bfloat16 once): a prompt
-// multiplies a matrix at a time in bfloat16, which CPUs do several times faster than anything else.
-void dequantize(const uint8_t *q, const uint16_t *scales, uint16_t *dst, int64_t n_rows, int64_t cols, int bits,
-                int64_t group) {
+// dst (n_rows, cols) of dst_kind (bfloat16 or float32) = the dequantized weights, q * scale in float32, rounded
+// once: a prompt multiplies a piece of a matrix at a time in the dtype the CPU is fastest at.
+void dequantize(const uint8_t *q, const uint16_t *scales, void *dst, int64_t n_rows, int64_t cols, int bits,
+                int64_t group, int dst_kind) {
     int64_t n_groups = n_scales(cols, bits, group), width = chunk_cols(bits), row_bytes = padded_cols(cols, bits) * bits / 8;
+    int64_t size = dst_kind == F32 ? 4 : 2;
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < n_rows; r++) {
-        float values[128];
-        uint16_t out[128];
+        float values[128], out[128];
         for (int64_t c = 0; c * width < cols; c++) {
             chunk_values(q + byte_at(r, c * CHUNK, row_bytes), scales, r, n_groups, group, c, bits, values);
             int64_t n = cols - c * width < width ? cols - c * width : width;
-            uint16_t *to = n == width ? dst + r * cols + c * width : out;
-            for (int64_t b = 0; b < width; b += WIDTH) store_bf16(to + b, load_f32(values + b));
-            if (n < width) memcpy(dst + r * cols + c * width, out, n * sizeof(uint16_t));
+            uint8_t *row = (uint8_t *)dst + (r * cols + c * width) * size;
+            void *to = n == width ? (void *)row : (void *)out;
+            for (int64_t b = 0; b < width; b += WIDTH) store_kind(to, dst_kind, b, load_f32(values + b));
+            if (n < width) memcpy(row, out, n * size);
         }
     }
 }

@@ -1,5 +1,5 @@
-"""The CPU kernels and `kernels.accelerate`: matrix-vector products, float16 -> bfloat16 rounding, fused groups,
-and the fallbacks."""
+"""The CPU kernels and `kernels.accelerate`: matrix-vector products, a prompt's dtype and its widened products,
+fused groups, and the fallbacks."""
 
 import os
 import subprocess
@@ -57,12 +57,15 @@ def test_gemv_reads_and_writes_half_precision_as_one_rounding_of_the_float32_sum
         assert got.dtype == dtype and torch.equal(got.view(torch.int16), wide.to(dtype).view(torch.int16))
 
 
-def test_float16_to_bfloat16_rounds_exactly_as_torch(compiled):
-    bits = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16)  # every float16 value there is
-    values = bits.view(torch.float16)
+@pytest.mark.parametrize("source, dtype", [(torch.float16, torch.bfloat16), (torch.float16, torch.float32),
+                                           (torch.bfloat16, torch.float32)], ids=["f16-bf16", "f16-f32", "bf16-f32"])
+def test_widening_rounds_every_half_precision_value_exactly_as_torch(source, dtype, compiled):
+    bits = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16)  # every value there is
+    values = bits.view(source)
     values = values[~values.isnan()]
-    out = kernels.as_bfloat16(values[None])[0]
-    assert torch.equal(out.view(torch.int16), values.to(torch.bfloat16).view(torch.int16))
+    out = kernels.widened(values[None], dtype)[0]
+    as_int = torch.int16 if dtype.itemsize == 2 else torch.int32
+    assert torch.equal(out.view(as_int), values.to(dtype).view(as_int))
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -78,36 +81,85 @@ def test_products_equal_f_linear_within_half_precision(dtype, rows):
         torch.testing.assert_close(got.float(), expected, atol=0.05, rtol=0.02)
 
 
-def test_float16_weights_multiply_many_rows_in_bfloat16_and_keep_the_input_dtype():
+@pytest.mark.parametrize("weight_dtype", HALF)
+def test_many_rows_multiply_in_their_own_dtype_or_the_prompts_and_keep_it(weight_dtype):
     torch.manual_seed(0)
-    weight, x = torch.randn(24, 40).to(torch.float16), torch.randn(kernels.MAX_GEMV_ROWS + 1, 40)
-    for dtype in (torch.bfloat16, torch.float16):
+    weight, x = torch.randn(24, 40).to(weight_dtype), torch.randn(kernels.MAX_GEMV_ROWS + 1, 40)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         (y,) = kernels.products(x.to(dtype), [weight], [None])
-        expected = F.linear(x.to(dtype).to(torch.bfloat16), weight.to(torch.bfloat16)).to(dtype)
+        computed = dtype if dtype != torch.float16 else kernels.prompt_dtype()
+        expected = F.linear(x.to(dtype).to(computed), weight.to(computed)).to(dtype)
         assert y.dtype == dtype and torch.equal(y, expected)
 
 
-def test_a_float16_embedding_gives_bfloat16_rows_for_a_prompt_and_float16_for_a_step():
-    embedding = kernels.Embedding(torch.nn.Parameter(torch.randn(10, 4).to(torch.float16)), torch.float16)
-    assert embedding(torch.zeros(1, kernels.MAX_GEMV_ROWS + 1, dtype=torch.long)).dtype == torch.bfloat16
-    assert embedding(torch.zeros(4, 1, dtype=torch.long)).dtype == torch.float16
-
-
+@pytest.mark.parametrize("prompt_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dtype", HALF)
+def test_a_half_precision_embedding_gives_a_prompt_the_prompt_dtype_and_a_step_its_own(dtype, prompt_dtype,
+                                                                                     monkeypatch):
+    monkeypatch.setattr(kernels, "prompt_dtype", lambda: prompt_dtype)
+    embedding = kernels.Embedding(torch.nn.Parameter(torch.randn(10, 4).to(dtype)), dtype)
+    assert embedding(torch.zeros(1, kernels.MAX_GEMV_ROWS + 1, dtype=torch.long)).dtype == prompt_dtype
+    assert embedding(torch.zeros(4, 1, dtype=torch.long)).dtype == dtype
+
+
+# What torch reports on each CPU class -> the dtype a prompt computes in: (capability, AVX512-BF16, AMX,
+# ONEDNN_MAX_CPU_ISA, expected).
+CPU_CLASSES = {
+    "Sapphire Rapids": ("AVX512", True, True, "", torch.bfloat16),
+    "Zen 4": ("AVX512", True, False, "", torch.bfloat16),
+    "Ice Lake": ("AVX512", False, False, "", torch.float32),
+    "an AVX2 laptop": ("AVX2", False, False, "", torch.float32),
+    "Zen 4 held to AVX2": ("AVX2", True, False, "AVX2", torch.float32),
+    "Zen 4 with only oneDNN held to AVX2": ("AVX512", True, False, "avx2", torch.float32),
+    "Sapphire Rapids with oneDNN below bfloat16": ("AVX512", True, True, "AVX512_CORE_VNNI", torch.float32),
+    "Sapphire Rapids with oneDNN at AMX": ("AVX512", True, True, "AVX512_CORE_AMX", torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("cpu", CPU_CLASSES)
+def test_a_prompt_computes_in_bfloat16_only_where_the_cpu_multiplies_it_natively(cpu, monkeypatch):
+    capability, bf16, amx, isa, expected = CPU_CLASSES[cpu]
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+    kernels.prompt_dtype.cache_clear()
+    try:
+        assert kernels.prompt_dtype() == expected
+    finally:
+        kernels.prompt_dtype.cache_clear()
+
+
+AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["as the CPU is", "held to AVX2"])
+def test_this_cpus_prompt_dtype_follows_its_own_bfloat16_instructions_and_the_avx2_limits(held):
+    flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
+    native = bool(flags & {"avx512_bf16", "amx_bf16"}) and "avx512f" in flags
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import kernels; print(kernels.prompt_dtype())"
+    env = {k: v for k, v in os.environ.items() if k not in AVX2} | (AVX2 if held else {})
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.stdout.strip() == str(torch.bfloat16 if native and not held else torch.float32), result.stderr
+
+
+@pytest.mark.parametrize("dtype", [*HALF, torch.float32])
 @pytest.mark.parametrize("with_up", [False, True])
-def test_fused_gelu_equals_torch_within_half_precision(dtype, with_up):
+def test_fused_gelu_equals_torch_within_its_dtype(dtype, with_up):
     torch.manual_seed(0)
     x, up = (torch.randn(7, 45).to(dtype) * 3 for _ in range(2))
     expected = modeling_siglip.GELUTanh()(x.float(), up.float() if with_up else None)
     got = kernels.GELUTanh()(x, up if with_up else None)
     assert got.dtype == dtype
-    torch.testing.assert_close(got.float(), expected, atol=0.02, rtol=0.01)
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.02, "rtol": 0.01}
+    torch.testing.assert_close(got.float(), expected, **tolerance)
 
 
-@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("dtype", [*HALF, torch.float32])
 @pytest.mark.parametrize("weight_dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(1, 1, 2048), (2, 5, 37), (1, 40, 64)])
-def test_rms_norm_kernel_equals_gemma_rms_norm_within_half_precision(dtype, weight_dtype, shape, compiled,
+def test_rms_norm_kernel_equals_gemma_rms_norm_within_its_dtype(dtype, weight_dtype, shape, compiled,
                                                                      monkeypatch):
     torch.manual_seed(0)
     plain = modeling_gemma.GemmaRMSNorm(shape[-1], 1e-6)
@@ -219,18 +271,47 @@ def test_library_is_built_once_into_the_cache_and_can_be_turned_off(tmp_path, mo
 
 
 @pytest.mark.parametrize("library", ["compiled", "none"])
-def test_a_prompt_converts_a_float16_weight_a_block_of_rows_at_a_time_with_the_same_products(library, monkeypatch,
-                                                                                              request):
+@pytest.mark.parametrize("dtype, weight_dtype", [(torch.bfloat16, torch.float16), (torch.float32, torch.float16),
+                                                 (torch.float32, torch.bfloat16)], ids=["f16-bf16", "f16-f32",
+                                                                                        "bf16-f32"])
+def test_a_prompt_widens_a_weight_a_block_of_rows_at_a_time_with_the_same_products(dtype, weight_dtype, library,
+                                                                                   monkeypatch, request):
     if library == "compiled":
         request.getfixturevalue("compiled")
     else:
         monkeypatch.setattr(kernels, "library", lambda: None)
-    weight = torch.randn(50, 64).to(torch.float16)
-    x = torch.randn(20, 64).to(torch.bfloat16)
-    whole = kernels.bfloat16_product(x, weight)
-    monkeypatch.setattr(kernels, "SCRATCH_BYTES", 2 * 12 * 64)  # blocks of 12 rows, the last of 2
-    torch.testing.assert_close(kernels.bfloat16_product(x, weight), whole, atol=1e-2, rtol=1e-2)
-    torch.testing.assert_close(whole, F.linear(x, weight.to(torch.bfloat16)), atol=0, rtol=0)
+    weight = torch.randn(50, 64).to(weight_dtype)
+    x = torch.randn(20, 64).to(dtype)
+    whole = kernels.widened_product(x, weight)
+    monkeypatch.setattr(kernels, "SCRATCH_BYTES", dtype.itemsize * 12 * 64)  # blocks of 12 rows, the last of 2
+    torch.testing.assert_close(kernels.widened_product(x, weight), whole, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(whole, F.linear(x, weight.to(dtype)), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("gemv_rows", [kernels.MAX_GEMV_ROWS, 0], ids=["default", "matrix products only"])
+@pytest.mark.parametrize("rows", [9, 300])
+@pytest.mark.parametrize("weight_dtype", [*HALF, "int8", "int4"])
+def test_widened_products_equal_f_linear_in_float32_at_odd_shapes(weight_dtype, rows, gemv_rows, monkeypatch):
+    """A prompt in float32 against F.linear of the same weights in float32: 45 x 77 weights (odd rows, columns
+    that fill no vector, tile or chunk), widened 12 rows at a time (the last block 9), with or without a bias."""
+    from quantization import SCHEMES, QuantizedWeight, quantize
+
+    monkeypatch.setattr(kernels, "MAX_GEMV_ROWS", gemv_rows)
+    monkeypatch.setattr(kernels, "SCRATCH_BYTES", 4 * 12 * 77)
+    torch.manual_seed(rows)
+    full = torch.randn(45, 77) / 8
+    if weight_dtype in SCHEMES:
+        weight = QuantizedWeight(45, 77, SCHEMES[weight_dtype])
+        weight.qweight, weight.scales = quantize(full, weight.scheme)
+        exact = weight.dequantize(torch.float32)
+    else:
+        weight = full.to(weight_dtype)
+        exact = weight.float()
+    bias, x = (torch.randn(45) / 8).to(torch.bfloat16), torch.randn(2, rows, 77)
+    for b in (None, bias):
+        (y,) = kernels.products(x, [weight], [b])
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, F.linear(x, exact, None if b is None else b.float()), atol=1e-5, rtol=1e-5)
 
 
 def test_scratch_buffer_made_in_inference_mode_is_reused_outside_it(monkeypatch):
@@ -304,7 +385,7 @@ def test_the_avx2_build_passes_the_kernel_tests_too(tmp_path, compiled):
     kernel tests run against it as they run against this CPU's own build."""
     env = {**os.environ, "PALIGEMMA_MARCH": "haswell", "XDG_CACHE_HOME": str(tmp_path),
            "PALIGEMMA_REQUIRE_KERNELS": "1"}
-    selection = "gemv or bfloat16 or gelu or rms_norm or attention or quantizer or dequantiz or product"
+    selection = "gemv or bfloat16 or gelu or rms_norm or attention or quantizer or dequantiz or product or widen"
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", selection,
                              str(ROOT / "tests" / "test_kernels.py"), str(ROOT / "tests" / "test_quantization.py")],
                             capture_output=True, text=True, env=env, timeout=600)

@@ -122,11 +122,13 @@ def test_quantized_gemv_reads_and_writes_half_precision_as_one_rounding_of_the_f
         assert got.dtype == dtype and torch.equal(got.view(torch.int16), wide.to(dtype).view(torch.int16))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("scheme", SCHEMES[:2], ids=str)
-def test_dequantizing_to_bfloat16_equals_the_reference(scheme, compiled):
+def test_dequantizing_to_a_prompts_dtype_equals_the_reference(scheme, dtype, compiled):
     weight = quantized((33, 100), scheme)
-    expected = weight.dequantize(torch.bfloat16)
-    assert torch.equal(kernels.as_bfloat16(weight).view(torch.int16), expected.view(torch.int16))
+    expected = weight.dequantize(dtype)
+    as_int = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(kernels.widened(weight, dtype).view(as_int), expected.view(as_int))
 
 
 PATHS = {
@@ -138,18 +140,20 @@ PATHS = {
 }
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("rows", [1, 40])
 @pytest.mark.parametrize("scheme", SCHEMES[:2], ids=str)
-def test_every_product_path_equals_f_linear_of_the_dequantized_weights(scheme, rows, path, monkeypatch):
+def test_every_product_path_equals_f_linear_of_the_dequantized_weights(scheme, rows, path, dtype, monkeypatch):
     for attribute, value in PATHS[path].items():
         monkeypatch.setattr(kernels, attribute, value)
     weight = quantized((48, 100), scheme)
-    x = torch.randn(rows, 100).to(torch.bfloat16)
+    x = torch.randn(rows, 100).to(dtype)
     (y,) = kernels.products(x, [weight], [None])
     expected = F.linear(x.float(), weight.dequantize(torch.float32))
-    assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), expected, atol=0.02, rtol=0.02)
+    assert y.dtype == dtype
+    tolerance = 0.02 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(y.float(), expected, atol=tolerance, rtol=tolerance)
 
 
 # A tiny quantized model against transformers' float32 model. The bound is relative to the logits' size (|logits|
