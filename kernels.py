@@ -28,7 +28,6 @@ gemv.c, quant.c and decode.c are compiled once per machine with the system's C c
 import ctypes
 import functools
 import hashlib
-import mmap
 import os
 import platform
 import shutil
@@ -49,12 +48,12 @@ SOURCES = Path(__file__).resolve().parent  # gemv.c, quant.c, decode.c and the s
 C_FILES = ("gemv.c", "quant.c", "decode.c", "simd.h")
 HALF = (torch.float16, torch.bfloat16)
 MAX_GEMV_ROWS = 16  # rows of x up to which streaming the weights beats a matrix-matrix product
-PIECE_BYTES = 64 << 20  # what the loader converts from a shard at a time
+PIECE_BYTES = 64 << 20  # what the loader quantizes (or converts, without the compiled kernels) at a time
 KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # as gemv.c's convert_shard numbers them
 
 
 class ConvertJob(ctypes.Structure):
-    """One tensor for gemv.c's convert_shard: where it starts in the mapping, where it goes, how many, which dtypes."""
+    """One tensor for gemv.c's convert_shard: where it starts in the file, where it goes, how many, which dtypes."""
 
     _fields_ = [("src_offset", ctypes.c_int64), ("dst", ctypes.c_void_p), ("n", ctypes.c_int64),
                 ("src_kind", ctypes.c_int32), ("dst_kind", ctypes.c_int32)]
@@ -118,7 +117,7 @@ def build() -> ctypes.CDLL:
     lib.gemv.argtypes = [i64, pointer, pointer, pointer, pointer, i64, i64, i32, i32, i32]
     lib.convert.argtypes = [pointer, i32, pointer, i32, i64]
     lib.gelu_tanh_mul.argtypes = [pointer, i64, pointer, i64, pointer, i64, i64, i32]
-    lib.convert_shard.argtypes = [pointer, pointer, i64, i64, pointer]
+    lib.convert_shard.argtypes = [i32, pointer, i64, pointer]
     lib.convert_shard.restype = i64
     lib.nonfinite.argtypes = [pointer, i64, i32, i32]
     lib.nonfinite.restype = i64
@@ -373,22 +372,20 @@ def swap_modules(model: nn.Module) -> nn.Module:
     return model
 
 
-def convert_shard(mapped: mmap.mmap, jobs: list[tuple[int, torch.dtype, torch.Tensor]]) -> tuple[int, int] | None:
-    """Convert (source offset, source dtype, destination) jobs from a mapped safetensors shard into their
-    destinations in one call of gemv.c, which runs without Python's lock, checks that every converted value is
-    finite, and drops each converted piece's pages from the process. Returns (source bytes converted, index of the
-    first job with a value that is not finite, or -1), or None where the library cannot take the jobs."""
+def convert_shard(fd: int, jobs: list[tuple[int, torch.dtype, torch.Tensor]]) -> tuple[int, int] | None:
+    """Convert (source offset, source dtype, destination) jobs from the safetensors shard open as fd into their
+    destinations in one call of gemv.c, which runs without Python's lock, reads the file a block at a time into a
+    buffer that stays in the cache (nothing of it is mapped into the process), and checks that every converted
+    value is finite. Returns (source bytes converted, -1, or the index j of the first job with a value that is not
+    finite, or -2 - j where the file could not be read), or None where the library cannot take the jobs."""
     lib = library()
     kinds = [(KINDS.get(dtype), KINDS.get(dest.dtype)) for _, dtype, dest in jobs]
-    if lib is None or not mapped or any(dest.device.type != "cpu" or None in k for (_, _, dest), k in zip(jobs, kinds)):
+    if lib is None or any(dest.device.type != "cpu" or None in k for (_, _, dest), k in zip(jobs, kinds)):
         return None
     table = (ConvertJob * len(jobs))(*(ConvertJob(offset, dest.data_ptr(), dest.numel(), *k)
                                        for (offset, _, dest), k in zip(jobs, kinds)))
-    done, base = ctypes.c_int64(0), ctypes.c_char.from_buffer(mapped)
-    try:
-        bad = lib.convert_shard(ctypes.addressof(base), table, len(jobs), PIECE_BYTES, ctypes.byref(done))
-    finally:
-        del base  # the mapping can only be closed once nothing points into it
+    done = ctypes.c_int64(0)
+    bad = lib.convert_shard(fd, table, len(jobs), ctypes.byref(done))
     return done.value, bad
 
 

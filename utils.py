@@ -105,6 +105,8 @@ def materialise(model: torch.nn.Module, plan: list[TensorEntry], dtype: torch.dt
         data = views.get(name)
         if data is None:
             data = torch.empty(shape, dtype=target_dtype, device=device)
+            if device.type == "cpu":
+                huge_pages(data)
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         setattr(module, attr, data if isinstance(module, QuantizedWeight) else torch.nn.Parameter(data, False))
@@ -118,9 +120,10 @@ def stream_tensors(model: torch.nn.Module, plan: list[TensorEntry], to_copy: lis
     its dtype, and quantize each weight that is to be, kernels.PIECE_BYTES at a time. Every value is checked to be
     finite. Once stop is set, no further shard is begun.
 
-    Each piece is converted straight from the mapped shard (one pass over the bytes), then unmapped again: the page
-    cache keeps the file, but the pages do not pile up in this process's memory. On the CPU the compiled kernel
-    converts a whole shard in one call, without Python's lock (see load_hf_model).
+    On the CPU the compiled kernel converts a whole shard in one call, without Python's lock (see load_hf_model),
+    reading it a block at a time into a buffer: nothing of the file is mapped, and the page cache keeps it.
+    Quantizing, and converting without the compiled kernel, read each piece straight from the mapped shard, then
+    unmap it again, so that its pages do not pile up in this process's memory either.
     """
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     modules = dict(model.named_modules())
@@ -146,12 +149,15 @@ def stream_tensors(model: torch.nn.Module, plan: list[TensorEntry], to_copy: lis
                 quantize_tensor(mapped, entry, modules[entry.name], bar)
             entries = [e for e in entries if not e.quantize]
             dests = [tensors[e.name].data.view(-1) for e in entries]
-            converted = kernels.convert_shard(mapped, [(e.start, e.torch_dtype, d) for e, d in zip(entries, dests)])
+            converted = kernels.convert_shard(f.fileno(), [(e.start, e.torch_dtype, d) for e, d in zip(entries, dests)])
             if converted is None:
                 for entry, dest in zip(entries, dests):
                     copy_tensor(mapped, entry, dest, bar)
                 continue
             done, bad = converted
+            if bad <= -2:
+                raise LoadError(f"{file}: cannot be read while converting tensor {entries[-2 - bad].key!r} (did the "
+                                "file change, or the disk fail?)")
             if bad >= 0:
                 raise not_finite(entries[bad], dests[bad].dtype)
             if bar is not None:
@@ -202,6 +208,19 @@ def advise(mapped: mmap.mmap, advice: int, start: int, length: int):
     page = start - start % mmap.PAGESIZE
     if length > 0:
         mapped.madvise(advice, page, min(start + length, len(mapped)) - page)
+
+
+HUGE_PAGE, MADV_HUGEPAGE = 2 << 20, 14
+
+
+def huge_pages(tensor: torch.Tensor):
+    """Ask for 2 MiB pages under a tensor not yet written: filling 5.8 GB of fresh memory then takes thousands of
+    page faults instead of 1.4 million (the kernel's time was most of loading), and streaming the weights needs
+    fewer TLB entries. Only where transparent huge pages are given on request; elsewhere nothing changes."""
+    start = -(-tensor.data_ptr() // HUGE_PAGE) * HUGE_PAGE
+    end = (tensor.data_ptr() + tensor.nbytes) // HUGE_PAGE * HUGE_PAGE
+    if end > start:
+        LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_HUGEPAGE)
 
 
 def populate(tensor: torch.Tensor):

@@ -41,6 +41,7 @@ dtype = getattr(torch, sys.argv[2])
 CHILDREN = {
     "ours": PRELUDE + """
 import utils
+from transformers import AutoTokenizer  # imported before the clock starts, as the transformers child imports it
 quantize = None if sys.argv[4] == "none" else sys.argv[4]
 start = time.perf_counter()
 model, tokenizer = utils.load_hf_model(sys.argv[1], "cpu", dtype, **({"quantize": quantize} if quantize else {}))

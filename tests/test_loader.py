@@ -274,3 +274,19 @@ def test_fuzzed_headers_never_crash_the_parser(tmp_path, header, declared, data)
     for e in sorted(entries, key=lambda e: e.start):
         assert e.start >= max(end, 8 + length) and e.start + e.nbytes <= size
         end = e.start + e.nbytes
+
+
+def test_a_shard_that_stops_being_readable_while_converting_is_named(folder, monkeypatch):
+    """The compiled converter reads the file as it goes: a read that comes up short (the file shrank under the
+    loader, or the disk failed) is an error naming the shard and the tensor, never a weight left half-written."""
+    if kernels.library() is None:
+        pytest.skip("no C compiler with AVX2 here")
+    short = folder / "short.bin"
+    short.write_bytes(b"\0" * 100)
+    with open(short, "rb") as f:
+        assert kernels.convert_shard(f.fileno(), [(0, torch.float32, torch.empty(1000, dtype=torch.float16))]) == (
+            0, -2)
+    real = kernels.convert_shard
+    monkeypatch.setattr(kernels, "convert_shard", lambda fd, jobs: (real(fd, jobs), (0, -2))[1])
+    with pytest.raises(LoadError, match=r"cannot be read while converting tensor '.*' \(did the file change"):
+        load_hf_model(folder, "cpu", torch.float16, verbose=False)
