@@ -1,18 +1,16 @@
 """The CPU fast path: gemv.c's kernels, declared here once, and `accelerate(model)`, which swaps them in.
 
-Two facts about CPUs shape it (measured figures in README.md):
-- A decode step multiplies a single row by every weight matrix, so it runs at the speed weights stream from
-  memory. PyTorch's half-precision matrix-vector kernels widen weights to float32 too slowly for that on many CPUs;
-  gemv.c's do it in registers and accumulate in float32, split by weight rows across torch's own OpenMP threads
-  (the library is linked to the libgomp torch has loaded, so the two never compete for cores).
-- Around those products a decode step runs Gemma's norms and attention over the KV cache, a dozen small PyTorch
-  operations each, whose dispatch costs more than their arithmetic at one token; decode.c does each in one call,
-  and the products read and write half precision themselves.
+What shapes it (measured figures in README.md):
+- A decode step multiplies a single row by every weight matrix, at the speed weights stream from memory. PyTorch's
+  half-precision matrix-vector kernels widen weights too slowly for that on many CPUs; gemv.c's widen them in
+  registers, sum in float32 and split rows across torch's own OpenMP threads (the libgomp torch has loaded).
+- Around them a decode step runs Gemma's norms and attention over the KV cache, a dozen small PyTorch operations
+  each whose dispatch costs more than their arithmetic; decode.c does each in one call.
 - A prompt multiplies hundreds of rows, which is arithmetic-bound, so it computes in the dtype this CPU multiplies
   fastest (`prompt_dtype`): bfloat16 where it has bfloat16 dot products (AVX512-BF16, AMX), float32 elsewhere,
   where torch emulates both half precisions 3-5x slower than float32. The token embeddings of a prompt come out in
   that dtype, the vision tower and attention follow them, and each product widens its half-precision or quantized
-  weight into a scratch buffer, 64 MiB at a time, never the whole model. A decode step stays in the model's dtype.
+  weight into a scratch buffer, 16 MiB at a time, never the whole model. A decode step stays in the model's dtype.
 
 `accelerate(model)` is the one explicit step after loading that turns the plain model of modeling_*.py into this:
 each `nn.Linear` becomes a `Linear`, each `Fused` group (q, k, v; gate, up) a `Fused` that reads all its weights
@@ -20,20 +18,14 @@ in one pass, each tanh GELU, Gemma RMSNorm and decode attention the one-pass C v
 embedding an `Embedding` that picks the dtype a forward computes in. The weights are the model's own parameters,
 shared, whether they were copied or are used in place from the checkpoint's files.
 
-gemv.c, quant.c and decode.c are compiled once per machine with the system's C compiler (`-O3 -march=native
--fopenmp`) into ~/.cache/pytorch-paligemma/. Without a compiler the swapped modules use PyTorch's own operations
-(the same results within half precision); with PALIGEMMA_NO_KERNELS=1 `accelerate` leaves the plain model as it is.
+The C files are compiled once per machine (clib.py). Without a compiler the swapped modules use PyTorch's own
+operations (the same results within half precision); with PALIGEMMA_NO_KERNELS=1 `accelerate` leaves the plain
+model as it is.
 """
 
 import ctypes
 import functools
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +33,9 @@ from torch import nn
 
 import modeling_gemma
 import modeling_siglip
-from console import UserError, log
+from clib import library
 from quantization import TILE, QuantEmbedding, QuantizedWeight, QuantLinear
 
-SOURCES = Path(__file__).resolve().parent  # gemv.c, quant.c, decode.c and the simd.h they share
-C_FILES = ("gemv.c", "quant.c", "decode.c", "simd.h")
 HALF = (torch.float16, torch.bfloat16)
 MAX_GEMV_ROWS = 16  # rows of x up to which streaming the weights beats a matrix-matrix product
 PIECE_BYTES = 64 << 20  # what the loader quantizes (or converts, without the compiled kernels) at a time
@@ -57,79 +47,6 @@ class ConvertJob(ctypes.Structure):
 
     _fields_ = [("src_offset", ctypes.c_int64), ("dst", ctypes.c_void_p), ("n", ctypes.c_int64),
                 ("src_kind", ctypes.c_int32), ("dst_kind", ctypes.c_int32)]
-
-
-def cpu_signature() -> bytes:
-    """What -march=native compiles for: the CPU model and its feature flags."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))})).encode()
-    except OSError:
-        return platform.processor().encode()
-
-
-class KernelsUnavailable(UserError):
-    """gemv.c cannot be built or loaded here, and PALIGEMMA_REQUIRE_KERNELS=1 asks for it."""
-
-
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """gemv.c compiled for this CPU (once, then cached), or None where it cannot be: then a note on stderr says
-    why (the compiler's first error line, say), as decoding will be slower; with PALIGEMMA_REQUIRE_KERNELS=1 it is
-    an error instead. PALIGEMMA_NO_KERNELS=1 turns the kernels off without a word."""
-    if os.environ.get("PALIGEMMA_NO_KERNELS"):
-        return None
-    try:
-        return build()
-    except KernelsUnavailable as e:
-        if os.environ.get("PALIGEMMA_REQUIRE_KERNELS"):
-            raise
-        log(f"note: {e}; using PyTorch's kernels instead (decoding is 1.5-2x slower)")
-        return None
-
-
-def build() -> ctypes.CDLL:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise KernelsUnavailable("the CPU kernels cannot be built: no C compiler (cc or gcc) found")
-    if platform.machine() not in ("x86_64", "AMD64"):
-        raise KernelsUnavailable(f"the CPU kernels need an x86-64 CPU, not {platform.machine()}")
-    source = b"".join((SOURCES / name).read_bytes() for name in C_FILES)
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pytorch-paligemma"
-    march = os.environ.get("PALIGEMMA_MARCH", "native")  # e.g. haswell: the AVX2 build, which the tests check too
-    built = cache / f"kernels-{hashlib.sha256(source + cpu_signature() + march.encode()).hexdigest()[:16]}.so"
-    try:
-        if not built.exists():
-            cache.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then move: never a half-written file
-                out = Path(tmp) / "kernels.so"
-                subprocess.run([compiler, "-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-o", str(out),
-                                *(str(SOURCES / name) for name in C_FILES if name.endswith(".c"))], check=True,
-                               capture_output=True, text=True, timeout=120)
-                os.replace(out, built)
-        lib = ctypes.CDLL(str(built))
-    except subprocess.CalledProcessError as e:  # e.g. a CPU without AVX2 and F16C: the #error says so
-        first = next((line for line in e.stderr.splitlines() if "error" in line), e.stderr.strip()[:200])
-        raise KernelsUnavailable(f"the CPU kernels did not compile ({first.strip()})") from None
-    except (OSError, subprocess.SubprocessError) as e:  # a read-only home, a compiler that hangs, ...
-        raise KernelsUnavailable(f"the CPU kernels cannot be built ({type(e).__name__}: {e})") from None
-    pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.gemv.argtypes = [i64, pointer, pointer, pointer, pointer, i64, i64, i32, i32, i32]
-    lib.convert.argtypes = [pointer, i32, pointer, i32, i64]
-    lib.gelu_tanh_mul.argtypes = [pointer, i64, pointer, i64, pointer, i64, i64, i32]
-    lib.convert_shard.argtypes = [i32, pointer, i64, pointer]
-    lib.convert_shard.restype = i64
-    lib.nonfinite.argtypes = [pointer, i64, i32, i32]
-    lib.nonfinite.restype = i64
-    lib.quantize_rows.argtypes = [pointer, i32, i64, i64, i32, i64, pointer, pointer]
-    lib.quantize_rows.restype = i64
-    lib.dequantize.argtypes = [pointer, pointer, pointer, i64, i64, i32, i64, i32]
-    lib.gemv_quant.argtypes = [i64, pointer, pointer, pointer, pointer, pointer, i64, i64, i64, i32, i32, i32]
-    lib.int4_rounds_x_to_bfloat16.restype = i32
-    lib.rms_norm.argtypes = [pointer, pointer, pointer, i64, i64, ctypes.c_float, i32, i32]
-    lib.attend_one.argtypes = [pointer, pointer, pointer, pointer, pointer, *[i64] * 8, ctypes.c_float,
-                               ctypes.c_float, i32]
-    return lib
 
 
 # oneDNN's ISA caps below the first with bfloat16 dot products (ONEDNN_MAX_CPU_ISA, as oneDNN spells them)
@@ -220,7 +137,12 @@ def widened_product(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> 
 def products(x: torch.Tensor, weights: list, biases: list) -> list[torch.Tensor]:
     """[F.linear(x, w, b) for each weight (half precision or quantized)], by the fastest CPU path, in the dtype of x
     (which may differ from the weights'); equal to F.linear with the dequantized weights up to the order of float32
-    additions and half-precision rounding."""
+    additions and half-precision rounding. Which path runs where (the one table of it):
+    - up to MAX_GEMV_ROWS rows: gemv / gemv_quantized (one pass over the weights, float32 sums); without the
+      compiled kernels, F.linear in the weights' dtype, or of the weights dequantized to x's dtype;
+    - more rows (a prompt): widened_product in x's dtype where the weights are quantized or of another dtype (float32
+      or bfloat16; float16 x in prompt_dtype()), else F.linear.
+    """
     rows = x.numel() // x.shape[-1]
     flat = x.reshape(rows, -1)
     quantized = isinstance(weights[0], QuantizedWeight)

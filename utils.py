@@ -273,7 +273,8 @@ def available_memory(device: torch.device) -> int | None:
 def working_memory(config: PaliGemmaConfig, batch: int, length: int, dtype: torch.dtype) -> int:
     """Bytes beyond the weights that answering batch rows of up to length positions (prompt and answer) takes: the
     KV cache as allocated (rounded up to CACHE_STEP positions), the prompt's activations and attention scores in
-    float32 at worst, the bfloat16 scratch copy of the largest weight, the logits, and 256 MiB for the libraries."""
+    float32 at worst, the scratch buffer a prompt's products widen weights into, the logits, and 256 MiB for the
+    libraries."""
     text, vision = config.text_config, config.vision_config
     length = -(-length // CACHE_STEP) * CACHE_STEP
     cache = 2 * text.num_hidden_layers * batch * text.num_key_value_heads * length * text.head_dim * dtype.itemsize
@@ -282,7 +283,7 @@ def working_memory(config: PaliGemmaConfig, batch: int, length: int, dtype: torc
     scores = 4 * batch * text.num_attention_heads * min(length, QUERY_CHUNK) * length
     patches = batch * vision.num_patches
     vision_tower = 4 * patches * (3 * vision.intermediate_size + 6 * vision.hidden_size)
-    scratch = 2 * text.hidden_size * max(text.intermediate_size, text.num_attention_heads * text.head_dim)
+    scratch = min(kernels.SCRATCH_BYTES, 4 * text.hidden_size * max(text.intermediate_size, text.vocab_size))
     logits = 4 * 4 * batch * text.vocab_size
     return cache + activations + scores + vision_tower + scratch + logits + (256 << 20)
 

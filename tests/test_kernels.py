@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import CHECKPOINTS, ROOT
 
+import clib
 import kernels
 import modeling_gemma
 import modeling_siglip
@@ -339,11 +340,11 @@ def test_a_prompt_after_a_longer_one_reuses_the_cache(checkpoint, image):
 @pytest.fixture
 def broken_source(tmp_path, monkeypatch):
     """kernels built from a copy of the C files whose gemv.c has a syntax error, in a fresh cache."""
-    for name in kernels.C_FILES:
-        (tmp_path / name).write_text((kernels.SOURCES / name).read_text())
+    for name in clib.C_FILES:
+        (tmp_path / name).write_text((clib.SOURCES / name).read_text())
     source = tmp_path / "gemv.c"
     source.write_text(source.read_text() + "\nthis is not C;\n")
-    monkeypatch.setattr(kernels, "SOURCES", tmp_path)
+    monkeypatch.setattr(clib, "SOURCES", tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("PALIGEMMA_REQUIRE_KERNELS", raising=False)
     kernels.library.cache_clear()
@@ -360,7 +361,7 @@ def test_kernels_that_do_not_build_are_a_note_with_the_compilers_first_error(bro
 
 def test_kernels_that_do_not_build_are_an_error_when_required(broken_source, monkeypatch):
     monkeypatch.setenv("PALIGEMMA_REQUIRE_KERNELS", "1")
-    with pytest.raises(kernels.KernelsUnavailable, match="did not compile"):
+    with pytest.raises(clib.KernelsUnavailable, match="did not compile"):
         kernels.library()
 
 
