@@ -215,7 +215,7 @@ def picture_path(annotate: Path, item: Item) -> Path:
 
 def input_files(items: list[Item]) -> set[tuple[int, int]]:
     """The inputs' files as (device, inode), so that a picture reaching one by any name is found."""
-    return {(s.st_dev, s.st_ino) for s in map(stat_or_none, (i.path for i in items)) if s}
+    return {(s.st_dev, s.st_ino) for s in map(stat_or_none, (i.path for i in items if i.path is not None)) if s}
 
 
 def overwrites(picture: Path, inputs_on_disk: set[tuple[int, int]]) -> bool:

@@ -156,8 +156,8 @@ def test_prompts_file_lines_that_cannot_be_answered_get_records_with_their_line_
              json.dumps({"image": "image1.png", "prompt": "a " * 9000}), json.dumps({"prompt": "no image"}), good[2]]
     prompts_file.write_text("\n".join(lines) + "\n")
     output = tmp_path / "out.jsonl"
-    code, out, err = run(batch_args(checkpoint, prompts_file, "--output", output, "--batch_size", 2), capsys,
-                         monkeypatch)
+    code, out, err = run(batch_args(checkpoint, prompts_file, "--output", output, "--batch_size", 2, "--annotate",
+                                    tmp_path / "pictures"), capsys, monkeypatch)
     records = [json.loads(line) for line in output.read_text().splitlines()]
     assert code == 1 and "4 of 6 inputs failed" in err.splitlines()[-1]
     assert [r["line"] for r in records] == [1, 2, 3, 5, 6, 7]

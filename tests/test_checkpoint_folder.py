@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import tiny
 import torch
-from conftest import ROOT
+from conftest import CHECKPOINTS, ROOT
 from test_hostile_input import assert_clean_failure, cli_args, run
 
 import utils
@@ -34,6 +34,17 @@ def test_the_cli_answers_from_a_hub_cache_snapshot_as_from_the_plain_folder(chec
     assert result.returncode == 0, result.stderr
     plain = json_answer(checkpoint("v1_mqa"), photo, capsys, monkeypatch)
     assert json.loads(result.stdout)["token_ids"] == plain["token_ids"] and len(plain["token_ids"]) == 3
+
+
+def test_a_bfloat16_snapshot_is_used_in_place_from_its_blobs(tmp_path, capsys):
+    folder = tmp_path / "bf16"
+    tiny.build_checkpoint(folder, dtype=torch.bfloat16, **CHECKPOINTS["v2_gqa"])
+    snapshot = tiny.hub_cache(folder, tmp_path / "hub")
+    linked, _ = utils.load_hf_model(snapshot, "cpu")
+    assert "used in place from the files" in capsys.readouterr().err
+    plain, _ = utils.load_hf_model(folder, "cpu", verbose=False)
+    for (name, a), b in zip(linked.named_parameters(), plain.parameters()):
+        assert torch.equal(a, b), name
 
 
 LINK_ENDS = {  # what a snapshot's link is made to end at, and what the error calls it
