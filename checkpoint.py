@@ -227,15 +227,14 @@ def tokenizer_vocab(folder: Path) -> dict[str, int] | None:
     if isinstance(vocab, list):  # a Unigram model: [piece, score] pairs, each piece's id its place
         vocab = {pair[0] if isinstance(pair, list) and pair else None: i for i, pair in enumerate(vocab)}
     added = data.get("added_tokens", [])
-    if not isinstance(vocab, dict) or not vocab or not isinstance(added, list):
+    if not (isinstance(vocab, dict) and vocab and isinstance(added, list) and all(isinstance(t, dict) for t in added)):
         raise LoadError(f"{path}: is not a tokenizer (it has no model vocabulary)")
     config_path = folder / "tokenizer_config.json"
     decoder = settings.get(config_path.name, {}).get("added_tokens_decoder", {})
-    if not isinstance(decoder, dict):
-        raise LoadError(f"{config_path}: added_tokens_decoder is not a JSON object")
-    tokens = {**vocab, **{t.get("content") if isinstance(t, dict) else t: t.get("id") if isinstance(t, dict) else None
-                          for t in added}}
-    decoded = {t.get("content") if isinstance(t, dict) else t: int(i) if i.isdigit() else i for i, t in decoder.items()}
+    if not (isinstance(decoder, dict) and all(isinstance(t, dict) for t in decoder.values())):
+        raise LoadError(f"{config_path}: added_tokens_decoder is not a JSON object of tokens")
+    tokens = {**vocab, **{t.get("content"): t.get("id") for t in added}}
+    decoded = {t.get("content"): int(i) if i.isdigit() else i for i, t in decoder.items()}
     for where, pairs in ((path, tokens), (config_path, decoded)):  # types tested a set at a time: 257k tokens
         if pairs and not (set(map(type, pairs)) == {str} and set(map(type, pairs.values())) == {int}
                           and min(pairs.values()) >= 0):
