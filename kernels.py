@@ -1,4 +1,5 @@
-"""The CPU fast path: gemv.c's kernels, declared here once, and `accelerate(model)`, which swaps them in.
+"""The CPU fast path: the C kernels (built and declared in clib.py) behind PyTorch modules, and
+`accelerate(model)`, which swaps those in.
 
 What shapes it (measured figures in README.md):
 - A decode step multiplies a single row by every weight matrix, at the speed weights stream from memory. PyTorch's
