@@ -1,4 +1,4 @@
-// Matrix-vector products with half-precision weights for the CPU decode step: y = x W^T for a few rows of x.
+// Matrix-vector products for the CPU decode step (half-precision or float32 weights): y = x W^T for a few rows of x.
 //
 // One decode step reads every decoder weight once, so its speed is the speed at which weights stream from memory.
 // PyTorch's float16 and bfloat16 matrix-vector kernels convert too slowly to keep up on many CPUs; these widen
@@ -19,8 +19,8 @@
 
 // One pass: y[m, r..r+nr) for the nm rows of x at x_m (nm, nr small constants once inlined, so that the
 // accumulators live in registers).
-#define PASS(NAME, LOAD, SCALAR)                                                                                   \
-    static inline __attribute__((always_inline)) void NAME(const uint16_t *W, const float *x, void *y,           \
+#define PASS(NAME, TYPE, LOAD, SCALAR)                                                                             \
+    static inline __attribute__((always_inline)) void NAME(const TYPE *W, const float *x, void *y,               \
                                                            int y_kind, int64_t rows, int64_t cols, int64_t r,    \
                                                            const int nr, const int nm) {                         \
         int64_t body = cols - cols % WIDTH, ahead = cols <= SHORT_ROW ? ROWS * cols : PREFETCH;                \
@@ -46,15 +46,25 @@
             }                                                                                                     \
     }
 
-PASS(pass_f16, load_f16, scalar_f16)
-PASS(pass_bf16, load_bf16, scalar_bf16)
+static inline float scalar_f32(float f) { return f; }
+PASS(pass_f16, uint16_t, load_f16, scalar_f16)
+PASS(pass_bf16, uint16_t, load_bf16, scalar_bf16)
+PASS(pass_f32, float, load_f32, scalar_f32)
 
-// ys[j][m, r] = sum_k x[m, k] * Ws[j][r, k] for each of the n_w weights (rows[j], cols), half-precision (bf16 or
-// f16), and each of the n_x rows of x; x and every ys[j] (n_x, rows[j]) are row-major, of the kinds x_kind and
+// One pass of weight kind w_kind over nr weight rows for nm rows of x, each a constant once inlined: every row of x
+// has its own accumulators, summed in the same order whatever nm is, so a row's result never depends on how many
+// rows share the pass (a server's batch).
+#define PASS_ANY(W, x, y, y_kind, rows, cols, r, nr, nm)                                                         \
+    (w_kind == F16    ? pass_f16((const uint16_t *)(W), x, y, y_kind, rows, cols, r, nr, nm)                    \
+     : w_kind == BF16 ? pass_bf16((const uint16_t *)(W), x, y, y_kind, rows, cols, r, nr, nm)                   \
+                      : pass_f32((const float *)(W), x, y, y_kind, rows, cols, r, nr, nm))
+
+// ys[j][m, r] = sum_k x[m, k] * Ws[j][r, k] for each of the n_w weights (rows[j], cols), all of the kind w_kind,
+// and each of the n_x rows of x; x and every ys[j] (n_x, rows[j]) are row-major, of the kinds x_kind and
 // y_kind (float32 sums, one rounding). The threads share out the rows of all the weights together, so small
 // matrices cost no extra round of threads.
-void gemv(int64_t n_w, const uint16_t *const *Ws, void *const *ys, const int64_t *rows, const void *x_in,
-          int64_t n_x, int64_t cols, int bf16, int x_kind, int y_kind) {
+void gemv(int64_t n_w, const void *const *Ws, void *const *ys, const int64_t *rows, const void *x_in,
+          int64_t n_x, int64_t cols, int w_kind, int x_kind, int y_kind) {
     int64_t total = 0, size = y_kind == F32 ? 4 : 2;
     for (int64_t j = 0; j < n_w; j++) total += rows[j];
     const float *x = widen(x_in, x_kind, n_x * cols);
@@ -69,22 +79,14 @@ void gemv(int64_t n_w, const uint16_t *const *Ws, void *const *ys, const int64_t
                 const float *xm = x + m0 * cols;
                 void *ym = (uint8_t *)ys[j] + m0 * rows[j] * size;
                 for (; r + ROWS <= r1; r += ROWS) {
-                    if (bf16) switch (nm) {
-                        case 1: pass_bf16(Ws[j], xm, ym, y_kind, rows[j], cols, r, ROWS, 1); break;
-                        case 2: pass_bf16(Ws[j], xm, ym, y_kind, rows[j], cols, r, ROWS, 2); break;
-                        case 3: pass_bf16(Ws[j], xm, ym, y_kind, rows[j], cols, r, ROWS, 3); break;
-                        default: pass_bf16(Ws[j], xm, ym, y_kind, rows[j], cols, r, ROWS, 4);
-                    } else switch (nm) {
-                        case 1: pass_f16(Ws[j], xm, ym, y_kind, rows[j], cols, r, ROWS, 1); break;
-                        case 2: pass_f16(Ws[j], xm, ym, y_kind, rows[j], cols, r, ROWS, 2); break;
-                        case 3: pass_f16(Ws[j], xm, ym, y_kind, rows[j], cols, r, ROWS, 3); break;
-                        default: pass_f16(Ws[j], xm, ym, y_kind, rows[j], cols, r, ROWS, 4);
+                    switch (nm) {
+                        case 1: PASS_ANY(Ws[j], xm, ym, y_kind, rows[j], cols, r, ROWS, 1); break;
+                        case 2: PASS_ANY(Ws[j], xm, ym, y_kind, rows[j], cols, r, ROWS, 2); break;
+                        case 3: PASS_ANY(Ws[j], xm, ym, y_kind, rows[j], cols, r, ROWS, 3); break;
+                        default: PASS_ANY(Ws[j], xm, ym, y_kind, rows[j], cols, r, ROWS, 4);
                     }
                 }
-                for (; r < r1; r++) {
-                    if (bf16) pass_bf16(Ws[j], xm, ym, y_kind, rows[j], cols, r, 1, (int)nm);
-                    else pass_f16(Ws[j], xm, ym, y_kind, rows[j], cols, r, 1, (int)nm);
-                }
+                for (; r < r1; r++) PASS_ANY(Ws[j], xm, ym, y_kind, rows[j], cols, r, 1, (int)nm);
             }
         }
     }

@@ -68,14 +68,14 @@ def prompt_dtype() -> torch.dtype:
 
 
 def gemv(weights: list[torch.Tensor], x: torch.Tensor, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
-    """(M, K) x times each (N_i, K) half-precision weight transposed -> [(M, N_i)] in dtype, in one pass: float32
-    sums, rounded once to dtype."""
+    """(M, K) x times each (N_i, K) weight (float32 or half precision) transposed -> [(M, N_i)] in dtype, in one
+    pass: float32 sums, rounded once to dtype, each row of x summed alone (its result never depends on M)."""
     m, k = x.shape
     ys = [torch.empty(m, w.shape[0], dtype=dtype) for w in weights]
     n, pointers = len(weights), ctypes.c_void_p * len(weights)
     library().gemv(n, pointers(*(w.data_ptr() for w in weights)), pointers(*(y.data_ptr() for y in ys)),
                    (ctypes.c_int64 * n)(*(w.shape[0] for w in weights)), x.data_ptr(), m, k,
-                   int(weights[0].dtype == torch.bfloat16), KINDS[x.dtype], KINDS[dtype])
+                   KINDS[weights[0].dtype], KINDS[x.dtype], KINDS[dtype])
     return ys
 
 
@@ -136,9 +136,9 @@ def widened_product(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> 
 
 
 def products(x: torch.Tensor, weights: list, biases: list) -> list[torch.Tensor]:
-    """[F.linear(x, w, b) for each weight (half precision or quantized)], by the fastest CPU path, in the dtype of x
-    (which may differ from the weights'); equal to F.linear with the dequantized weights up to the order of float32
-    additions and half-precision rounding. Which path runs where (the one table of it):
+    """[F.linear(x, w, b) for each weight (float32, half precision or quantized)], by the fastest CPU path, in the
+    dtype of x (which may differ from the weights'); equal to F.linear with the dequantized weights up to the order
+    of float32 additions and half-precision rounding. Which path runs where (the one table of it):
     - up to MAX_GEMV_ROWS rows: gemv / gemv_quantized (one pass over the weights, float32 sums); without the
       compiled kernels, F.linear in the weights' dtype, or of the weights dequantized to x's dtype;
     - more rows (a prompt): widened_product in x's dtype where the weights are quantized or of another dtype (float32
@@ -147,7 +147,7 @@ def products(x: torch.Tensor, weights: list, biases: list) -> list[torch.Tensor]
     rows = x.numel() // x.shape[-1]
     flat = x.reshape(rows, -1)
     quantized = isinstance(weights[0], QuantizedWeight)
-    streamable = quantized or weights[0].dtype in HALF and all(
+    streamable = quantized or weights[0].dtype in KINDS and all(
         w.is_contiguous() and w.dtype == weights[0].dtype for w in weights)
     if rows <= MAX_GEMV_ROWS and library() is not None and x.dtype in KINDS and streamable:
         dtype = x.dtype if all(b is None for b in biases) else torch.float32  # float32 sums, one rounding
@@ -275,11 +275,12 @@ def fast_module(name: str, module: nn.Module) -> nn.Module | None:
 
 
 def accelerate(model: nn.Module) -> nn.Module:
-    """Swap the CPU-fast modules into a loaded model, in place, and return it. Only a model whose weights are all
-    half precision and on the CPU has anything to gain; any other, and every model under PALIGEMMA_NO_KERNELS=1,
-    is returned as it is."""
+    """Swap the CPU-fast modules into a loaded model, in place, and return it. A model on the CPU gains; a float32
+    one too, whose decode step then sums each row alone (gemv), so that a row's numbers never depend on the rows
+    beside it in a server's batch. A model on another device, and every model under PALIGEMMA_NO_KERNELS=1, is
+    returned as it is."""
     params = list(model.parameters())
-    if os.environ.get("PALIGEMMA_NO_KERNELS") or not all(p.dtype in HALF and p.device.type == "cpu" for p in params):
+    if os.environ.get("PALIGEMMA_NO_KERNELS") or not all(p.dtype in KINDS and p.device.type == "cpu" for p in params):
         return model
     return swap_modules(model)
 

@@ -161,13 +161,24 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, nkv, L, hd) at cache positions input_pos (L,); returns the B rows' whole cache."""
-        B = k.shape[0]
-        k_out, v_out = self.k_cache[:B], self.v_cache[:B]
-        k_out.index_copy_(2, input_pos, k.to(k_out.dtype))
-        v_out.index_copy_(2, input_pos, v.to(v_out.dtype))
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nkv, L, hd) into cache rows `rows` at positions input_pos: (L,) shared by every row, or
+        (B, L) each row's own; returns those rows' whole cache."""
+        k_out, v_out = self.k_cache[rows], self.v_cache[rows]
+        if input_pos.dim() == 1:
+            k_out.index_copy_(2, input_pos, k.to(k_out.dtype))
+            v_out.index_copy_(2, input_pos, v.to(v_out.dtype))
+        else:  # indices on dims 0 and 2 around a slice: the indexed shape is (B, L, nkv, hd)
+            batch = torch.arange(k.shape[0], device=k.device)[:, None]
+            k_out[batch, :, input_pos] = k.transpose(1, 2).to(k_out.dtype)
+            v_out[batch, :, input_pos] = v.transpose(1, 2).to(v_out.dtype)
         return k_out, v_out  # (B, nkv, T, hd)
+
+    def keep(self, old: "KVCache"):
+        """Copy what a smaller cache held into this one, at the same rows and positions."""
+        for new, held in ((self.k_cache, old.k_cache), (self.v_cache, old.v_cache)):
+            new[:held.shape[0], :, :held.shape[2]] = held
 
 
 QUERY_CHUNK = 512  # queries per pass where the scores are materialised: 16 heads x 512 x 4.1k keys in float32 = 134 MB
@@ -222,9 +233,11 @@ class GemmaAttention(nn.Module):
         self.qkv = Fused(self.q_proj, self.k_proj, self.v_proj)
         self.kv_cache: KVCache | None = None  # set by PaliGemmaForConditionalGeneration.setup_caches
 
-    def forward(self, x, cos, sin, input_pos: torch.Tensor, mask: torch.Tensor, last_only: bool = False):
+    def forward(self, x, cos, sin, input_pos: torch.Tensor, mask: torch.Tensor, last_only: bool = False,
+                rows: slice = slice(None)):
         """(B, L, hidden) -> (B, L, hidden); with last_only just the last position's (B, 1, hidden), while the keys
-        and values of every position are still cached. The keys attended are the cache's first mask.shape[-1]."""
+        and values of every position are still cached (in cache rows `rows`). The keys attended are the cache's
+        first mask.shape[-1]."""
         B, L, _ = x.shape
         q, k, v = self.qkv(x)
         q = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, L, hd)
@@ -235,7 +248,7 @@ class GemmaAttention(nn.Module):
         else:
             cos_q, sin_q = cos, sin
         q, k = apply_rope(q, cos_q, sin_q), apply_rope(k, cos, sin)
-        k, v = self.kv_cache.update(input_pos, k, v)
+        k, v = self.kv_cache.update(input_pos, k, v, rows)
         T = mask.shape[-1]
         y = self.attend(q, k[:, :, :T], v[:, :, :T], mask)  # (B, nh, Lq, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, q.shape[2], -1))  # (B, Lq, hidden)
@@ -272,8 +285,8 @@ class GemmaDecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
             self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, input_pos, mask, last_only: bool = False) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask, last_only)
+    def forward(self, x, cos, sin, input_pos, mask, last_only: bool = False, rows: slice = slice(None)):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask, last_only, rows)
         x = x[:, -h.shape[1]:]  # (B, 1, hidden) with last_only
         if not self.gemma2:  # Gemma 1's "post_attention_layernorm" is the norm in front of the MLP
             x = x + h
@@ -298,14 +311,16 @@ class GemmaModel(nn.Module):
         # sqrt(hidden) is held in float32 and rounded to the hidden states' dtype, as transformers does (§3.2)
         return x * torch.tensor(self.config.hidden_size**0.5, dtype=torch.float32).to(x.dtype)
 
-    def forward(self, x, positions, input_pos, mask, sliding_mask=None, last_only: bool = False) -> torch.Tensor:
+    def forward(self, x, positions, input_pos, mask, sliding_mask=None, last_only: bool = False,
+                rows: slice = slice(None)) -> torch.Tensor:
         """Final hidden states (B, L, hidden) of x (B, L, hidden) at RoPE positions (B, L) and cache positions
-        input_pos (L,); sliding layers read sliding_mask. With last_only just the last position's (B, 1, hidden),
-        which lets the last layer skip its queries, attention output and MLP for every other position."""
+        input_pos ((L,) or (B, L)) of cache rows `rows`; sliding layers read sliding_mask. With last_only just the
+        last position's (B, 1, hidden), which lets the last layer skip its queries, attention output and MLP for
+        every other position."""
         cos, sin = self.rotary_emb(positions, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, input_pos, sliding_mask if layer.sliding else mask,
-                      last_only and i == len(self.layers) - 1)
+                      last_only and i == len(self.layers) - 1, rows)
         return self.norm(x)
 
 

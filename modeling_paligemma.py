@@ -88,11 +88,13 @@ def prefix_lm_masks(key_valid: torch.Tensor, prefix: torch.Tensor, input_pos: to
         q=P  1 1 0 0
         q=G  1 1 1 0
         q=G  1 1 1 1
-    key_valid, prefix: (B, T) booleans over cache positions; input_pos: (L,) the queries' cache positions.
+    key_valid, prefix: (B, T) booleans over cache positions; input_pos: the queries' cache positions, (L,) shared by
+    every row or (B, L) each row's own.
     """
-    q = input_pos[:, None]
-    k = torch.arange(key_valid.shape[1], device=key_valid.device)[None, :]
-    both_prefix = prefix[:, input_pos, None] & prefix[:, None, :]  # (B, L, T)
+    input_pos = input_pos.expand(key_valid.shape[0], -1)  # (B, L)
+    q = input_pos[:, :, None]  # (B, L, 1)
+    k = torch.arange(key_valid.shape[1], device=key_valid.device)[None, None, :]
+    both_prefix = prefix.gather(1, input_pos)[:, :, None] & prefix[:, None, :]  # (B, L, T)
     valid = key_valid[:, None, :]
 
     def mask(causal):
@@ -122,21 +124,37 @@ class PaliGemmaForConditionalGeneration(nn.Module):
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int):
         """Make room for max_batch_size rows of max_seq_length positions. The caches only ever grow (lengths
-        rounded up to CACHE_STEP), so that later prompts of other lengths reuse them as they are."""
+        rounded up to CACHE_STEP), keeping what they hold, so that later prompts of other lengths reuse them and
+        rows that are decoding (a server's) go on as they were."""
         batch, length = self.key_valid.shape
         if max_batch_size > batch or max_seq_length > length:
             rounded = -(-max_seq_length // CACHE_STEP) * CACHE_STEP
             self.allocate_caches(max(batch, max_batch_size), max(length, rounded))
 
     def allocate_caches(self, batch: int, length: int):
-        """Fresh, empty caches and bookkeeping for batch rows of length positions, beside the weights."""
+        """Caches and bookkeeping for batch rows of length positions, beside the weights; what the old ones held is
+        copied into them."""
         text, norm = self.config.text_config, self.language_model.model.norm.weight
+        old = {name: getattr(self, name, None) for name in ("key_valid", "prefix", "rope_offset")}
         for name, shape, dtype in (("key_valid", (batch, length), torch.bool), ("prefix", (batch, length), torch.bool),
                                    ("rope_offset", (batch,), torch.long)):
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=norm.device), persistent=False)
+            if old[name] is not None and old[name].device == norm.device:
+                getattr(self, name)[tuple(slice(n) for n in old[name].shape)] = old[name]
         for layer in self.language_model.model.layers:
+            cache = layer.self_attn.kv_cache
             layer.self_attn.kv_cache = KVCache(batch, length, text.num_key_value_heads, text.head_dim, norm.dtype,
                                                norm.device)
+            if cache is not None and cache.k_cache.device == norm.device and cache.k_cache.dtype == norm.dtype:
+                layer.self_attn.kv_cache.keep(cache)
+
+    def move_row(self, source: int, target: int):
+        """Move a row's caches and bookkeeping to another row (a server closing the gap a finished row left)."""
+        for name in ("key_valid", "prefix", "rope_offset"):
+            getattr(self, name)[target] = getattr(self, name)[source]
+        for layer in self.language_model.model.layers:
+            for cache in (layer.self_attn.kv_cache.k_cache, layer.self_attn.kv_cache.v_cache):
+                cache[target] = cache[source]
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with the projected image features written into the <image> slots."""
@@ -155,30 +173,33 @@ class PaliGemmaForConditionalGeneration(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, first_row: int = 0) -> torch.Tensor:
         """Logits (B, L, vocab), or (B, 1, vocab) for the last position with last_only, of input_ids (B, L)
-        written to the cache at positions input_pos (L,).
+        written to cache rows first_row .. first_row + B at positions input_pos: (L,) shared by every row, or (B, L),
+        each row its own (a server's rows, which joined at different times).
 
         A prompt (attention_mask given; left padding is 0 there) starts every row afresh at position 0 and
         attends over itself. A decode step (no attention_mask) attends over the whole cache, masked, so that its
         shapes never change from token to token.
         """
         B, L = input_ids.shape
+        rows = slice(first_row, first_row + B)
+        per_row = input_pos.expand(B, L)  # (B, L)
+        key_valid, prefix, rope_offset = self.key_valid[rows], self.prefix[rows], self.rope_offset[rows]
         if attention_mask is not None:
             types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
-            self.key_valid[:B] = False
-            self.prefix[:B] = False
-            self.key_valid[:B, :L] = attention_mask.bool()
-            self.prefix[:B, :L] = types == 0  # 0: image, <bos>, prompt and "\n"; 1: a suffix
+            key_valid[:] = False
+            prefix[:] = False
+            key_valid[:, :L] = attention_mask.bool()
+            prefix[:, :L] = types == 0  # 0: image, <bos>, prompt and "\n"; 1: a suffix
             # RoPE positions count real tokens from 1 (docs/NUMERICS.md §3.3): cache position + 1 - left padding
-            self.rope_offset[:B] = attention_mask.sum(-1) - L + 1
+            rope_offset[:] = attention_mask.sum(-1) - L + 1
             n_keys = L
         else:
-            self.key_valid[:B].index_fill_(1, input_pos, True)
-            n_keys = self.key_valid.shape[1]
-        positions = input_pos[None, :] + self.rope_offset[:B, None]  # (B, L)
-        mask, sliding = prefix_lm_masks(self.key_valid[:B, :n_keys], self.prefix[:B, :n_keys], input_pos,
-                                        self.window)
+            key_valid.scatter_(1, per_row, True)
+            n_keys = key_valid.shape[1]
+        positions = per_row + rope_offset[:, None]  # (B, L)
+        mask, sliding = prefix_lm_masks(key_valid[:, :n_keys], prefix[:, :n_keys], per_row, self.window)
         x = self.embed(input_ids, pixel_values)
-        h = self.language_model.model(x, positions, input_pos, mask, sliding, last_only)
+        h = self.language_model.model(x, positions, input_pos, mask, sliding, last_only, rows)
         return self.language_model.logits(h)
