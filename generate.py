@@ -45,20 +45,36 @@ class NotFinite(Exception):
 
 
 def prefill(model: PaliGemmaForConditionalGeneration, inputs: dict, max_new_tokens: int,
-            all_logits: bool = False) -> torch.Tensor:
-    """Run the image and the whole (left-padded) prompt, with room in the cache for max_new_tokens more; returns
-    the last position's logits (B, V), or every position's (B, L, V) with all_logits."""
+            all_logits: bool = False, first_row: int = 0) -> torch.Tensor:
+    """Run the image and the whole (left-padded) prompt into cache rows first_row.., with room in the cache for
+    max_new_tokens more; returns the last position's logits (B, V), or every position's (B, L, V) with
+    all_logits."""
     B, L = inputs["input_ids"].shape
-    model.setup_caches(B, L + max_new_tokens)
+    model.setup_caches(first_row + B, L + max_new_tokens)
     logits = model(inputs["input_ids"], torch.arange(L, device=inputs["input_ids"].device), inputs["pixel_values"],
-                   inputs["attention_mask"], inputs["token_type_ids"], last_only=not all_logits)
+                   inputs["attention_mask"], inputs["token_type_ids"], last_only=not all_logits, first_row=first_row)
     return logits if all_logits else logits[:, -1]
 
 
 def decode_one_token(model: PaliGemmaForConditionalGeneration, token: torch.Tensor,
                      input_pos: torch.Tensor) -> torch.Tensor:
-    """(B,) tokens written at cache position input_pos (1,) -> the logits (B, V) for the tokens after them."""
+    """(B,) tokens written at cache positions input_pos ((1,) for every row, or (B, 1) each row's own) -> the
+    logits (B, V) for the tokens after them."""
     return model(token[:, None], input_pos)[:, -1]
+
+
+def pick(logits: torch.Tensor, temperature: float, top_p: float, generator=None,
+         vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, V) logits -> the tokens chosen (B,) and every token's logprob (B, V): natural-log probabilities under the
+    model's own distribution, before temperature and top-p, in float32. Logit columns from `vocab` on (embedding
+    rows that no token names) are never chosen. Logits that are not finite raise NotFinite."""
+    scores = logits.float()  # CPUs find the maximum, softmax or NaNs of 257k half-precision logits far slower
+    low, high = torch.aminmax(scores, dim=-1)  # NaN if any is
+    if not bool((low.isfinite() & high.isfinite()).all()):
+        raise NotFinite()
+    allowed = scores if vocab is None or vocab >= scores.shape[-1] else scores.index_fill(
+        -1, torch.arange(vocab, scores.shape[-1], device=scores.device), float("-inf"))
+    return sample(allowed, temperature, top_p, generator), torch.log_softmax(scores, dim=-1)
 
 
 def compile_decode(device: torch.device, log=lambda msg: print(msg, file=sys.stderr)):
@@ -97,10 +113,9 @@ def generate(model, inputs: dict, max_new_tokens: int, temperature: float = 0.0,
              stop_ids: tuple[int, ...] = (1,), generator=None, step=decode_one_token, vocab: int | None = None):
     """Yield (tokens (B,), logprobs (B,)) one step at a time, until every row has stopped or the budget is spent.
 
-    logprobs are natural-log probabilities under the model's own distribution, before temperature and top-p.
-    Logit columns from `vocab` on (embedding rows that no token names) are never chosen. A row that has stopped
-    keeps producing pad tokens (id 0) until the others finish, as transformers does. Logits that are not finite
-    raise NotFinite. The host waits for the device twice a step, for these two checks.
+    Tokens are chosen and logprobs taken by `pick`. A row that has stopped keeps producing pad tokens (id 0) until
+    the others finish, as transformers does. The host waits for the device twice a step, for the finite check and
+    the stop check.
     """
     if max_new_tokens <= 0:
         return
@@ -109,14 +124,8 @@ def generate(model, inputs: dict, max_new_tokens: int, temperature: float = 0.0,
     stop = torch.tensor(stop_ids, device=logits.device)
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     for i in range(max_new_tokens):
-        scores = logits.float()  # CPUs find the maximum, softmax or NaNs of 257k half-precision logits far slower
-        low, high = torch.aminmax(scores, dim=-1)  # NaN if any is
-        if not bool((low.isfinite() & high.isfinite()).all()):
-            raise NotFinite(f"step {i}")
-        allowed = scores if vocab is None or vocab >= scores.shape[-1] else scores.index_fill(
-            -1, torch.arange(vocab, scores.shape[-1], device=scores.device), float("-inf"))
-        token = sample(allowed, temperature, top_p, generator)
-        logprob = torch.log_softmax(scores, dim=-1).gather(-1, token[:, None])[:, 0]
+        token, logprobs = pick(logits, temperature, top_p, generator, vocab)
+        logprob = logprobs.gather(-1, token[:, None])[:, 0]
         token = token.masked_fill(done, 0)
         yield token, logprob
         done |= torch.isin(token, stop)
@@ -124,6 +133,31 @@ def generate(model, inputs: dict, max_new_tokens: int, temperature: float = 0.0,
             return
         logits = step(model, token, input_pos)
         input_pos += 1
+
+
+class TextStream:
+    """An answer's text as it grows, in pieces that only ever extend what the final text begins with. A run of byte
+    tokens (`<0xNN>`, the tokenizer's spelling of rare characters) decodes as a whole: into characters, or into one
+    U+FFFD per byte where the bytes are not valid UTF-8; and special tokens are dropped, which joins the runs around
+    them. So the text is given up to the last token that is neither."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.shown = tokenizer, ""
+        byte_tokens = tokenizer.convert_tokens_to_ids([f"<0x{i:02X}>" for i in range(256)])
+        self.pending = set(byte_tokens) | set(tokenizer.all_special_ids)
+
+    def add(self, ids: list[int]) -> str:
+        """The new piece of text once the answer's tokens are ids ("" while it waits for a run to end)."""
+        stable = next((n for n in range(len(ids), 0, -1) if ids[n - 1] not in self.pending), 0)
+        text = self.tokenizer.decode(ids[:stable], skip_special_tokens=True)
+        if len(text) > len(self.shown) and text.startswith(self.shown):
+            piece, self.shown = text[len(self.shown):], text
+            return piece
+        return ""
+
+    def close(self, text: str) -> str:
+        """The rest of the final text."""
+        return text[len(self.shown):]
 
 
 class Stopwatch:
@@ -163,6 +197,12 @@ class Session:
     def device(self) -> torch.device:
         return self.model.language_model.model.norm.weight.device
 
+    def overflowed(self) -> UserError:
+        """What to tell the user when the logits are not finite (NotFinite)."""
+        dtype = str(self.model.language_model.model.norm.weight.dtype).removeprefix("torch.")
+        return UserError(f"the model's values overflowed {dtype} (its logits are not finite): run it with another "
+                         f"--dtype ({'bfloat16' if dtype == 'float16' else 'float32'}, say)")
+
     def answer(self, inputs: dict, budget: int, clock: Stopwatch | None = None,
                on_token=None) -> list[tuple[list[int], list[float]]]:
         """(token ids, logprobs) per row, each up to and including its stop token; on_token(ids of the first row)
@@ -178,10 +218,7 @@ class Session:
                     try:
                         step = next(steps, None)
                     except NotFinite:
-                        dtype = str(self.model.language_model.model.norm.weight.dtype).removeprefix("torch.")
-                        raise UserError(f"the model's values overflowed {dtype} (its logits are not finite): run it "
-                                        f"with another --dtype ({'bfloat16' if dtype == 'float16' else 'float32'}, "
-                                        "say)") from None
+                        raise self.overflowed() from None
                     if step is not None:  # tolist() waits for the device: the clock sees the real time
                         tokens, logprobs = step[0].tolist(), step[1].tolist()
                 if step is None:

@@ -59,7 +59,7 @@ import quantization  # noqa: E402
 from checkpoint import DTYPES, load_config, load_tokenizer, stop_tokens, warn_about_dtype  # noqa: E402
 from console import UserError, kind_of, log, one_line, peak_rss_gib, require_file  # noqa: E402
 from flags import check_flag_names, check_flags, quote_string_flags  # noqa: E402
-from generate import Session, Stopwatch, load_session  # noqa: E402
+from generate import Session, Stopwatch, TextStream, load_session  # noqa: E402
 from processing_paligemma import (  # noqa: E402
     DEFAULT_MAX_PIXELS,
     PaliGemmaProcessor,
@@ -241,8 +241,8 @@ def answer_one(session: Session, image: Image.Image, prompt: str, max_tokens: in
     batch.check_fits(inputs["input_ids"].shape[1], max_tokens, config.text_config.max_position_embeddings,
                      config.num_image_tokens)
     streaming = stream if stream is not None else output_format == "text" and bool(sys.stdout and sys.stdout.isatty())
-    printer = StreamPrinter(session.tokenizer) if streaming and output_format == "text" else None
-    [(ids, logprobs)] = session.answer(inputs, max_tokens, clock, printer and printer.add)
+    printer = TextStream(session.tokenizer) if streaming and output_format == "text" else None
+    [(ids, logprobs)] = session.answer(inputs, max_tokens, clock, printer and (lambda ids: emit(printer.add(ids))))
     timings = {"load_s": clock["load_s"], "first_token_s": clock["image_s"] + clock["prefill_s"],
                "decode_s": clock["decode_s"], "decode_tokens": max(len(ids) - 1, 0), "peak_rss_gib": peak_rss_gib()}
     if hasattr(session.step, "compile_s"):  # --compile on CUDA: the part of decode_s spent compiling
@@ -261,7 +261,8 @@ def answer_one(session: Session, image: Image.Image, prompt: str, max_tokens: in
     if output_format == "json":
         emit(json.dumps({**record, "timings": timings}, ensure_ascii=False, allow_nan=False) + "\n")
     elif printer:
-        printer.close(record["text"])
+        if record["text"] or printer.shown:
+            emit(printer.close(record["text"]) + "\n")
     elif ids:  # a zero token budget prints nothing
         emit(record["text"] + "\n")
 
@@ -298,29 +299,6 @@ def writes_rgb(image_format: str | None) -> bool:
         return image_format is not None
     except (OSError, KeyError, ValueError):
         return False
-
-
-class StreamPrinter:
-    """Prints the answer as it grows, only ever text that the final answer begins with. A run of byte tokens
-    (`<0xNN>`, the tokenizer's spelling of rare characters) decodes as a whole: into characters, or into one U+FFFD
-    per byte where the bytes are not valid UTF-8; and special tokens are dropped, which joins the runs around them.
-    So the text is printed up to the last token that is neither."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.shown = tokenizer, ""
-        byte_tokens = tokenizer.convert_tokens_to_ids([f"<0x{i:02X}>" for i in range(256)])
-        self.pending = set(byte_tokens) | set(tokenizer.all_special_ids)
-
-    def add(self, ids: list[int]):
-        stable = next((n for n in range(len(ids), 0, -1) if ids[n - 1] not in self.pending), 0)
-        text = self.tokenizer.decode(ids[:stable], skip_special_tokens=True)
-        if len(text) > len(self.shown) and text.startswith(self.shown):
-            emit(text[len(self.shown):])
-            self.shown = text
-
-    def close(self, text: str):
-        if text or self.shown:
-            emit(text[len(self.shown):] + "\n")
 
 
 def failure(e: BaseException, debug: bool) -> tuple[str, int]:

@@ -8,6 +8,7 @@ kept), scaled to [0, 1] and normalised with mean = std = 0.5 to [-1, 1]; transpa
 import contextlib
 import threading
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -42,11 +43,18 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     """Open and fully decode an image file; UserError naming the file for anything that is not a usable image."""
     path = Path(path)
     require_file(path, "image file")
+    return decode_image(path, path, max_pixels)
+
+
+def decode_image(source: Path | BinaryIO, path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open and fully decode an image from a file or bytes (a server's upload), named path in every UserError; its
+    size is checked from the header, before any pixel is decoded."""
     try:
         with without_pillow_limit():
-            image = Image.open(path)
-    except Image.UnidentifiedImageError as e:
-        raise UserError(f"{path}: not an image pillow can read ({e})") from None
+            image = Image.open(source)
+    except Image.UnidentifiedImageError as e:  # pillow's own words name a file, or an object in memory
+        raise UserError(f"{path}: not an image pillow can read" + (f" ({e})" if isinstance(source, Path) else "")) \
+            from None
     except OSError as e:  # permission denied, say
         raise UserError(f"{path}: image file cannot be read ({e.strerror or e})") from None
     width, height = image.size

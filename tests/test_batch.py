@@ -18,11 +18,10 @@ from test_model import load_ours
 
 import batch
 import detection
-import inference
 import masks
 from checkpoint import load_tokenizer
 from console import UserError
-from generate import generate
+from generate import TextStream, generate
 
 PROMPTS = ["caption en", "answer en what colour is the cup on the wooden table?", "detect cat ; dog"]
 
@@ -216,18 +215,13 @@ def test_segment_answer_gives_codes_its_mask_in_run_lengths_and_draws_it(vae, tm
     assert "mask" not in detection.describe(dict(record), image, "segment cup")["segments"][0]
 
 
-def test_streamed_text_is_the_answer_with_no_character_split_across_byte_tokens(checkpoint, capsys):
+def test_streamed_text_is_the_answer_with_no_character_split_across_byte_tokens(checkpoint):
     tokenizer = load_tokenizer(checkpoint("v1_mqa"))
     ids = tokenizer.convert_tokens_to_ids(["c", "a", "t", "▁", "<0xC3>", "<0xA9>", "!"])  # "cat é!"
-    printer = inference.StreamPrinter(tokenizer)
-    shown = []
-    for n in range(1, len(ids) + 1):
-        printer.add(ids[:n])
-        shown.append(capsys.readouterr().out)
+    pieces = TextStream(tokenizer)
+    shown = [pieces.add(ids[:n]) for n in range(1, len(ids) + 1)]
     assert shown[4] == ""  # after the first byte of "é": nothing yet, rather than a broken character
-    assert "".join(shown) == "cat é!"
-    printer.close(tokenizer.decode(ids))
-    assert capsys.readouterr().out == "\n"
+    assert "".join(shown) == "cat é!" and pieces.close(tokenizer.decode(ids)) == ""
 
 
 def test_stream_flag_prints_the_same_answer(checkpoint, tmp_path):

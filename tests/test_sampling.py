@@ -11,9 +11,8 @@ from hypothesis import strategies as st
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 import generate as generation
-import inference
 from checkpoint import load_tokenizer
-from generate import NotFinite, generate, sample
+from generate import NotFinite, TextStream, generate, sample
 from processing_paligemma import PaliGemmaProcessor
 
 
@@ -66,30 +65,23 @@ def test_ids_past_the_tokenizer_are_never_produced_greedy_or_sampled(checkpoint,
 
 
 def stream(tokenizer, ids) -> list[str | None]:
-    """What StreamPrinter writes, with None where one token ends (not a string: any string may be a token's text)."""
+    """The pieces TextStream gives (the CLI's --stream and the server's streams), with None where one token ends
+    (not a string: any string may be a token's text)."""
     written = []
-    printer = inference.StreamPrinter(tokenizer)
-    real = inference.emit
-    inference.emit = written.append
-    try:
-        for n in range(1, len(ids) + 1):
-            printer.add(ids[:n])
-            written.append(None)
-        printer.close(tokenizer.decode(ids, skip_special_tokens=True))
-    finally:
-        inference.emit = real
-    return written
+    pieces = TextStream(tokenizer)
+    for n in range(1, len(ids) + 1):
+        written += [pieces.add(ids[:n]), None]
+    return written + [pieces.close(tokenizer.decode(ids, skip_special_tokens=True))]
 
 
 def check_stream(tokenizer, ids):
     final = tokenizer.decode(ids, skip_special_tokens=True)
     written = stream(tokenizer, ids)
-    shown = "".join(w for w in written if w is not None)
-    assert shown == final + "\n" or (not final and shown == "")
+    assert "".join(w for w in written if w is not None) == final
     so_far = ""
-    for piece in written:  # after every token, what was written is the beginning of the final text
+    for piece in written:  # after every token, what was given is the beginning of the final text
         so_far += piece or ""
-        assert (final + "\n").startswith(so_far)
+        assert final.startswith(so_far)
 
 
 def token_ids(tokenizer) -> st.SearchStrategy:
