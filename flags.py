@@ -32,21 +32,21 @@ FLAG_RULES = {  # flag -> (test of its value, what it must be)
 }
 
 
-def check_flags(flags: dict):
-    """Every flag's type and range; a UserError names the first bad one."""
-    for name, (valid, what) in FLAG_RULES.items():
-        if not valid(flags[name]):
+def check_flags(flags: dict, rules: dict = FLAG_RULES):
+    """Every given flag's type and range by its rule; a UserError names the first bad one."""
+    for name, (valid, what) in rules.items():
+        if name in flags and not valid(flags[name]):
             raise UserError(f"--{name} must be {what}, not {flags[name]!r}")
 
 
-def quote_string_flags(argv: list[str]) -> list[str]:
+def quote_string_flags(argv: list[str], names=STRING_FLAGS) -> list[str]:
     """Quote the values of text flags, so that fire keeps a prompt like "1e3" or "[cat]" as the text typed."""
     out, quote_next = [], False
     for arg in argv:
         name, eq, value = arg.partition("=")
         if quote_next:
             arg, quote_next = repr(arg), False
-        elif arg.startswith("--") and name[2:] in STRING_FLAGS:
+        elif arg.startswith("--") and name[2:] in names:
             if eq:
                 arg = f"{name}={value!r}"
             else:

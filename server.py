@@ -1,0 +1,363 @@
+"""An OpenAI-compatible HTTP server for PaliGemma: `python server.py --model_path DIR [--port 8000]`.
+
+It listens at once and loads the model in the background (GET /health answers 503 until it is ready); engine.py then
+answers every request, decoding the running ones together. This file is the HTTP layer: flags, routes, the guard in
+front of them (Host header, API key, body size), errors in OpenAI's shape, streaming and metrics. Chat requests are
+parsed in chat.py, image URLs read in media.py. Safe by default: loopback only, no remote images, no CORS.
+"""
+
+import asyncio
+import hmac
+import inspect
+import io
+import json
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import fire
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
+
+import answers
+import masks
+from batch import check_fits, check_prompt
+from chat import ApiError, parse_chat
+from checkpoint import DTYPES, find_shards, load_config, read_safetensors_header, stop_tokens
+from console import UserError, kind_of, log, require_file
+from engine import Engine
+from flags import FLAG_RULES, check_flag_names, check_flags, quote_string_flags
+from generate import load_session
+from inference import choose_device, failure
+from media import MediaError, read_media
+from processing_paligemma import DEFAULT_MAX_PIXELS, check_tokenizer, decode_image
+
+SERVER_RULES = {
+    **{name: FLAG_RULES[name] for name in ("dtype", "quantize", "max_image_pixels", "only_cpu", "ignore_memory_check")},
+    "port": (lambda v: type(v) is int and 0 <= v <= 65535, "a port number from 0 to 65535"),
+    "host": (lambda v: isinstance(v, str) and v != "", "an address to listen on"),
+    # Up to 16 rows a step runs kernels.gemv, which computes each row as it would alone (batch invariance).
+    "max_batch": (lambda v: type(v) is int and 1 <= v <= 16, "a whole number from 1 to 16"),
+    "max_queue": (lambda v: type(v) is int and v >= 1, "a whole number >= 1"),
+    "max_tokens": (lambda v: type(v) is int and v >= 1, "a whole number >= 1"),
+    "max_body_bytes": (lambda v: type(v) is int and v >= 1024, "a whole number >= 1024"),
+    "shutdown_timeout": (lambda v: type(v) in (int, float) and v >= 0, "a number of seconds >= 0"),
+    **{name: (lambda v: v is None or isinstance(v, str) and v.strip() != "", "a non-empty text")
+       for name in ("api_key", "served_model_name", "cors_origins", "allowed_media_domains", "vae_path",
+                    "allowed_local_media_path")},
+}
+STRING_FLAGS = ("model_path", "host", "dtype", "quantize", "vae_path", "api_key", "served_model_name", "cors_origins",
+                "allowed_media_domains", "allowed_local_media_path")
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+disable_created_metrics()  # one series per metric, not a second one of creation times
+
+
+class State:
+    """What the routes share: the flags, the loaded session and its engine (None while loading), the metrics."""
+
+    def __init__(self, flags: dict, folder: Path, vae):
+        self.flags, self.folder, self.vae = flags, folder, vae
+        self.name = flags["served_model_name"] or folder.resolve().name
+        self.session, self.engine, self.failed, self.load_s, self.created = None, None, None, 0.0, int(time.time())
+        self.domains = frozenset(d.strip().lower() for d in (flags["allowed_media_domains"] or "").split(",")
+                                 if d.strip())
+        local = flags["allowed_local_media_path"]
+        self.local_root = Path(local).resolve() if local else None
+        self.registry = CollectorRegistry()
+        self.requests = Counter("paligemma_requests", "HTTP requests answered, by route and status",
+                                ["route", "status"], registry=self.registry)
+        Gauge("paligemma_queue_length", "requests waiting for a row", registry=self.registry).set_function(
+            lambda: len(self.engine.queue) if self.engine else 0)
+        Gauge("paligemma_running_rows", "requests decoding", registry=self.registry).set_function(
+            lambda: len(self.engine.rows) if self.engine else 0)
+        self.ttft = Histogram("paligemma_time_to_first_token_seconds", "from a request's arrival to its first token",
+                              buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
+        self.rate = Histogram("paligemma_decode_tokens_per_second", "a request's decode speed",
+                              buckets=(0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
+
+    def load(self):
+        """Load the model and start the engine (on a thread of its own, while the server already answers)."""
+        start = time.monotonic()
+        device, note = choose_device(self.flags["only_cpu"])
+        if note:
+            log(note)
+        quantize = None if self.flags["quantize"] == "none" else self.flags["quantize"]
+        self.session = load_session(self.folder, device, DTYPES.get(self.flags["dtype"]), vae=self.vae,
+                                    memory_check=not self.flags["ignore_memory_check"], quantize=quantize,
+                                    batch=self.flags["max_batch"])
+        self.engine = Engine(self.session, self.flags["max_batch"], self.flags["max_queue"]).start()
+        self.load_s = time.monotonic() - start
+        log(f"ready: {self.name} loaded in {self.load_s:.1f} s")
+
+    def ready(self):
+        if self.engine is None:
+            raise ApiError(503, "Loading model", code="model_loading", headers={"Retry-After": "5"})
+
+    def image(self, url: str | None = None, data: bytes | None = None):
+        """A request's image, decoded (on a worker thread: never on the event loop)."""
+        try:
+            if url is not None:
+                data = read_media(url, max_bytes=self.flags["max_body_bytes"], domains=self.domains,
+                                  local_root=self.local_root)
+            return decode_image(io.BytesIO(data), "the image", self.flags["max_image_pixels"])
+        except (MediaError, UserError) as e:
+            raise ApiError(400, str(e), param="image") from None
+
+    def inputs(self, prompt: str, image, max_tokens: int | None) -> tuple[dict, int]:
+        """The processor's tensors for the prompt and image, and the token budget that fits the positions."""
+        try:
+            check_prompt(prompt)
+            inputs = self.session.processor([prompt], [image])
+            length, config = inputs["input_ids"].shape[1], self.session.model.config
+            positions = config.text_config.max_position_embeddings
+            budget = max_tokens if max_tokens is not None else min(self.flags["max_tokens"], positions - length)
+            check_fits(length, budget, positions, config.num_image_tokens)
+        except UserError as e:
+            raise ApiError(400, str(e).replace("--max_tokens_to_generate", "max_tokens"), param="messages") from None
+        return inputs, budget
+
+
+class Guard:
+    """In front of every route: the Host header on a loopback bind (DNS rebinding), the API key, the body's size
+    (refused from Content-Length before it is read, or once a streamed body passes it); and the metrics' count."""
+
+    def __init__(self, app, state: State):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            self.check(scope)
+            receive = await self.buffered(scope, receive)
+        except ApiError as e:
+            await error_response(e)(scope, receive, counted)
+        else:
+            await self.app(scope, receive, counted)
+        finally:
+            route = scope["path"] if scope["path"] in ROUTES else "other"
+            self.state.requests.labels(route, str(status[0])).inc()
+
+    def check(self, scope):
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host = headers.get("host")
+        if self.state.flags["host"] in LOOPBACK_NAMES and host is not None:
+            name = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0]
+            if name.lower() not in LOOPBACK_NAMES:
+                raise ApiError(400, f"the Host header {host[:100]!r} is not this loopback server's name (DNS "
+                                    "rebinding?); use localhost or 127.0.0.1")
+        key = self.state.flags["api_key"]
+        if key and scope["path"] != "/health":
+            scheme, _, given = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+                raise ApiError(401, "a valid API key is needed: Authorization: Bearer KEY", code="invalid_api_key")
+        limit = self.state.flags["max_body_bytes"]
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            raise ApiError(413, f"the body is over the limit of {limit} bytes (--max_body_bytes)")
+
+    async def buffered(self, scope, receive):
+        """The body read up to the limit, handed to the route as if it came in now; later messages (a client that
+        disconnects) pass through."""
+        body, limit = [], self.state.flags["max_body_bytes"]
+        size, more = 0, scope["method"] in ("POST", "PUT", "PATCH")
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return receive
+            size += len(message.get("body", b""))
+            if size > limit:
+                raise ApiError(413, f"the body is over the limit of {limit} bytes (--max_body_bytes)")
+            body.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        replay = [{"type": "http.request", "body": b"".join(body), "more_body": False}]
+
+        async def again():
+            return replay.pop() if replay else await receive()
+
+        return again
+
+
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), e.status, headers=e.headers)
+
+
+ROUTES = ("/v1/chat/completions", "/v1/paligemma", "/v1/models", "/health", "/metrics")
+
+
+def create_app(state: State) -> FastAPI:
+    """The routes, the error handlers and the guard; the model loads when the app starts."""
+
+    async def lifespan(app):
+        loading = asyncio.get_running_loop().run_in_executor(None, load_or_fail, state)
+        yield
+        if state.engine is not None:
+            await run_in_threadpool(state.engine.stop, 0)
+        elif not loading.done():
+            os._exit(0)  # stopped while loading: nothing to finish
+
+    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        return error_response(e)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        message = {404: f"no route {request.method} {request.url.path}", 405: f"{request.method} is not allowed on "
+                   f"{request.url.path}"}.get(e.status_code, str(e.detail))
+        return error_response(ApiError(e.status_code, message, headers=getattr(e, "headers", None)))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request, e: Exception):
+        incident = secrets.token_hex(6)
+        log(f"error {incident} on {request.method} {request.url.path}:\n{traceback.format_exc().rstrip()}")
+        return error_response(ApiError(500, f"internal error {incident} (the server's log has the details)"))
+
+    @app.get("/health")
+    async def health():
+        state.ready()
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": state.name, "object": "model", "created": state.created,
+                                            "owned_by": "pytorch-paligemma"}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(generate_latest(state.registry), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        received = time.monotonic()
+        state.ready()
+        chat = parse_chat(await read_json(request), state.name)
+        image = await run_in_threadpool(state.image, chat.image_url)
+        inputs, budget = await run_in_threadpool(state.inputs, chat.prompt, image, chat.max_tokens)
+        job = answers.Job(state, inputs, budget, chat.temperature, chat.top_p, chat.seed, chat.top_logprobs,
+                          received)
+        if chat.stream:
+            return StreamingResponse(answers.chat_stream(state, job, chat, image),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await job.watched(request, answers.chat_completion(state, job, chat, image))
+
+    @app.post("/v1/paligemma")
+    async def paligemma(request: Request):
+        received = time.monotonic()
+        state.ready()
+        upload, fields = await answers.read_form(request)
+        image = await run_in_threadpool(state.image, None, upload)
+        inputs, budget = await run_in_threadpool(state.inputs, fields["prompt"], image,
+                                                 fields["max_tokens_to_generate"])
+        job = answers.Job(state, inputs, budget, fields["temperature"] if fields["do_sample"] else 0.0,
+                          fields["top_p"], fields["seed"], 0, received)
+        return await job.watched(request, answers.record(state, job, fields, image))
+
+    return CORSMiddleware(Guard(app, state), allow_origins=state.flags["cors_origins"].split(","),
+                          allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"]) \
+        if state.flags["cors_origins"] else Guard(app, state)
+
+
+async def read_json(request: Request):
+    try:
+        return json.loads(await request.body())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ApiError(400, f"the body is not valid JSON ({getattr(e, 'msg', type(e).__name__)})") from None
+
+
+def load_or_fail(state: State):
+    try:
+        state.load()
+    except BaseException as e:  # the one line the command line would print; the server exits with it
+        state.failed = failure(e, bool(os.environ.get("PALIGEMMA_DEBUG")))
+        log(state.failed[0])
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def main(model_path: str, port: int = 8000, host: str = "127.0.0.1", dtype: str | None = None,
+         quantize: str = "none", only_cpu: bool = False, vae_path: str | None = None,
+         max_image_pixels: int = DEFAULT_MAX_PIXELS, ignore_memory_check: bool = False, api_key: str | None = None,
+         max_batch: int = 4, max_queue: int = 32, served_model_name: str | None = None,
+         shutdown_timeout: float = 30.0, cors_origins: str | None = None, allowed_media_domains: str | None = None,
+         allowed_local_media_path: str | None = None, max_tokens: int = 100, max_body_bytes: int = 32 << 20):
+    """Serve a PaliGemma checkpoint over HTTP with OpenAI's chat completions API.
+
+    Args:
+        model_path: the checkpoint folder, as for inference.py
+        port: the TCP port to listen on
+        host: the address to listen on; 127.0.0.1 (this machine only) unless you mean otherwise
+        dtype, quantize, only_cpu, vae_path, max_image_pixels, ignore_memory_check: as for inference.py
+        api_key: require Authorization: Bearer API_KEY on every route but /health
+        max_batch: requests decoded together (1 to 16)
+        max_queue: requests waiting beyond those; more get 503 with Retry-After
+        served_model_name: the model's name in the API (default: the folder's name)
+        shutdown_timeout: seconds that running answers get to finish on SIGTERM or Ctrl-C
+        cors_origins: comma-separated origins that browsers may call from (none by default)
+        allowed_media_domains: comma-separated hosts whose https:// images may be fetched (none by default)
+        allowed_local_media_path: a folder whose files file:// image URLs may name (none by default)
+        max_tokens: the answer's length when a request does not say
+        max_body_bytes: the largest request body
+    """
+    flags = dict(locals())
+    check_flags(flags, SERVER_RULES)
+    folder = Path(model_path)
+    config = load_config(folder)
+    stop_tokens(folder, config)
+    check_tokenizer(folder, config)
+    for shard in find_shards(folder):
+        read_safetensors_header(shard)
+    if allowed_local_media_path is not None and kind_of(allowed_local_media_path) != "a folder":
+        raise UserError(f"--allowed_local_media_path {allowed_local_media_path} is not a folder")
+    if vae_path is not None:
+        require_file(vae_path, "the --vae_path file")
+    state = State(flags, folder, masks.load_vae(vae_path) if vae_path else None)
+    try:
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror})") from None
+    for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn raises them again after its graceful shutdown: exit 0
+        signal.signal(sig, lambda *_: None)
+    log(f"listening on http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]} (loading "
+        f"{folder})")
+    server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning", lifespan="on",
+                                           timeout_graceful_shutdown=shutdown_timeout))
+    server.run(sockets=[sock])
+    if state.failed:
+        sys.exit(state.failed[1])
+
+
+def cli():
+    debug = bool(os.environ.get("PALIGEMMA_DEBUG"))
+    try:
+        check_flag_names(sys.argv[1:], list(inspect.signature(main).parameters))
+        fire.Fire(main, command=quote_string_flags(sys.argv[1:], STRING_FLAGS))
+    except SystemExit:
+        raise
+    except BaseException as e:
+        message, code = failure(e, debug)
+        if debug:
+            traceback.print_exc()
+        log(message)
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    cli()
