@@ -12,6 +12,17 @@
 
 #define ROWS 8  // weight rows per pass: enough independent accumulators to hide the FMA latency
 #define MAX_X 4  // rows of x per pass over the weights
+// With several rows of x a pass keeps nm x nr accumulators and nr weight vectors in registers: fewer weight rows
+// a pass, so that they fit in AVX2's 16 vector registers (AVX-512's 32), rather than spill to memory.
+#if WIDTH == 16
+#define ROWS_2 8
+#define ROWS_3 7
+#define ROWS_4 6
+#else
+#define ROWS_2 4
+#define ROWS_3 3
+#define ROWS_4 3
+#endif
 // Software prefetch, as the hardware prefetcher falls behind on 8 streams and stops at every 4 KiB page: short
 // rows (up to SHORT_ROW elements) are fetched one block of rows ahead, long ones PREFETCH elements ahead.
 #define PREFETCH 256
@@ -78,12 +89,13 @@ void gemv(int64_t n_w, const void *const *Ws, void *const *ys, const int64_t *ro
                 int64_t r = begin > offset ? begin - offset : 0, r1 = end - offset < rows[j] ? end - offset : rows[j];
                 const float *xm = x + m0 * cols;
                 void *ym = (uint8_t *)ys[j] + m0 * rows[j] * size;
-                for (; r + ROWS <= r1; r += ROWS) {
+                int64_t step = nm == 1 ? ROWS : nm == 2 ? ROWS_2 : nm == 3 ? ROWS_3 : ROWS_4;
+                for (; r + step <= r1; r += step) {
                     switch (nm) {
                         case 1: PASS_ANY(Ws[j], xm, ym, y_kind, rows[j], cols, r, ROWS, 1); break;
-                        case 2: PASS_ANY(Ws[j], xm, ym, y_kind, rows[j], cols, r, ROWS, 2); break;
-                        case 3: PASS_ANY(Ws[j], xm, ym, y_kind, rows[j], cols, r, ROWS, 3); break;
-                        default: PASS_ANY(Ws[j], xm, ym, y_kind, rows[j], cols, r, ROWS, 4);
+                        case 2: PASS_ANY(Ws[j], xm, ym, y_kind, rows[j], cols, r, ROWS_2, 2); break;
+                        case 3: PASS_ANY(Ws[j], xm, ym, y_kind, rows[j], cols, r, ROWS_3, 3); break;
+                        default: PASS_ANY(Ws[j], xm, ym, y_kind, rows[j], cols, r, ROWS_4, 4);
                     }
                 }
                 for (; r < r1; r++) PASS_ANY(Ws[j], xm, ym, y_kind, rows[j], cols, r, 1, (int)nm);
