@@ -88,7 +88,6 @@ def build() -> ctypes.CDLL:
     lib.quantize_rows.restype = i64
     lib.dequantize.argtypes = [pointer, pointer, pointer, i64, i64, i32, i64, i32]
     lib.gemv_quant.argtypes = [i64, pointer, pointer, pointer, pointer, pointer, i64, i64, i64, i32, i32, i32]
-    lib.int4_rounds_x_to_bfloat16.restype = i32
     lib.rms_norm.argtypes = [pointer, pointer, pointer, i64, i64, ctypes.c_float, i32, i32]
     lib.attend_one.argtypes = [pointer, pointer, pointer, pointer, pointer, *[i64] * 8, ctypes.c_float,
                                ctypes.c_float, i32]

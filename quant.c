@@ -10,8 +10,9 @@
 //   padded bytes. Four short rows read side by side stream at 60 % of the bandwidth one long line does.
 // - scales (padded rows, ceil(padded columns / group)) float16: the group's largest |w| / 127 (int8) or / 7
 //   (int4), rounded to float16; q = round(w / scale), ties to even, as torch.round. Padding is q = 0, scale 0.
-// A decode step multiplies a few rows of x by the weights as they stream from memory (`gemv_quant`); a prompt
-// multiplies a piece of a weight matrix dequantized to bfloat16 or float32 (`dequantize`).
+// A decode step multiplies a few rows of x, rounded to int8 in blocks of 32 columns, by the weights in integers as
+// they stream from memory (`gemv_quant`); a prompt multiplies a piece of a weight matrix dequantized to bfloat16 or
+// float32 (`dequantize`).
 #include <math.h>
 #include <stdlib.h>
 
@@ -46,21 +47,6 @@ static inline vec load_i8(const int8_t *p) {
 static inline __m256i load_u8(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
 static inline vec low_nibbles(__m256i v) { return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15))); }
 static inline vec high_nibbles(__m256i v) { return _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)); }
-#endif
-
-#if defined(__AVX512BF16__)
-// With bfloat16 dot products (AVX512-BF16) a 64-byte int4 chunk becomes four vectors of 32 bfloat16 values without
-// float arithmetic: interleaving a nibble u with the byte 0x43 gives the bits 0x43uu, bfloat16(128 + u), and
-// 128 + u = 136 + q. Interleaving works within 128-bit lanes, so x is laid out once per call in the order that
-// produces (x_order below), and each float lane of a product holds the sums of one block of 32 columns: one
-// vector of four scales, each repeated four times, scales them all. The sum is sum_k (136 + q_k) x_k minus
-// 136 sum_k x_k, with x rounded to bfloat16 for the product (a bfloat16 model's x already is) and float32 sums.
-#define INT4_BF16 1
-// Column of a chunk that word w of the chunk's x, laid out for the bfloat16 path, holds: vector w / 32 (low
-// nibbles of bytes 0-7, of 8-15, high nibbles of 0-7, of 8-15), lane (block) w % 32 / 8, byte w % 8.
-static inline int64_t x_order(int64_t w) { return w % 32 / 8 * 32 + w / 32 % 2 * 8 + w / 64 * 16 + w % 8; }
-#else
-#define INT4_BF16 0
 #endif
 
 // The float16 scale of row `row` (scales of `n_groups` a row) for column k, as a float.
@@ -147,115 +133,211 @@ void dequantize(const uint8_t *q, const uint16_t *scales, void *dst, int64_t n_r
     }
 }
 
-// x as one pass reads it: float32 rows padded with zeros to whole chunks (xp); for the bfloat16 int4 path also
-// bfloat16 in the order above (xb) and each float lane's 136 sum x of a chunk (xoff, WIDTH floats a chunk).
+// A decode step multiplies integers, as llama.cpp does on CPUs: each row of x is cut into blocks of 32 columns and
+// each block rounded to int8 with one float32 scale, its largest |x| / 127 (ties to even; a block of zeros has
+// scale 0, one holding a NaN or an infinity scale NaN). A block of weights times a block of x is then a sum of 32
+// integer products, exact in int32, scaled by the weight's and x's scales in float32. Each row of x is rounded and
+// summed alone: its result never depends on its neighbours.
+//
+// Integer products of 32 bytes: dot4 gives 8 int32 lanes, lane j the sum of columns 4j .. 4j + 3, with VNNI's
+// vpdpbusd, or AVX2's maddubs (pairs to int16: 15 x 127 x 2 and 127 x 127 x 2 never saturate) and madd. u unsigned.
+static inline __m256i dot4(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+// acc + dot4(u, s), in one instruction with VNNI.
+static inline __m256i dot4_add(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, u, s);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+    return _mm256_add_epi32(acc, dot4(u, s));
+#endif
+}
+static inline __m256i load_i256(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+
+// A chunk's sums land in 8 int32 lanes, each lane the sum of some columns of one block, so that one vector of
+// scales (x's and the weight's, laid out alike) scales them all.
+// - int4 (4 blocks of 32 columns a chunk): a 32-byte load holds two blocks, bytes j = columns j (low nibbles) and
+//   16 + j (high); x is stored in the same order (per pair of blocks: columns 0-15 of both, then 16-31 of both), so
+//   that the low and the high nibbles multiply x as they are. Lanes: blocks 0, 0, 2, 2, 1, 1, 3, 3.
+// - int8 (2 blocks a chunk), x in column order: lanes 0, 0, 1, 1, 0, 0, 1, 1.
+static inline int lane_block(int lane, int bits) { return bits == 4 ? lane % 4 / 2 * 2 + lane / 4 : lane % 4 / 2; }
+// Where column k of a chunk's x is stored in the int4 order above.
+static inline int int4_x_at(int k) { return k / 64 * 64 + k % 32 / 16 * 32 + k % 64 / 32 * 16 + k % 16; }
+
+// The sums of an int4 chunk (u: its low and high nibbles of blocks 0-1, then of 2-3) times x in the int4 order. The
+// pairs of products of a low and a high nibble's add in int16 (at most 4 x 15 x 127) before one madd on AVX2.
+static inline __m256i int4_sums(const __m256i u[4], const int8_t *x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) || defined(__AVXVNNI__)
+    __m256i s01 = dot4_add(dot4(u[0], load_i256(x)), u[1], load_i256(x + 32));
+    __m256i s23 = dot4_add(dot4(u[2], load_i256(x + 64)), u[3], load_i256(x + 96));
+#else
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i s01 = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u[0], load_i256(x)),
+                                                     _mm256_maddubs_epi16(u[1], load_i256(x + 32))), ones);
+    __m256i s23 = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u[2], load_i256(x + 64)),
+                                                     _mm256_maddubs_epi16(u[3], load_i256(x + 96))), ones);
+#endif
+    return _mm256_hadd_epi32(s01, s23);
+}
+
+// x as a pass reads it: the blocks' integers (rows padded with zeros to whole chunks), and per row and chunk the
+// x scales in the lanes above, and for int4, whose weights are stored as u = q + 8, the lanes' 8 sum x to take off.
 typedef struct {
-    float *xp, *xoff;
-    uint16_t *xb;
+    int8_t *xq;
+    float *scale;
+    int32_t *offset;
     int64_t padded, chunks;
 } Inputs;
+
+// Rounds one block of 32 floats to int8 at q; returns its scale.
+static inline float quantize_block(const float *x, int8_t *q) {
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 v[4], amax = _mm256_setzero_ps(), nan_check = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_loadu_ps(x + 8 * i);
+        amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], magnitude));
+        nan_check = _mm256_add_ps(nan_check, _mm256_mul_ps(v[i], _mm256_setzero_ps()));  // NaN if any is not finite
+    }
+    float most = 0.0f;
+    float lanes[8];
+    _mm256_storeu_ps(lanes, amax);
+    for (int i = 0; i < 8; i++) most = fmaxf(most, lanes[i]);
+    if (_mm256_movemask_ps(_mm256_cmp_ps(nan_check, nan_check, _CMP_UNORD_Q))) {
+        memset(q, 0, 32);
+        return NAN;
+    }
+    float d = most / 127.0f;
+    if (d == 0.0f) {
+        memset(q, 0, 32);
+        return 0.0f;
+    }
+    const __m256 dv = _mm256_set1_ps(d), top = _mm256_set1_ps(127.0f), bottom = _mm256_set1_ps(-127.0f);
+    __m256i i32[4];
+    for (int i = 0; i < 4; i++) {
+        __m256 r = _mm256_round_ps(_mm256_div_ps(v[i], dv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        i32[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, bottom), top));
+    }
+    __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3]));
+    _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    return d;
+}
 
 static Inputs prepare_x(const void *x, int x_kind, int64_t n_x, int64_t cols, int bits) {
     Inputs in = {.padded = padded_cols(cols, bits)};
     in.chunks = in.padded / chunk_cols(bits);
-    in.xp = calloc(n_x * in.padded, sizeof(float));
-    for (int64_t m = 0; m < n_x; m++)
-        for (int64_t k = 0; k < cols; k++) in.xp[m * in.padded + k] = read_kind(x, x_kind, m * cols + k);
-#if INT4_BF16
-    if (bits == 4) {
-        in.xb = malloc(n_x * in.padded * sizeof(uint16_t));
-        in.xoff = calloc(n_x * in.chunks * WIDTH, sizeof(float));
-        for (int64_t m = 0; m < n_x; m++)
-            for (int64_t c = 0; c < in.chunks; c++)
-                for (int64_t w = 0; w < 128; w++) {
-                    uint16_t b = scalar_to_bf16(in.xp[m * in.padded + c * 128 + x_order(w)]);
-                    in.xb[m * in.padded + c * 128 + w] = b;
-                    in.xoff[(m * in.chunks + c) * WIDTH + w % 32 / 2] += 136.0f * scalar_bf16(b);
-                }
+    int64_t blocks = in.padded / 32, per_chunk = chunk_cols(bits) / 32;
+    in.xq = malloc(n_x * in.padded);
+    in.scale = malloc(n_x * in.chunks * 8 * sizeof(float));
+    in.offset = bits == 4 ? malloc(n_x * in.chunks * 8 * sizeof(int32_t)) : NULL;
+    float *row = malloc(in.padded * sizeof(float)), *d = malloc(blocks * sizeof(float));
+    for (int64_t m = 0; m < n_x; m++) {
+        int8_t *xq = in.xq + m * in.padded;
+        for (int64_t k = 0; k < in.padded; k++) row[k] = k < cols ? read_kind(x, x_kind, m * cols + k) : 0.0f;
+        for (int64_t b = 0; b < blocks; b++) d[b] = quantize_block(row + 32 * b, xq + 32 * b);
+        if (bits == 4)
+            for (int64_t c = 0; c < in.chunks; c++) {
+                int8_t ordered[128];
+                for (int k = 0; k < 128; k++) ordered[int4_x_at(k)] = xq[c * 128 + k];
+                memcpy(xq + c * 128, ordered, 128);
+            }
+        for (int64_t c = 0; c < in.chunks; c++) {
+            for (int lane = 0; lane < 8; lane++)
+                in.scale[(m * in.chunks + c) * 8 + lane] = d[c * per_chunk + lane_block(lane, bits)];
+            if (bits == 4) {
+                const __m256i eight = _mm256_set1_epi8(8), u[4] = {eight, eight, eight, eight};
+                _mm256_storeu_si256((__m256i *)(in.offset + (m * in.chunks + c) * 8), int4_sums(u, xq + c * 128));
+            }
+        }
     }
-#endif
+    free(row);
+    free(d);
     return in;
 }
 
-// Adds the products of weight row i of a tile (its chunk c at p) with the nm rows of x into total[m][i].
-static inline __attribute__((always_inline)) void chunk_products(const uint8_t *p, const uint16_t *S, int64_t row,
-                                                                 int64_t n_groups, int64_t group, int64_t c, int bits,
-                                                                 const Inputs *in, const int nm, vec *total) {
-    int64_t k0 = c * chunk_cols(bits);
-    const float *xp = in->xp + k0;
+// The scales of one row's chunk starting at column k0 (S: the row's scales), in the lanes above.
+static inline __m256 weight_scales(const uint16_t *S, int64_t k0, int64_t group, int bits) {
+    if (group % chunk_cols(bits) == 0) return _mm256_set1_ps(scalar_f16(S[k0 / group]));  // one group a chunk
+    if (group == 32) {  // a scale a block: the chunk's 4 (int4) or 2 (int8) scales, moved into their lanes
+        if (bits == 4)
+            return _mm256_cvtph_ps(_mm_shuffle_epi8(_mm_loadl_epi64((const __m128i *)(S + k0 / 32)),
+                                                    _mm_setr_epi8(0, 1, 0, 1, 4, 5, 4, 5, 2, 3, 2, 3, 6, 7, 6, 7)));
+        int32_t two;
+        memcpy(&two, S + k0 / 32, 4);
+        return _mm256_cvtph_ps(_mm_shuffle_epi8(_mm_cvtsi32_si128(two),
+                                                _mm_setr_epi8(0, 1, 0, 1, 2, 3, 2, 3, 0, 1, 0, 1, 2, 3, 2, 3)));
+    }
+    int64_t at[8];
+    for (int lane = 0; lane < 8; lane++) at[lane] = (k0 + 32 * lane_block(lane, bits)) / group;
+    return _mm256_cvtph_ps(_mm_setr_epi16(S[at[0]], S[at[1]], S[at[2]], S[at[3]], S[at[4]], S[at[5]], S[at[6]], S[at[7]]));
+}
+
+// Adds the products of one weight row's chunk c (its 64 bytes at p, the row's scales at S) with nm rows of x into
+// total[0 .. nm - 1].
+static inline __attribute__((always_inline)) void chunk_products(const uint8_t *p, const uint16_t *S, int64_t c,
+                                                                 int64_t group, int bits, const Inputs *in,
+                                                                 const int nm, __m256 *total) {
+    const __m256 ws = weight_scales(S, c * chunk_cols(bits), group, bits);
+    const float *xs = in->scale + c * 8;
     if (bits == 8) {
-        for (int half = 0; half < 2; half++) {  // 32 columns, one group's or part of one
-            vec acc[QMAX_X];
-            for (int b = 32 * half; b < 32 * half + 32; b += WIDTH) {
-                vec w = load_i8((const int8_t *)p + b);
-                for (int m = 0; m < nm; m++)
-                    acc[m] = b % 32 ? fmadd(w, load_f32(xp + m * in->padded + b), acc[m]) : vmul(w, load_f32(xp + m * in->padded + b));
-            }
-            vec s = splat(scale_at(S, row, n_groups, k0 + 32 * half, group));
-            for (int m = 0; m < nm; m++) total[m] = fmadd(acc[m], s, total[m]);
+        const __m256i w0 = load_i256(p), w1 = load_i256(p + 32);
+        const __m256i a0 = _mm256_abs_epi8(w0), a1 = _mm256_abs_epi8(w1);  // |w| times x with w's sign
+        for (int m = 0; m < nm; m++) {
+            const int8_t *xq = in->xq + m * in->padded + c * 64;
+            __m256i s = _mm256_hadd_epi32(dot4(a0, _mm256_sign_epi8(load_i256(xq), w0)),
+                                          dot4(a1, _mm256_sign_epi8(load_i256(xq + 32), w1)));
+            total[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(ws, _mm256_loadu_ps(xs + m * in->chunks * 8)),
+                                       total[m]);
         }
         return;
     }
-#if INT4_BF16
-    const __m512i v = _mm512_loadu_si512(p), nibble = _mm512_set1_epi8(15), high = _mm512_set1_epi8(0x43);
-    const __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-    const __m512bh w0 = (__m512bh)_mm512_unpacklo_epi8(lo, high), w1 = (__m512bh)_mm512_unpackhi_epi8(lo, high);
-    const __m512bh w2 = (__m512bh)_mm512_unpacklo_epi8(hi, high), w3 = (__m512bh)_mm512_unpackhi_epi8(hi, high);
-    __m128i h;
-    if (group == 32) h = _mm_loadl_epi64((const __m128i *)(S + row * n_groups + k0 / 32));
-    else h = _mm_setr_epi16(S[row * n_groups + k0 / group], S[row * n_groups + (k0 + 32) / group],
-                            S[row * n_groups + (k0 + 64) / group], S[row * n_groups + (k0 + 96) / group], 0, 0, 0, 0);
-    const vec s = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
-                                        _mm512_castps128_ps512(_mm_cvtph_ps(h)));
+    const __m256i nibble = _mm256_set1_epi8(15);
+    __m256i u[4];
+    for (int pair = 0; pair < 2; pair++) {  // blocks 0-1, then 2-3: their low nibbles, then their high ones
+        __m256i v = load_i256(p + 32 * pair);
+        u[2 * pair] = _mm256_and_si256(v, nibble);
+        u[2 * pair + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+    }
     for (int m = 0; m < nm; m++) {
-        const uint16_t *xb = in->xb + m * in->padded + k0;
-        vec acc = _mm512_dpbf16_ps(zero(), w0, (__m512bh)_mm512_loadu_si512(xb));
-        acc = _mm512_dpbf16_ps(acc, w1, (__m512bh)_mm512_loadu_si512(xb + 32));
-        acc = _mm512_dpbf16_ps(acc, w2, (__m512bh)_mm512_loadu_si512(xb + 64));
-        acc = _mm512_dpbf16_ps(acc, w3, (__m512bh)_mm512_loadu_si512(xb + 96));
-        total[m] = fmadd(vsub(acc, load_f32(in->xoff + (m * in->chunks + c) * WIDTH)), s, total[m]);
+        __m256i s = _mm256_sub_epi32(int4_sums(u, in->xq + m * in->padded + c * 128),
+                                     load_i256(in->offset + (m * in->chunks + c) * 8));
+        total[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(ws, _mm256_loadu_ps(xs + m * in->chunks * 8)),
+                                   total[m]);
     }
-#else
-    const vec eight = splat(8.0f);
-    for (int block = 0; block < 4; block++) {
-        vec acc[QMAX_X];
-        for (int b = 0; b < 16; b += WIDTH) {  // bytes b.. give columns b.. and 16 + b..
-            __typeof__(load_u8(p)) u = load_u8(p + 16 * block + b);
-            vec lo = vsub(low_nibbles(u), eight), hi = vsub(high_nibbles(u), eight);
-            for (int m = 0; m < nm; m++) {
-                const float *xm = xp + m * in->padded + 32 * block + b;
-                acc[m] = fmadd(hi, load_f32(xm + 16), b ? fmadd(lo, load_f32(xm), acc[m]) : vmul(lo, load_f32(xm)));
-            }
-        }
-        vec s = splat(scale_at(S, row, n_groups, k0 + 32 * block, group));
-        for (int m = 0; m < nm; m++) total[m] = fmadd(acc[m], s, total[m]);
-    }
-#endif
 }
 
-// One pass over tile t of a weight (rows rows, its tiles at Q, scales at S) for nm rows of x, into y (nm, rows).
+// One pass over tile t of a weight (rows rows, its tiles at Q, scales at S) for nm rows of x, into y (nm, rows): the
+// tile's 4 rows a chunk at a time, one straight line of memory. (Fewer rows at a time, to keep the 4 x nm
+// accumulators from spilling at nm = 4, measured slower: the extra passes over a tile cost more than the spills.)
 static inline __attribute__((always_inline)) void tile_pass(const uint8_t *Q, const uint16_t *S, void *y,
                                                             int y_kind, int64_t rows, int64_t n_groups, int64_t group, int bits,
                                                             const Inputs *in, int64_t t, const int nm) {
-    vec total[TILE][QMAX_X];
-    for (int i = 0; i < TILE; i++)
-        for (int m = 0; m < nm; m++) total[i][m] = zero();
     const uint8_t *tile = Q + t * TILE * in->chunks * CHUNK;
+    __m256 total[TILE][QMAX_X];
+    for (int i = 0; i < TILE; i++)
+        for (int m = 0; m < nm; m++) total[i][m] = _mm256_setzero_ps();
     for (int64_t c = 0; c < in->chunks; c++) {
         const uint8_t *p = tile + c * TILE * CHUNK;
         for (int i = 0; i < TILE; i++) {
             _mm_prefetch((const char *)p + i * CHUNK + QPREFETCH, _MM_HINT_T0);
-            chunk_products(p + i * CHUNK, S, t * TILE + i, n_groups, group, c, bits, in, nm, total[i]);
+            chunk_products(p + i * CHUNK, S + (t * TILE + i) * n_groups, c, group, bits, in, nm, total[i]);
         }
     }
     for (int i = 0; i < TILE && t * TILE + i < rows; i++)
-        for (int m = 0; m < nm; m++) write_kind(y, y_kind, m * rows + t * TILE + i, sum(total[i][m]));
+        for (int m = 0; m < nm; m++) write_kind(y, y_kind, m * rows + t * TILE + i, sum8(total[i][m]));
 }
 
 // ys[j][m, r] = sum_k x[m, k] * w_j[r, k] for each of the n_w quantized weights (tiles Qs[j], scales Ss[j], rows[j]
-// rows of cols columns, `bits` wide, scales per `group` columns) and each of the n_x rows of x; x and every ys[j]
-// (n_x, rows[j]) are of the kinds x_kind and y_kind (float32 sums, one rounding). The threads share out the tiles
-// of all the weights together, as gemv.c's gemv does.
+// rows of cols columns, `bits` wide, scales per `group` columns) and each of the n_x rows of x, x rounded to int8 in
+// blocks as above; x and every ys[j] (n_x, rows[j]) are of the kinds x_kind and y_kind (float32 sums, one rounding).
+// The threads share out the tiles of all the weights together, as gemv.c's gemv does.
 void gemv_quant(int64_t n_w, const uint8_t *const *Qs, const uint16_t *const *Ss, void *const *ys,
                 const int64_t *rows, const void *x, int64_t n_x, int64_t cols, int64_t group, int bits, int x_kind,
                 int y_kind) {
@@ -269,15 +351,15 @@ void gemv_quant(int64_t n_w, const uint8_t *const *Qs, const uint16_t *const *Ss
         for (int64_t m0 = 0; m0 < n_x; m0 += QMAX_X) {
             int64_t nm = n_x - m0 < QMAX_X ? n_x - m0 : QMAX_X, offset = 0;
             Inputs at = in;  // x from row m0 on
-            at.xp += m0 * in.padded;
-            if (at.xb) at.xb += m0 * in.padded, at.xoff += m0 * in.chunks * WIDTH;
+            at.xq += m0 * in.padded, at.scale += m0 * in.chunks * 8;
+            if (at.offset) at.offset += m0 * in.chunks * 8;
             for (int64_t j = 0; j < n_w; offset += (rows[j++] + TILE - 1) / TILE) {
                 int64_t tiles = (rows[j] + TILE - 1) / TILE;
                 int64_t t = begin > offset ? begin - offset : 0, t1 = end - offset < tiles ? end - offset : tiles;
                 void *ym = (uint8_t *)ys[j] + m0 * rows[j] * size;
 #define QPASS(NM)                                                                                                 \
     for (; t < t1; t++)                                                                                           \
-        if (bits == 8) tile_pass(Qs[j], Ss[j], ym, y_kind, rows[j], n_groups, group, 8, &at, t, NM);             \
+        if (bits == 8) tile_pass(Qs[j], Ss[j], ym, y_kind, rows[j], n_groups, group, 8, &at, t, NM);   \
         else tile_pass(Qs[j], Ss[j], ym, y_kind, rows[j], n_groups, group, 4, &at, t, NM);
                 switch (nm) {
                     case 1: QPASS(1) break;
@@ -288,10 +370,7 @@ void gemv_quant(int64_t n_w, const uint8_t *const *Qs, const uint16_t *const *Ss
             }
         }
     }
-    free(in.xp);
-    free(in.xb);
-    free(in.xoff);
+    free(in.xq);
+    free(in.scale);
+    free(in.offset);
 }
-
-// Whether int4 products round x to bfloat16 (the AVX512-BF16 path above): the tests' reference does the same.
-int int4_rounds_x_to_bfloat16(void) { return INT4_BF16; }

@@ -109,6 +109,16 @@ def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
     return (both.view(rows, -1)[:, :cols].to(torch.int8) - 8)
 
 
+def round_activations(x: torch.Tensor) -> torch.Tensor:
+    """(rows, cols) x as a decode step's integer products see it (quant.c's gemv_quant): each row's blocks of 32
+    columns rounded to int8 with one float32 scale, the block's largest |x| / 127 (ties to even); q * scale."""
+    rows, cols = x.shape
+    blocks = F.pad(x.float(), (0, -cols % 32)).view(rows, -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(d == 0, 0.0, torch.round(blocks / d)).clamp(-127, 127)
+    return (q * d).view(rows, -1)[:, :cols]
+
+
 def values(stored: torch.Tensor, scales: torch.Tensor, scheme: Scheme, cols: int, dtype: torch.dtype) -> torch.Tensor:
     """Rows of stored bytes (untiled) and their scales -> (rows, cols) weights: q * scale in float32, rounded to
     dtype once."""

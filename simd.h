@@ -7,6 +7,13 @@
 #include <immintrin.h>
 #include <omp.h>
 
+// The sum of 8 float lanes, in a fixed order.
+static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
 #if defined(__AVX512F__)
 #define WIDTH 16
 typedef __m512 vec;
@@ -28,11 +35,7 @@ static inline vec load_bf16(const uint16_t *p) {
 static inline vec load_f32(const float *p) { return _mm256_loadu_ps(p); }
 static inline vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vec zero(void) { return _mm256_setzero_ps(); }
-static inline float sum(vec v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
+static inline float sum(vec v) { return sum8(v); }
 #else
 #error "needs AVX2 with F16C and FMA, or AVX-512"
 #endif

@@ -2,9 +2,11 @@
 they stream at) against everything else (norms, attention, rotary angles, the KV cache, sampling's inputs, Python),
 for each dtype in a fresh process. The step is `generate.decode_one_token` on the accelerated model, after a
 prefill of `caption en` on test_images/cat.jpg; the products are timed by wrapping kernels.gemv and
-kernels.gemv_quantized.
+kernels.gemv_quantized. `--rows 1 4` times steps of 1 and of 4 rows (the same prompt 4 times, as a server decodes
+4 requests at once) and the cost of a step of 4 rows against one of 1.
 
     python benchmarks/bench_step.py                      # float16, int8 and int4 on paligemma-3b-pt-224
+    python benchmarks/bench_step.py --rows 1 4           # and steps of 4 rows against steps of 1
     python benchmarks/bench_step.py --model_path ~/.cache/paligemma-bench/paligemma2-3b-pt-224 --dtypes bfloat16
 """
 
@@ -22,7 +24,7 @@ from bench_load import DEFAULT_MODEL, RESULTS, ROOT, cpu_name  # noqa: E402
 QUANTIZED = ("int8", "int4")
 
 
-def measure(model_path: Path, dtype_name: str, steps: int, blocks: int) -> dict:
+def measure(model_path: Path, dtype_name: str, steps: int, blocks: int, rows: int) -> dict:
     """In this process: load, prefill, then time `blocks` runs of `steps` decode steps; the median block."""
     sys.path.insert(0, str(ROOT))
     import torch
@@ -34,7 +36,8 @@ def measure(model_path: Path, dtype_name: str, steps: int, blocks: int) -> dict:
     dtype = None if dtype_name in QUANTIZED else getattr(torch, dtype_name)
     extra = {"quantize": dtype_name} if dtype_name in QUANTIZED else {}
     session = load_session(model_path, torch.device("cpu"), dtype, verbose=False, **extra)
-    inputs = session.processor(["caption en"], [Image.open(ROOT / "test_images" / "cat.jpg").convert("RGB")])
+    image = Image.open(ROOT / "test_images" / "cat.jpg").convert("RGB")
+    inputs = session.processor(["caption en"] * rows, [image] * rows)
     spent = defaultdict(lambda: [0, 0.0, 0])  # weight shapes -> [calls, seconds, bytes a call]
 
     def timed(product):
@@ -52,7 +55,7 @@ def measure(model_path: Path, dtype_name: str, steps: int, blocks: int) -> dict:
     results = []
     with torch.inference_mode():
         logits = prefill(session.model, inputs, (blocks + 1) * steps)
-        token, position = logits.argmax(-1), torch.tensor([inputs["input_ids"].shape[1]])
+        token, position = logits.argmax(-1), torch.tensor([inputs["input_ids"].shape[1]])  # (rows,), (1,)
         for _block in range(blocks + 1):  # the first block warms up and is not counted
             spent.clear()
             start = time.perf_counter()
@@ -75,30 +78,39 @@ def main():
     parser.add_argument("--dtypes", nargs="+", default=["float16", "int8", "int4"])
     parser.add_argument("--steps", type=int, default=10, help="decode steps a block")
     parser.add_argument("--blocks", type=int, default=3, help="blocks of steps; the median is reported")
+    parser.add_argument("--rows", nargs="+", type=int, default=[1], help="rows a step decodes at once")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.model_path, args.child, args.steps, args.blocks)))
+        print(json.dumps(measure(args.model_path, args.child, args.steps, args.blocks, args.rows[0])))
         return
     rows = []
     for dtype in args.dtypes:
-        print(f"{dtype} ...", file=sys.stderr)
-        proc = subprocess.run([sys.executable, __file__, "--model_path", str(args.model_path), "--child", dtype,
-                               "--steps", str(args.steps), "--blocks", str(args.blocks)],
-                              capture_output=True, text=True)
-        if proc.returncode:
-            sys.exit(f"the {dtype} run failed:\n{proc.stderr[-2000:]}")
-        rows.append({"dtype": dtype, **json.loads(proc.stdout.strip().splitlines()[-1])})
-    print(f"\n{args.model_path.name}, one decode step, median of {args.blocks} blocks of {args.steps}; {cpu_name()}")
-    print("| dtype | step | weight products | their bandwidth | everything else |\n| --- | --- | --- | --- | --- |")
+        for count in args.rows:
+            print(f"{dtype}, {count} rows ...", file=sys.stderr)
+            proc = subprocess.run([sys.executable, __file__, "--model_path", str(args.model_path), "--child", dtype,
+                                   "--steps", str(args.steps), "--blocks", str(args.blocks), "--rows", str(count)],
+                                  capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f"the {dtype} run failed:\n{proc.stderr[-2000:]}")
+            rows.append({"dtype": dtype, "rows": count, **json.loads(proc.stdout.strip().splitlines()[-1])})
+    one = {r["dtype"]: r["step_ms"] for r in rows if r["rows"] == 1}
     for r in rows:
-        print(f"| {r['dtype']} | {r['step_ms']:.1f} ms | {r['products_ms']:.1f} ms | {r['products_gb_s']:.1f} GB/s "
-              f"| {r['rest_ms']:.1f} ms |")
-    print("\n| dtype | weights (rows x cols) | calls a step | ms a step | GB/s |\n| --- | --- | --- | --- | --- |")
+        if r["dtype"] in one:
+            r["vs_one_row"] = r["step_ms"] / one[r["dtype"]]
+    print(f"\n{args.model_path.name}, one decode step, median of {args.blocks} blocks of {args.steps}; {cpu_name()}")
+    print("| dtype | rows | step | vs 1 row | weight products | their bandwidth | everything else |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        ratio = f"{r['vs_one_row']:.2f}x" if "vs_one_row" in r else ""
+        print(f"| {r['dtype']} | {r['rows']} | {r['step_ms']:.1f} ms | {ratio} | {r['products_ms']:.1f} ms "
+              f"| {r['products_gb_s']:.1f} GB/s | {r['rest_ms']:.1f} ms |")
+    print("\n| dtype | rows | weights (rows x cols) | calls a step | ms a step | GB/s |\n"
+          "| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         for name, s in r["shapes"].items():
-            print(f"| {r['dtype']} | {name} | {s['calls']:.0f} | {s['ms']:.2f} | {s['gb_s']:.1f} |")
+            print(f"| {r['dtype']} | {r['rows']} | {name} | {s['calls']:.0f} | {s['ms']:.2f} | {s['gb_s']:.1f} |")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"step-{args.model_path.name}.json"
     path.write_text(json.dumps({"model": args.model_path.name, "cpu": cpu_name(), "steps": args.steps,
