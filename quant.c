@@ -134,13 +134,14 @@ void dequantize(const uint8_t *q, const uint16_t *scales, void *dst, int64_t n_r
 }
 
 // A decode step multiplies integers, as llama.cpp does on CPUs: each row of x is cut into blocks of 32 columns and
-// each block rounded to int8 with one float32 scale, its largest |x| / 127 (ties to even; a block of zeros has
-// scale 0, one holding a NaN or an infinity scale NaN). A block of weights times a block of x is then a sum of 32
-// integer products, exact in int32, scaled by the weight's and x's scales in float32. Each row of x is rounded and
-// summed alone: its result never depends on its neighbours.
+// each block rounded to integers with one float32 scale: int8 (its largest |x| / 127) for int4 weights, int16 (/ 32767)
+// for int8 weights, whose products cost the same either way (ties to even; a block of zeros has scale 0, one holding
+// a NaN or an infinity scale NaN). A block of weights times a block of x is then a sum of 32 integer products, exact
+// in int32, scaled by the weight's and x's scales in float32. Each row of x is rounded and summed alone: its result
+// never depends on its neighbours.
 //
 // Integer products of 32 bytes: dot4 gives 8 int32 lanes, lane j the sum of columns 4j .. 4j + 3, with VNNI's
-// vpdpbusd, or AVX2's maddubs (pairs to int16: 15 x 127 x 2 and 127 x 127 x 2 never saturate) and madd. u unsigned.
+// vpdpbusd, or AVX2's maddubs (pairs to int16: 15 x 127 x 2 never saturates) and madd. u unsigned.
 static inline __m256i dot4(__m256i u, __m256i s) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
     return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
@@ -160,6 +161,17 @@ static inline __m256i dot4_add(__m256i acc, __m256i u, __m256i s) {
     return _mm256_add_epi32(acc, dot4(u, s));
 #endif
 }
+// acc + the sums of pairs of int16 products a b (8 int32 lanes, lane j columns 2j and 2j + 1), one instruction with
+// VNNI's vpdpwssd.
+static inline __m256i madd16_add(__m256i acc, __m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpwssd_epi32(acc, a, b);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpwssd_avx_epi32(acc, a, b);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+}
 static inline __m256i load_i256(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
 
 // A chunk's sums land in 8 int32 lanes, each lane the sum of some columns of one block, so that one vector of
@@ -167,7 +179,7 @@ static inline __m256i load_i256(const void *p) { return _mm256_loadu_si256((cons
 // - int4 (4 blocks of 32 columns a chunk): a 32-byte load holds two blocks, bytes j = columns j (low nibbles) and
 //   16 + j (high); x is stored in the same order (per pair of blocks: columns 0-15 of both, then 16-31 of both), so
 //   that the low and the high nibbles multiply x as they are. Lanes: blocks 0, 0, 2, 2, 1, 1, 3, 3.
-// - int8 (2 blocks a chunk), x in column order: lanes 0, 0, 1, 1, 0, 0, 1, 1.
+// - int8 (2 blocks a chunk), x in column order, 16 columns a vector: lanes 0, 0, 1, 1, 0, 0, 1, 1.
 static inline int lane_block(int lane, int bits) { return bits == 4 ? lane % 4 / 2 * 2 + lane / 4 : lane % 4 / 2; }
 // Where column k of a chunk's x is stored in the int4 order above.
 static inline int int4_x_at(int k) { return k / 64 * 64 + k % 32 / 16 * 32 + k % 64 / 32 * 16 + k % 16; }
@@ -191,14 +203,14 @@ static inline __m256i int4_sums(const __m256i u[4], const int8_t *x) {
 // x as a pass reads it: the blocks' integers (rows padded with zeros to whole chunks), and per row and chunk the
 // x scales in the lanes above, and for int4, whose weights are stored as u = q + 8, the lanes' 8 sum x to take off.
 typedef struct {
-    int8_t *xq;
+    uint8_t *xq;  // int8 (int4 weights) or int16 (int8 weights), row_bytes a row
     float *scale;
     int32_t *offset;
-    int64_t padded, chunks;
+    int64_t padded, chunks, row_bytes;
 } Inputs;
 
-// Rounds one block of 32 floats to int8 at q; returns its scale.
-static inline float quantize_block(const float *x, int8_t *q) {
+// Rounds one block of 32 floats to int8 (wide = 0) or int16 (wide = 1) at q; returns its scale.
+static inline float quantize_block(const float *x, void *q, int wide) {
     const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     __m256 v[4], amax = _mm256_setzero_ps(), nan_check = _mm256_setzero_ps();
     for (int i = 0; i < 4; i++) {
@@ -211,22 +223,28 @@ static inline float quantize_block(const float *x, int8_t *q) {
     _mm256_storeu_ps(lanes, amax);
     for (int i = 0; i < 8; i++) most = fmaxf(most, lanes[i]);
     if (_mm256_movemask_ps(_mm256_cmp_ps(nan_check, nan_check, _CMP_UNORD_Q))) {
-        memset(q, 0, 32);
+        memset(q, 0, wide ? 64 : 32);
         return NAN;
     }
-    float d = most / 127.0f;
+    const float levels = wide ? 32767.0f : 127.0f, d = most / levels;
     if (d == 0.0f) {
-        memset(q, 0, 32);
+        memset(q, 0, wide ? 64 : 32);
         return 0.0f;
     }
-    const __m256 dv = _mm256_set1_ps(d), top = _mm256_set1_ps(127.0f), bottom = _mm256_set1_ps(-127.0f);
+    const __m256 dv = _mm256_set1_ps(d), top = _mm256_set1_ps(levels), bottom = _mm256_set1_ps(-levels);
     __m256i i32[4];
     for (int i = 0; i < 4; i++) {
         __m256 r = _mm256_round_ps(_mm256_div_ps(v[i], dv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         i32[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, bottom), top));
     }
-    __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3]));
-    _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    __m256i low = _mm256_packs_epi32(i32[0], i32[1]), high = _mm256_packs_epi32(i32[2], i32[3]);  // lanes interleaved
+    if (wide) {
+        _mm256_storeu_si256((__m256i *)q, _mm256_permute4x64_epi64(low, 0xD8));
+        _mm256_storeu_si256((__m256i *)q + 1, _mm256_permute4x64_epi64(high, 0xD8));
+    } else {
+        _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(_mm256_packs_epi16(low, high),
+                                                                      _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    }
     return d;
 }
 
@@ -234,14 +252,15 @@ static Inputs prepare_x(const void *x, int x_kind, int64_t n_x, int64_t cols, in
     Inputs in = {.padded = padded_cols(cols, bits)};
     in.chunks = in.padded / chunk_cols(bits);
     int64_t blocks = in.padded / 32, per_chunk = chunk_cols(bits) / 32;
-    in.xq = malloc(n_x * in.padded);
+    in.row_bytes = in.padded * (bits == 8 ? 2 : 1);
+    in.xq = malloc(n_x * in.row_bytes);
     in.scale = malloc(n_x * in.chunks * 8 * sizeof(float));
     in.offset = bits == 4 ? malloc(n_x * in.chunks * 8 * sizeof(int32_t)) : NULL;
     float *row = malloc(in.padded * sizeof(float)), *d = malloc(blocks * sizeof(float));
     for (int64_t m = 0; m < n_x; m++) {
-        int8_t *xq = in.xq + m * in.padded;
+        int8_t *xq = (int8_t *)in.xq + m * in.row_bytes;
         for (int64_t k = 0; k < in.padded; k++) row[k] = k < cols ? read_kind(x, x_kind, m * cols + k) : 0.0f;
-        for (int64_t b = 0; b < blocks; b++) d[b] = quantize_block(row + 32 * b, xq + 32 * b);
+        for (int64_t b = 0; b < blocks; b++) d[b] = quantize_block(row + 32 * b, xq + 32 * b * (bits == 8 ? 2 : 1), bits == 8);
         if (bits == 4)
             for (int64_t c = 0; c < in.chunks; c++) {
                 int8_t ordered[128];
@@ -287,12 +306,13 @@ static inline __attribute__((always_inline)) void chunk_products(const uint8_t *
     const __m256 ws = weight_scales(S, c * chunk_cols(bits), group, bits);
     const float *xs = in->scale + c * 8;
     if (bits == 8) {
-        const __m256i w0 = load_i256(p), w1 = load_i256(p + 32);
-        const __m256i a0 = _mm256_abs_epi8(w0), a1 = _mm256_abs_epi8(w1);  // |w| times x with w's sign
+        __m256i w[4];  // the chunk's 64 weights as int16, 16 a vector
+        for (int v = 0; v < 4; v++) w[v] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 16 * v)));
         for (int m = 0; m < nm; m++) {
-            const int8_t *xq = in->xq + m * in->padded + c * 64;
-            __m256i s = _mm256_hadd_epi32(dot4(a0, _mm256_sign_epi8(load_i256(xq), w0)),
-                                          dot4(a1, _mm256_sign_epi8(load_i256(xq + 32), w1)));
+            const int16_t *xw = (const int16_t *)(in->xq + m * in->row_bytes) + c * 64;
+            __m256i b0 = madd16_add(_mm256_madd_epi16(w[0], load_i256(xw)), w[1], load_i256(xw + 16));
+            __m256i b1 = madd16_add(_mm256_madd_epi16(w[2], load_i256(xw + 32)), w[3], load_i256(xw + 48));
+            __m256i s = _mm256_hadd_epi32(b0, b1);
             total[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(ws, _mm256_loadu_ps(xs + m * in->chunks * 8)),
                                        total[m]);
         }
@@ -306,7 +326,7 @@ static inline __attribute__((always_inline)) void chunk_products(const uint8_t *
         u[2 * pair + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
     }
     for (int m = 0; m < nm; m++) {
-        __m256i s = _mm256_sub_epi32(int4_sums(u, in->xq + m * in->padded + c * 128),
+        __m256i s = _mm256_sub_epi32(int4_sums(u, (const int8_t *)in->xq + m * in->row_bytes + c * 128),
                                      load_i256(in->offset + (m * in->chunks + c) * 8));
         total[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(ws, _mm256_loadu_ps(xs + m * in->chunks * 8)),
                                    total[m]);
@@ -351,7 +371,7 @@ void gemv_quant(int64_t n_w, const uint8_t *const *Qs, const uint16_t *const *Ss
         for (int64_t m0 = 0; m0 < n_x; m0 += QMAX_X) {
             int64_t nm = n_x - m0 < QMAX_X ? n_x - m0 : QMAX_X, offset = 0;
             Inputs at = in;  // x from row m0 on
-            at.xq += m0 * in.padded, at.scale += m0 * in.chunks * 8;
+            at.xq += m0 * in.row_bytes, at.scale += m0 * in.chunks * 8;
             if (at.offset) at.offset += m0 * in.chunks * 8;
             for (int64_t j = 0; j < n_w; offset += (rows[j++] + TILE - 1) / TILE) {
                 int64_t tiles = (rows[j] + TILE - 1) / TILE;

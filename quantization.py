@@ -48,6 +48,11 @@ class Scheme:
     def qmax(self) -> int:
         return 127 if self.bits == 8 else 7
 
+    @property
+    def x_levels(self) -> int:
+        """A decode step rounds x to int8 for int4 weights, to int16 for int8 weights (quant.c's gemv_quant)."""
+        return 127 if self.bits == 4 else 32767
+
     def padded_cols(self, cols: int) -> int:
         chunk = CHUNK * 8 // self.bits
         return math.ceil(cols / chunk) * chunk
@@ -109,13 +114,13 @@ def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
     return (both.view(rows, -1)[:, :cols].to(torch.int8) - 8)
 
 
-def round_activations(x: torch.Tensor) -> torch.Tensor:
+def round_activations(x: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     """(rows, cols) x as a decode step's integer products see it (quant.c's gemv_quant): each row's blocks of 32
-    columns rounded to int8 with one float32 scale, the block's largest |x| / 127 (ties to even); q * scale."""
+    columns rounded with one float32 scale, the block's largest |x| / scheme.x_levels (ties to even); q * scale."""
     rows, cols = x.shape
     blocks = F.pad(x.float(), (0, -cols % 32)).view(rows, -1, 32)
-    d = blocks.abs().amax(-1, keepdim=True) / 127
-    q = torch.where(d == 0, 0.0, torch.round(blocks / d)).clamp(-127, 127)
+    d = blocks.abs().amax(-1, keepdim=True) / scheme.x_levels
+    q = torch.where(d == 0, 0.0, torch.round(blocks / d)).clamp(-scheme.x_levels, scheme.x_levels)
     return (q * d).view(rows, -1)[:, :cols]
 
 

@@ -93,20 +93,21 @@ def quantized(shape, scheme, seed=0) -> QuantizedWeight:
 @pytest.mark.parametrize("scheme", SCHEMES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("rows", [1, 3, 4, 6, 7, 9])
-def test_gemv_equals_the_product_of_the_dequantized_weights_and_x_rounded_to_int8_blocks(rows, shape, scheme,
+def test_gemv_equals_the_product_of_the_dequantized_weights_and_x_rounded_in_blocks(rows, shape, scheme,
                                                                                          compiled):
     weight = quantized(shape, scheme)
     x = torch.randn(rows, shape[1])
     x[0, : min(shape[1], 40)] = 0  # a block of zeros: scale 0
     (y,) = kernels.gemv_quantized([weight], x)
-    expected = quantization.round_activations(x).double() @ weight.dequantize(torch.float32).double().T
+    expected = quantization.round_activations(x, scheme).double() @ weight.dequantize(torch.float32).double().T
     torch.testing.assert_close(y, expected.float(), atol=1e-5, rtol=1e-5)
 
 
-def test_x_rounded_to_int8_blocks_is_within_half_a_step_of_x():
+@pytest.mark.parametrize("scheme", SCHEMES[:2], ids=str)
+def test_x_rounded_in_blocks_is_within_half_a_step_of_x(scheme):
     x = torch.randn(3, 70) * torch.logspace(-3, 3, 70)  # blocks of very different sizes
-    seen = quantization.round_activations(x)
-    step = F.pad(x, (0, 26)).view(3, -1, 32).abs().amax(-1).repeat_interleave(32, dim=1)[:, :70] / 127
+    seen = quantization.round_activations(x, scheme)
+    step = F.pad(x, (0, 26)).view(3, -1, 32).abs().amax(-1).repeat_interleave(32, dim=1)[:, :70] / scheme.x_levels
     assert ((seen - x).abs() <= step / 2 * 1.001).all() and not torch.equal(seen, x)
 
 
@@ -119,7 +120,7 @@ def test_gemv_keeps_extreme_x_finite_and_a_non_finite_x_to_its_own_row(scheme, c
     y = kernels.gemv_quantized([weight], x)[0]
     assert y[0].isfinite().all() and y[3].isfinite().all()
     assert not y[1].isfinite().any() and not y[2].isfinite().any()
-    torch.testing.assert_close(y[0], (quantization.round_activations(x[:1]).double()
+    torch.testing.assert_close(y[0], (quantization.round_activations(x[:1], scheme).double()
                                       @ weight.dequantize(torch.float32).double().T)[0].float(), rtol=1e-5, atol=0)
 
 
@@ -168,8 +169,8 @@ def test_every_product_path_equals_f_linear_of_the_dequantized_weights(scheme, r
     weight = quantized((48, 100), scheme)
     x = torch.randn(rows, 100).to(dtype)
     (y,) = kernels.products(x, [weight], [None])
-    decode_kernel = rows <= kernels.MAX_GEMV_ROWS and kernels.library() is not None  # x rounded to int8 blocks
-    expected = F.linear(quantization.round_activations(x) if decode_kernel else x.float(),
+    decode_kernel = rows <= kernels.MAX_GEMV_ROWS and kernels.library() is not None  # x rounded in blocks
+    expected = F.linear(quantization.round_activations(x, scheme) if decode_kernel else x.float(),
                         weight.dequantize(torch.float32))
     assert y.dtype == dtype
     tolerance = 0.02 if dtype == torch.bfloat16 else 1e-5
