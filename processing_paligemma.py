@@ -182,5 +182,6 @@ class PaliGemmaProcessor:
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "token_type_ids": torch.zeros_like(input_ids),  # a prompt is all prefix; a suffix would be 1
-            "pixel_values": torch.stack([self.preprocess_image(image) for image in images]),
+            # stacked by NumPy: no torch work off the engine's thread in the server (engine.Engine.serve says why)
+            "pixel_values": torch.from_numpy(np.stack([self.preprocess_image(image).numpy() for image in images])),
         }

@@ -86,7 +86,7 @@ class State:
                               buckets=(0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
 
     def load(self):
-        """Load the model and start the engine (on a thread of its own, while the server already answers)."""
+        """Load the model, then run the engine on this thread (one of its own, while the server already answers)."""
         start = time.monotonic()
         device, note = choose_device(self.flags["only_cpu"])
         if note:
@@ -95,9 +95,11 @@ class State:
         self.session = load_session(self.folder, device, DTYPES.get(self.flags["dtype"]), vae=self.vae,
                                     memory_check=not self.flags["ignore_memory_check"], quantize=quantize,
                                     batch=self.flags["max_batch"])
-        self.engine = Engine(self.session, self.flags["max_batch"], self.flags["max_queue"]).start()
+        engine = Engine(self.session, self.flags["max_batch"], self.flags["max_queue"])
         self.load_s = time.monotonic() - start
         log(f"ready: {self.name} loaded in {self.load_s:.1f} s")
+        self.engine = engine
+        engine.serve()  # on this thread, which loaded the model (Engine.serve says why), until the server stops
 
     def ready(self):
         if self.engine is None:
