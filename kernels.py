@@ -20,7 +20,8 @@ embedding an `Embedding` that picks the dtype a forward computes in. The weights
 shared, whether they were copied or are used in place from the checkpoint's files.
 
 The C files are compiled once per machine (clib.py). Without a compiler the swapped modules use PyTorch's own
-operations (the same results within half precision); with PALIGEMMA_NO_KERNELS=1 `accelerate` leaves the plain
+operations (the same results within half precision, and, for quantized weights, within the rounding of x that
+the C decode products do); with PALIGEMMA_NO_KERNELS=1 `accelerate` leaves the plain
 model as it is.
 """
 
@@ -138,7 +139,8 @@ def widened_product(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> 
 def products(x: torch.Tensor, weights: list, biases: list) -> list[torch.Tensor]:
     """[F.linear(x, w, b) for each weight (float32, half precision or quantized)], by the fastest CPU path, in the
     dtype of x (which may differ from the weights'); equal to F.linear with the dequantized weights up to the order
-    of float32 additions and half-precision rounding. Which path runs where (the one table of it):
+    of float32 additions and half-precision rounding, and for gemv_quantized up to x's rounding in blocks
+    (quantization.round_activations). Which path runs where (the one table of it):
     - up to MAX_GEMV_ROWS rows: gemv / gemv_quantized (one pass over the weights, float32 sums); without the
       compiled kernels, F.linear in the weights' dtype, or of the weights dequantized to x's dtype;
     - more rows (a prompt): widened_product in x's dtype where the weights are quantized or of another dtype (float32

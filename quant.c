@@ -10,8 +10,8 @@
 //   padded bytes. Four short rows read side by side stream at 60 % of the bandwidth one long line does.
 // - scales (padded rows, ceil(padded columns / group)) float16: the group's largest |w| / 127 (int8) or / 7
 //   (int4), rounded to float16; q = round(w / scale), ties to even, as torch.round. Padding is q = 0, scale 0.
-// A decode step multiplies a few rows of x, rounded to int8 in blocks of 32 columns, by the weights in integers as
-// they stream from memory (`gemv_quant`); a prompt multiplies a piece of a weight matrix dequantized to bfloat16 or
+// A decode step multiplies a few rows of x, rounded to int8 or int16 in blocks of 32 columns, by the weights in
+// integers as they stream from memory (`gemv_quant`); a prompt multiplies a piece of a weight matrix dequantized to bfloat16 or
 // float32 (`dequantize`).
 #include <math.h>
 #include <stdlib.h>
@@ -136,38 +136,25 @@ void dequantize(const uint8_t *q, const uint16_t *scales, void *dst, int64_t n_r
 // A decode step multiplies integers, as llama.cpp does on CPUs: each row of x is cut into blocks of 32 columns and
 // each block rounded to integers with one float32 scale: int8 (its largest |x| / 127) for int4 weights, int16 (/ 32767)
 // for int8 weights, whose products cost the same either way (ties to even; a block of zeros has scale 0, one holding
-// a NaN or an infinity scale NaN). A block of weights times a block of x is then a sum of 32 integer products, exact
-// in int32, scaled by the weight's and x's scales in float32. Each row of x is rounded and summed alone: its result
-// never depends on its neighbours.
+// a NaN or an infinity scale NaN). A block of weights times a block of x is then summed as integers, in partial sums
+// of 8 or 16 columns that are exact in int32, and those are converted to float32 (exactly for int4), scaled by the
+// weight's and x's scales and summed in float32. Each row of x is rounded and summed alone: its result never
+// depends on its neighbours.
 //
-// Integer products of 32 bytes: dot4 gives 8 int32 lanes, lane j the sum of columns 4j .. 4j + 3, with VNNI's
-// vpdpbusd, or AVX2's maddubs (pairs to int16: 15 x 127 x 2 never saturates) and madd. u unsigned.
-static inline __m256i dot4(__m256i u, __m256i s) {
+// VNNI (AVX512-VNNI with VL, or AVX-VNNI) does a 4-byte (u8 x s8) or 2-word (s16 x s16) dot product and its
+// accumulation in one instruction; AVX2 takes maddubs (pairs to int16, which 15 x 127 x 2 never saturates) or madd,
+// then an add. The integers are the same either way: nothing here saturates or wraps.
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#define DPBUSD _mm256_dpbusd_epi32
+#define DPWSSD _mm256_dpwssd_epi32
 #elif defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
-#else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#define DPBUSD _mm256_dpbusd_avx_epi32
+#define DPWSSD _mm256_dpwssd_avx_epi32
 #endif
-}
-// acc + dot4(u, s), in one instruction with VNNI.
-static inline __m256i dot4_add(__m256i acc, __m256i u, __m256i s) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(acc, u, s);
-#elif defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(acc, u, s);
-#else
-    return _mm256_add_epi32(acc, dot4(u, s));
-#endif
-}
-// acc + the sums of pairs of int16 products a b (8 int32 lanes, lane j columns 2j and 2j + 1), one instruction with
-// VNNI's vpdpwssd.
+// acc + the sums of pairs of int16 products a b (8 int32 lanes, lane j columns 2j and 2j + 1).
 static inline __m256i madd16_add(__m256i acc, __m256i a, __m256i b) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpwssd_epi32(acc, a, b);
-#elif defined(__AVXVNNI__)
-    return _mm256_dpwssd_avx_epi32(acc, a, b);
+#ifdef DPWSSD
+    return DPWSSD(acc, a, b);
 #else
     return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
 #endif
@@ -187,9 +174,9 @@ static inline int int4_x_at(int k) { return k / 64 * 64 + k % 32 / 16 * 32 + k %
 // The sums of an int4 chunk (u: its low and high nibbles of blocks 0-1, then of 2-3) times x in the int4 order. The
 // pairs of products of a low and a high nibble's add in int16 (at most 4 x 15 x 127) before one madd on AVX2.
 static inline __m256i int4_sums(const __m256i u[4], const int8_t *x) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__) || defined(__AVXVNNI__)
-    __m256i s01 = dot4_add(dot4(u[0], load_i256(x)), u[1], load_i256(x + 32));
-    __m256i s23 = dot4_add(dot4(u[2], load_i256(x + 64)), u[3], load_i256(x + 96));
+#ifdef DPBUSD
+    __m256i s01 = DPBUSD(DPBUSD(_mm256_setzero_si256(), u[0], load_i256(x)), u[1], load_i256(x + 32));
+    __m256i s23 = DPBUSD(DPBUSD(_mm256_setzero_si256(), u[2], load_i256(x + 64)), u[3], load_i256(x + 96));
 #else
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i s01 = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u[0], load_i256(x)),
@@ -355,8 +342,8 @@ static inline __attribute__((always_inline)) void tile_pass(const uint8_t *Q, co
 }
 
 // ys[j][m, r] = sum_k x[m, k] * w_j[r, k] for each of the n_w quantized weights (tiles Qs[j], scales Ss[j], rows[j]
-// rows of cols columns, `bits` wide, scales per `group` columns) and each of the n_x rows of x, x rounded to int8 in
-// blocks as above; x and every ys[j] (n_x, rows[j]) are of the kinds x_kind and y_kind (float32 sums, one rounding).
+// rows of cols columns, `bits` wide, scales per `group` columns) and each of the n_x rows of x, x rounded in blocks
+// as above; x and every ys[j] (n_x, rows[j]) are of the kinds x_kind and y_kind (float32 sums, one rounding).
 // The threads share out the tiles of all the weights together, as gemv.c's gemv does.
 void gemv_quant(int64_t n_w, const uint8_t *const *Qs, const uint16_t *const *Ss, void *const *ys,
                 const int64_t *rows, const void *x, int64_t n_x, int64_t cols, int64_t group, int bits, int x_kind,

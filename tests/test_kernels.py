@@ -2,6 +2,7 @@
 fused groups, and the fallbacks."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -406,3 +407,15 @@ def test_the_avx2_build_passes_the_kernel_tests_too(tmp_path, compiled):
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:]
     assert list((tmp_path / "pytorch-paligemma").glob("kernels-*.so"))  # it did build its own library
+
+
+@pytest.mark.parametrize("march", ["icelake-server", "alderlake"])  # AVX512-VNNI with VL; AVX-VNNI
+def test_the_vnni_builds_compile_to_vnni_instructions(march, tmp_path, compiled):
+    """quant.c's VNNI branches cannot run on a CPU without VNNI, but they must build: for a CPU that has them, every
+    warning an error, into code that holds the VNNI dot products (the integers equal AVX2's, as the comments argue)."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    out = tmp_path / "quant.s"
+    subprocess.run([compiler, "-O3", f"-march={march}", "-fopenmp", "-Wall", "-Werror", "-S", "-o", str(out),
+                    str(ROOT / "quant.c")], check=True, capture_output=True, timeout=120)
+    assembly = out.read_text()
+    assert "vpdpbusd" in assembly and "vpdpwssd" in assembly and "vpmaddubsw" not in assembly

@@ -90,7 +90,7 @@ def quantized(shape, scheme, seed=0) -> QuantizedWeight:
     return weight
 
 
-@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+@pytest.mark.parametrize("scheme", SCHEMES + [Scheme(4, 64), Scheme(8, 96)], ids=str)  # groups a saved folder may have
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("rows", [1, 3, 4, 6, 7, 9])
 def test_gemv_equals_the_product_of_the_dequantized_weights_and_x_rounded_in_blocks(rows, shape, scheme,
