@@ -73,11 +73,22 @@ print(json.dumps({"load_s": seconds, "params": model.num_parameters(), **status(
 }
 
 
+# The instruction sets that decide which kernels run, as /proc/cpuinfo names them, and as the tables name them.
+FEATURES = {"avx512f": "AVX-512", "avx512_vnni": "VNNI", "avx_vnni": "AVX-VNNI", "avx512_bf16": "BF16",
+            "avx512_fp16": "FP16", "amx_tile": "AMX"}
+
+
 def cpu_name() -> str:
+    """The CPU's model name and its class, e.g. "AMD EPYC (AVX2)" or "AMD EPYC (AVX-512, VNNI, BF16)": a virtual
+    machine's model name alone does not tell Zen 3 from Zen 4."""
     try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        lines = open("/proc/cpuinfo").read().splitlines()
+        name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags")))
     except (OSError, StopIteration):
         return platform.machine()
+    found = [v for k, v in FEATURES.items() if k in flags] or (["AVX2"] if "avx2" in flags else ["no AVX2"])
+    return f"{name} ({', '.join(found)})"
 
 
 def read_status(pid: int) -> dict | None:
