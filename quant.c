@@ -11,8 +11,8 @@
 // - scales (padded rows, ceil(padded columns / group)) float16: the group's largest |w| / 127 (int8) or / 7
 //   (int4), rounded to float16; q = round(w / scale), ties to even, as torch.round. Padding is q = 0, scale 0.
 // A decode step multiplies a few rows of x, rounded to int8 or int16 in blocks of 32 columns, by the weights in
-// integers as they stream from memory (`gemv_quant`); a prompt multiplies a piece of a weight matrix dequantized to bfloat16 or
-// float32 (`dequantize`).
+// integers as they stream from memory (`gemv_quant`); a prompt multiplies a piece of a weight matrix dequantized to
+// bfloat16 or float32 (`dequantize`).
 #include <math.h>
 #include <stdlib.h>
 
@@ -247,7 +247,8 @@ static Inputs prepare_x(const void *x, int x_kind, int64_t n_x, int64_t cols, in
     for (int64_t m = 0; m < n_x; m++) {
         int8_t *xq = (int8_t *)in.xq + m * in.row_bytes;
         for (int64_t k = 0; k < in.padded; k++) row[k] = k < cols ? read_kind(x, x_kind, m * cols + k) : 0.0f;
-        for (int64_t b = 0; b < blocks; b++) d[b] = quantize_block(row + 32 * b, xq + 32 * b * (bits == 8 ? 2 : 1), bits == 8);
+        for (int64_t b = 0; b < blocks; b++)
+            d[b] = quantize_block(row + 32 * b, xq + in.row_bytes / blocks * b, bits == 8);
         if (bits == 4)
             for (int64_t c = 0; c < in.chunks; c++) {
                 int8_t ordered[128];
@@ -282,7 +283,13 @@ static inline __m256 weight_scales(const uint16_t *S, int64_t k0, int64_t group,
     }
     int64_t at[8];
     for (int lane = 0; lane < 8; lane++) at[lane] = (k0 + 32 * lane_block(lane, bits)) / group;
-    return _mm256_cvtph_ps(_mm_setr_epi16(S[at[0]], S[at[1]], S[at[2]], S[at[3]], S[at[4]], S[at[5]], S[at[6]], S[at[7]]));
+    return _mm256_cvtph_ps(
+        _mm_setr_epi16(S[at[0]], S[at[1]], S[at[2]], S[at[3]], S[at[4]], S[at[5]], S[at[6]], S[at[7]]));
+}
+
+// total + a chunk's integer sums s (lanes as above) times the weight's scales ws and x's xs, in float32.
+static inline __m256 add_scaled(__m256 total, __m256i s, __m256 ws, const float *xs) {
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(ws, _mm256_loadu_ps(xs)), total);
 }
 
 // Adds the products of one weight row's chunk c (its 64 bytes at p, the row's scales at S) with nm rows of x into
@@ -300,8 +307,7 @@ static inline __attribute__((always_inline)) void chunk_products(const uint8_t *
             __m256i b0 = madd16_add(_mm256_madd_epi16(w[0], load_i256(xw)), w[1], load_i256(xw + 16));
             __m256i b1 = madd16_add(_mm256_madd_epi16(w[2], load_i256(xw + 32)), w[3], load_i256(xw + 48));
             __m256i s = _mm256_hadd_epi32(b0, b1);
-            total[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(ws, _mm256_loadu_ps(xs + m * in->chunks * 8)),
-                                       total[m]);
+            total[m] = add_scaled(total[m], s, ws, xs + m * in->chunks * 8);
         }
         return;
     }
@@ -315,8 +321,7 @@ static inline __attribute__((always_inline)) void chunk_products(const uint8_t *
     for (int m = 0; m < nm; m++) {
         __m256i s = _mm256_sub_epi32(int4_sums(u, (const int8_t *)in->xq + m * in->row_bytes + c * 128),
                                      load_i256(in->offset + (m * in->chunks + c) * 8));
-        total[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(ws, _mm256_loadu_ps(xs + m * in->chunks * 8)),
-                                   total[m]);
+        total[m] = add_scaled(total[m], s, ws, xs + m * in->chunks * 8);
     }
 }
 

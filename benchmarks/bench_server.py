@@ -35,10 +35,8 @@ import openai
 from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import ours  # noqa: E402
+from bench_generate import QUANTIZED, ours  # noqa: E402
 from bench_load import DEFAULT_MODEL, RESULTS, ROOT, cpu_name  # noqa: E402
-
-QUANTIZED = ("int8", "int4")
 
 
 def images(n: int) -> list[bytes]:

@@ -19,9 +19,8 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generate import QUANTIZED  # noqa: E402
 from bench_load import DEFAULT_MODEL, RESULTS, ROOT, cpu_name  # noqa: E402
-
-QUANTIZED = ("int8", "int4")
 
 
 def measure(model_path: Path, dtype_name: str, steps: int, blocks: int, rows: int) -> dict:
