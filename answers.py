@@ -1,7 +1,8 @@
 """How the server answers: a Job hands one request to the engine and reads its events back on the event loop;
-`chat_completion`, `chat_stream` and `record` turn them into OpenAI's response, its Server-Sent Events, and the
-command line's `--output_format json` record. Text is given as the command line streams it (generate.TextStream:
-whole characters only, so the joined stream is the final text), cut at the request's stop strings.
+`chat_completion`, `chat_stream`, `record` and `record_stream` turn them into OpenAI's response, its Server-Sent
+Events, and the command line's `--output_format json` record (whole, or streamed for the web page). Text is given
+as the command line streams it (generate.TextStream: whole characters only, so the joined stream is the final
+text), cut at the request's stop strings.
 """
 
 import asyncio
@@ -20,8 +21,9 @@ from flags import FLAG_RULES
 from generate import TextStream
 
 # The fields of POST /v1/paligemma: the command line's decoding options, with its defaults.
+# stream: true answers in Server-Sent Events, the text as it grows then the record (the web page reads it so).
 FORM_FIELDS = {"prompt": "caption en", "max_tokens_to_generate": 100, "do_sample": False, "temperature": 0.8,
-               "top_p": 0.9, "seed": None, "min_score": 0.0}
+               "top_p": 0.9, "seed": None, "min_score": 0.0, "stream": False}
 BOOLEANS = {"true": True, "false": False, "1": True, "0": False}
 
 
@@ -172,6 +174,27 @@ async def record(state, job: Job, fields: dict, image) -> dict:
     """The command line's --output_format json record for this image, timings included."""
     while (await job.next())[0] != "done":
         pass
+    return await finished_record(state, job, fields, image)
+
+
+async def record_stream(state, job: Job, fields: dict, image):
+    """The record's text as it grows ({"text": piece}, whole characters), then the record itself ({"record": ...}),
+    then [DONE], as Server-Sent Events. The row is cancelled however the stream ends."""
+    try:
+        async for piece, _, finish in job.pieces(StopStrings([])):
+            if piece:
+                yield sse({"text": piece})
+            if finish:
+                break
+        yield sse({"record": await finished_record(state, job, fields, image)})
+    except ApiError as e:
+        yield sse(e.body())
+    finally:
+        job.cancel()
+    yield "data: [DONE]\n\n"
+
+
+async def finished_record(state, job: Job, fields: dict, image) -> dict:
     text = state.session.tokenizer.decode(job.ids, skip_special_tokens=True)
     answer = await asyncio.to_thread(objects, state, job, text, fields["prompt"], image, fields["min_score"])
     times = job.request.times

@@ -1,4 +1,4 @@
-"""An OpenAI-compatible HTTP server for PaliGemma: `python server.py --model_path DIR [--port 8000]`.
+"""An OpenAI-compatible HTTP server for PaliGemma, with a web page at /: `python server.py --model_path DIR`.
 
 It listens at once and loads the model in the background (GET /health answers 503 until it is ready); engine.py then
 answers every request, decoding the running ones together. This file is the HTTP layer: flags, routes, the guard in
@@ -23,7 +23,7 @@ from pathlib import Path
 import fire
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -130,8 +130,9 @@ class State:
 
 
 class Guard:
-    """In front of every route: the Host header on a loopback bind (DNS rebinding), the API key, the body's size
-    (refused from Content-Length before it is read, or once a streamed body passes it); and the metrics' count."""
+    """In front of every route: the Host header on a loopback bind (DNS rebinding), the API key (but for /health and
+    the page's files), the body's size (refused from Content-Length before it is read, or once a streamed body passes
+    it); and the metrics' count."""
 
     def __init__(self, app, state: State):
         self.app, self.state = app, state
@@ -154,7 +155,7 @@ class Guard:
         else:
             await self.app(scope, receive, counted)
         finally:
-            route = scope["path"] if scope["path"] in ROUTES else "other"
+            route = scope["path"] if scope["path"] in ROUTES + PUBLIC else "other"
             self.state.requests.labels(route, str(status[0])).inc()
 
     def check(self, scope):
@@ -166,7 +167,7 @@ class Guard:
                 raise ApiError(400, f"the Host header {host[:100]!r} is not this loopback server's name (DNS "
                                     "rebinding?); use localhost or 127.0.0.1")
         key = self.state.flags["api_key"]
-        if key and scope["path"] != "/health":
+        if key and scope["path"] not in PUBLIC:
             scheme, _, given = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
                 raise ApiError(401, "a valid API key is needed: Authorization: Bearer KEY", code="invalid_api_key")
@@ -202,6 +203,23 @@ def error_response(e: ApiError) -> JSONResponse:
 
 
 ROUTES = ("/v1/chat/completions", "/v1/paligemma", "/v1/models", "/health", "/metrics")
+# The web page (web/): files anyone who reaches the server may read, as /health; what they call needs the key.
+WEB = Path(__file__).resolve().parent / "web"
+PAGE = {"/": ("index.html", "text/html"), "/app.js": ("app.js", "text/javascript"),
+        "/style.css": ("style.css", "text/css")}
+PUBLIC = ("/health", *PAGE)
+# The page may load and call nothing but this server: no inline script or style, no other origin, no frames.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+                "frame-ancestors 'none'", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                "Cache-Control": "no-cache"}
+
+
+def page_route(name: str, media_type: str):
+    async def page_file():
+        return Response((WEB / name).read_bytes(), media_type=f"{media_type}; charset=utf-8", headers=PAGE_HEADERS)
+
+    return page_file
 
 
 def create_app(state: State) -> FastAPI:
@@ -271,7 +289,13 @@ def create_app(state: State) -> FastAPI:
                                                  fields["max_tokens_to_generate"])
         job = answers.Job(state, inputs, budget, fields["temperature"] if fields["do_sample"] else 0.0,
                           fields["top_p"], fields["seed"], 0, received)
+        if fields["stream"]:
+            return StreamingResponse(answers.record_stream(state, job, fields, image),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return await job.watched(request, answers.record(state, job, fields, image))
+
+    for path, (name, media_type) in PAGE.items():  # a route each, taking no parameter: no request picks the file
+        app.get(path)(page_route(name, media_type))
 
     return CORSMiddleware(Guard(app, state), allow_origins=state.flags["cors_origins"].split(","),
                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"]) \
@@ -307,7 +331,7 @@ def main(model_path: str, port: int = 8000, host: str = "127.0.0.1", dtype: str 
         port: the TCP port to listen on
         host: the address to listen on; 127.0.0.1 (this machine only) unless you mean otherwise
         dtype, quantize, only_cpu, vae_path, max_image_pixels, ignore_memory_check: as for inference.py
-        api_key: require Authorization: Bearer API_KEY on every route but /health
+        api_key: require Authorization: Bearer API_KEY on every route but /health and the web page's files
         max_batch: requests decoded together (1 to 16)
         max_queue: requests waiting beyond those; more get 503 with Retry-After
         served_model_name: the model's name in the API (default: the folder's name)

@@ -200,7 +200,16 @@ def test_the_multipart_route_answers_the_command_lines_json_record(server, folde
         reply = httpx.post(f"{server.url}/v1/paligemma", files={"image": f},
                            data={"prompt": "detect cat", "max_tokens_to_generate": "10"}, timeout=DEADLINE_S)
     expected, got = json.loads(cli.stdout), reply.json()
-    assert set(got.pop("timings")) >= set(expected.pop("timings")) and got == expected
+    timings = set(expected.pop("timings"))
+    assert set(got.pop("timings")) >= timings and got == expected
+    with open(image, "rb") as f, httpx.stream("POST", f"{server.url}/v1/paligemma", files={"image": f}, data={
+            "prompt": "detect cat", "max_tokens_to_generate": "10", "stream": "true"}, timeout=DEADLINE_S) as reply:
+        events = [line[6:] for line in reply.iter_lines() if line.startswith("data: ")]
+    assert reply.headers["content-type"].startswith("text/event-stream") and events[-1] == "[DONE]"
+    *pieces, record = map(json.loads, events[:-1])
+    assert "".join(piece["text"] for piece in pieces) == expected["text"]  # streamed, then the same record
+    assert set(record["record"].pop("timings")) >= timings
+    assert record["record"] == expected
 
 
 def raw(server, request: bytes, timeout: float = DEADLINE_S) -> tuple[int, bytes]:

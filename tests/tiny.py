@@ -112,16 +112,46 @@ LAYOUTS = {
 }
 
 
+def script(model, answer: list[str]):
+    """Make a version-1 model answer the tokens `answer` (then <eos>) to every prompt, greedily. Each layer's output
+    projections are zeroed, so the last position's state is its own token's embedding e, and the logits are
+    E D e / rms(e) with D the final norm's scale, +1 on dimensions x, -1 on dimensions z. Token k of the chain
+    "\n", *answer, <eos> embeds as 40 (x_k + b_k x_k+1 + sqrt(1 + b_k^2) z_k), b_k = 1 + k / 2: from token k the
+    next scores 1600 b_k, the one before 1600 b_k-1 (less), itself 0 (the z part cancels it), any other about 0.
+    The tokens must all differ; 30 at most fit the 64 dimensions."""
+    tokenizer = build_tokenizer()
+    chain = tokenizer.convert_tokens_to_ids(["\n", *answer, "<eos>"])
+    if len(set(chain)) != len(chain) or tokenizer.unk_token_id in chain:
+        raise ValueError(f"{answer} are not distinct tokens of the vocabulary")
+    language = model.model.language_model
+    x, z = range(len(chain) + 1), range(len(chain) + 1, 2 * len(chain) + 1)
+    with torch.no_grad():
+        for layer in language.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        language.norm.weight.zero_()  # Gemma scales by 1 + weight
+        language.norm.weight[list(z)] = -2.0
+        embed = language.embed_tokens.weight
+        for k, token in enumerate(chain):
+            b = 1 + k / 2
+            embed[token] = 0.0
+            embed[token, [x[k], x[k + 1], z[k]]] = 40 * torch.tensor([1.0, b, (1 + b * b) ** 0.5])
+    return model
+
+
 def build_checkpoint(path, version: int = 1, kv_heads: int = 1, heads: int = 4, layout: str = "published",
                      seed: int = 0, max_shard_size: str = "100KB", image_size: int = IMAGE_SIZE,
-                     dtype: torch.dtype = torch.float32, vision_overrides: dict | None = None, **text_overrides):
-    """Save a tiny model as a hub folder in one of the three key layouts, its weights in dtype; returns the
-    transformers model (in float32)."""
+                     dtype: torch.dtype = torch.float32, vision_overrides: dict | None = None,
+                     answer: list[str] | None = None, **text_overrides):
+    """Save a tiny model as a hub folder in one of the three key layouts, its weights in dtype (with answer, a list of
+    tokens: one that always gives that answer, see script); returns the transformers model (in float32)."""
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # its bars would land in the stderr of whichever test builds the checkpoint
     path = Path(path)
     model = build_model(version, kv_heads, heads, seed, image_size, vision_overrides, **text_overrides)
+    if answer is not None:
+        script(model, answer)
     model.to(dtype).save_pretrained(path, max_shard_size=max_shard_size)
     model.float()
     processor = build_processor()
