@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tiny
 from conftest import random_image
+from PIL import Image
 from test_masks import vivid_vae_arrays
 from test_server import Server, message, wait_for
 
@@ -37,6 +38,7 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 KEY = "sesame"
+BODY_LIMIT = 400_000  # the segment server's --max_body_bytes: more than a picture's 230 kB, less than a big one's
 COLOURS = ["rgb(66, 133, 244)", "rgb(219, 68, 55)", "rgb(244, 180, 0)", "rgb(15, 157, 88)", "rgb(228, 142, 241)"]
 
 
@@ -57,14 +59,20 @@ def servers(checkpoint, tmp_path_factory):
     np.savez(folder / "vae.npz", **vivid_vae_arrays())
     started = {"plain": Server(checkpoint("v1_mqa"), "--api_key", KEY),
                "detect": Server(folder / "detect"),
-               "segment": Server(folder / "segment", "--vae_path", str(folder / "vae.npz"))}
+               "segment": Server(folder / "segment", "--vae_path", str(folder / "vae.npz"), "--max_body_bytes",
+                                 str(BODY_LIMIT))}
     yield {name: server.wait_ready() for name, server in started.items()}
     for server in started.values():
         assert server.stop() == 0
 
 
 @pytest.fixture(scope="module")
-def browser():
+def downloads(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("downloads")
+
+
+@pytest.fixture(scope="module")
+def browser(downloads):
     options = Options()
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -73,6 +81,7 @@ def browser():
     options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     driver.requested = []  # every URL the page asked for, from the browser's own network log
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
     yield driver
     driver.quit()
 
@@ -212,11 +221,12 @@ def test_detected_boxes_sit_on_their_objects_within_a_pixel_in_every_window_size
                                   "'hot'))") == [False, True]
 
 
-def test_segment_masks_are_painted_on_exactly_the_pixels_of_the_records_mask(servers, browser, picture):
+def test_segment_masks_are_painted_on_exactly_the_pixels_of_the_records_mask_and_both_downloads_hold_them(
+        servers, browser, picture, downloads):
     open_page(browser, servers["segment"])
     ask(browser, picture, "Segment objects")
     finished(browser)
-    [segment] = json.loads(browser.execute_script("return JSON.stringify(page.record)"))["segments"]
+    record = json.loads(browser.execute_script("return JSON.stringify(page.record)"))
     painted = browser.execute_script("""
         const canvas = document.getElementById('masks');
         const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
@@ -225,9 +235,35 @@ def test_segment_masks_are_painted_on_exactly_the_pixels_of_the_records_mask(ser
         return [canvas.width, canvas.height, bits];""")
     width, height, bits = painted
     mask = np.frombuffer(bits.encode(), dtype=np.uint8).reshape(height, width) == ord("1")
-    expected = rle_decode(segment["mask"])
+    expected = rle_decode(record["segments"][0]["mask"])
     assert (width, height) == (320, 240) and expected.any() and not expected.all()
     np.testing.assert_array_equal(mask, expected)
+
+    browser.find_element(By.ID, "save-json").click()
+    browser.find_element(By.ID, "save-png").click()
+    wait_for(lambda: {p.name for p in downloads.iterdir()} == {"paligemma.json", "paligemma.png"})
+    assert json.loads((downloads / "paligemma.json").read_text()) == record
+    with Image.open(downloads / "paligemma.png") as drawn:
+        drawn = np.asarray(drawn.convert("RGB")).astype(int)
+    plain = np.asarray(Image.open(picture).convert("RGB")).astype(int)
+    changed = np.abs(drawn - plain).sum(-1) > 0
+    assert changed[expected].mean() > 0.99 and changed[~expected].mean() < 0.05  # the mask, and the box's outline
+
+
+def test_pasted_and_dropped_images_are_shown_at_once(servers, browser, picture):
+    open_page(browser, servers["detect"])
+    payload = base64.b64encode(picture.read_bytes()).decode()
+    for target, event in (("document", "new ClipboardEvent('paste', {clipboardData: data})"),
+                          ("document.getElementById('drop')", "new DragEvent('drop', {dataTransfer: data})")):
+        shown = browser.execute_script(f"""
+            const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+            const data = new DataTransfer();
+            data.items.add(new File([bytes], 'given.png', {{type: 'image/png'}}));
+            const picture = document.getElementById('picture');
+            picture.removeAttribute('src');
+            {target}.dispatchEvent({event});
+            return picture.decode().then(() => [page.image.name, picture.naturalWidth]);""", payload)
+        assert shown == ["given.png", 320]
 
 
 def test_stop_aborts_the_answer_and_the_server_frees_its_row(servers, browser, picture):
@@ -244,19 +280,24 @@ def test_stop_aborts_the_answer_and_the_server_frees_its_row(servers, browser, p
     assert browser.find_element(By.ID, "run").is_enabled()
 
 
-def test_a_bad_image_shows_one_readable_error_line_and_the_next_answer_comes(servers, browser, picture, tmp_path,
-                                                                            screenshots):
-    open_page(browser, servers["detect"])
-    broken = tmp_path / "broken.png"
+def test_a_bad_image_or_a_body_over_the_limit_shows_one_readable_error_line_and_the_next_answer_comes(
+        servers, browser, picture, tmp_path, screenshots):
+    broken, big = tmp_path / "broken.png", tmp_path / "big.png"
     broken.write_bytes(b"this is not a picture")
-    ask(browser, broken, "Caption, short")
-    error = browser.find_element(By.ID, "error")
-    WebDriverWait(browser, 30).until(lambda d: error.is_displayed())
-    assert error.text.startswith("Error 400: ") and "image" in error.text and "\n" not in error.text
-    browser.save_screenshot(str(screenshots / "error.png"))
+    random_image(500, 400, seed=7).save(big)
+    assert big.stat().st_size > BODY_LIMIT
+    for server, image, words in (("detect", broken, "Error 400: the image: not an image"),
+                                 ("segment", big, "Error 413: the body is over the limit")):
+        open_page(browser, servers[server])
+        ask(browser, image, "Caption, short")
+        WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "error").is_displayed())
+        line = browser.find_element(By.ID, "error").text
+        assert line.startswith(words) and "\n" not in line
+        if server == "detect":
+            browser.save_screenshot(str(screenshots / "error.png"))
     ask(browser, picture, "Detect objects")
     finished(browser)
-    assert not error.is_displayed()
+    assert not browser.find_element(By.ID, "error").is_displayed()
 
 
 def test_every_control_is_reached_by_keyboard_and_dark_mode_is_followed(servers, browser):
