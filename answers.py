@@ -1,8 +1,8 @@
 """How the server answers: a Job hands one request to the engine and reads its events back on the event loop;
-`chat_completion`, `chat_stream`, `record` and `record_stream` turn them into OpenAI's response, its Server-Sent
-Events, and the command line's `--output_format json` record (whole, or streamed for the web page). Text is given
-as the command line streams it (generate.TextStream: whole characters only, so the joined stream is the final
-text), cut at the request's stop strings.
+`chat_completion`, `chat_chunks`, `record` and `record_pieces` turn them into OpenAI's response, its streamed chunks,
+and the command line's `--output_format json` record (whole, or streamed for the web page); `events` sends a stream
+as Server-Sent Events. Text is given as the command line streams it (generate.TextStream: whole characters only,
+so the joined stream is the final text), cut at the request's stop strings.
 """
 
 import asyncio
@@ -13,12 +13,11 @@ import traceback
 
 from starlette.datastructures import UploadFile
 
-import detection
-from chat import ApiError, Chat, StopStrings, chunk, token_logprob, usage
-from console import UserError, log, peak_rss_gib
-from engine import Closed, QueueFull, Request
-from flags import FLAG_RULES
-from generate import TextStream
+from paligemma.chat import ApiError, Chat, StopStrings, chunk, token_logprob, usage
+from paligemma.console import UserError, log, peak_rss_gib
+from paligemma.engine import Closed, QueueFull, Request
+from paligemma.flags import FLAG_RULES
+from paligemma.generate import TextStream
 
 # The fields of POST /v1/paligemma: the command line's decoding options, with its defaults.
 # stream: true answers in Server-Sent Events, the text as it grows then the record (the web page reads it so).
@@ -120,9 +119,7 @@ class Job:
 def objects(state, job: Job, text: str, prompt: str, image, min_score: float = 0.0) -> dict:
     """The answer's record as the command line writes it: text, token_ids, logprobs and, for detect and segment
     prompts, the objects found."""
-    record = {"text": text, "token_ids": job.ids, "logprobs": [t.logprob for t in job.tokens]}
-    return detection.describe(record, image, prompt, tokenizer=state.session.tokenizer, vae=state.vae,
-                              min_score=min_score)
+    return state.session.record(job.ids, [t.logprob for t in job.tokens], image, prompt, min_score, text=text)
 
 
 def found(record: dict) -> dict:
@@ -141,33 +138,36 @@ async def chat_completion(state, job: Job, chat: Chat, image) -> dict:
             "usage": usage(job.prompt_tokens, len(job.ids)), **found(record)}
 
 
-def sse(data: dict) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-async def chat_stream(state, job: Job, chat: Chat, image):
-    """OpenAI's chunks: the role first, then the text as it grows, finish_reason (and any objects found) in the
-    last choice chunk, the usage if asked for, then [DONE]. The row is cancelled however the stream ends."""
-    base = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": state.name}
-    content = ""
+async def events(job: Job, messages):
+    """Server-Sent Events of messages (an async generator of dicts), an error as OpenAI's error body, then [DONE].
+    The row is cancelled however the stream ends."""
     try:
-        yield sse(chunk(base, {"role": "assistant", "content": ""}))
-        async for piece, tokens, finish in job.pieces(StopStrings(chat.stop)):
-            content += piece
-            logprobs = [token_logprob(state.session.tokenizer, t) for t in tokens] if chat.logprobs else None
-            if piece or logprobs:
-                yield sse(chunk(base, {"content": piece}, logprobs=logprobs))
-            if finish:
-                record = await asyncio.to_thread(objects, state, job, content, chat.prompt, image)
-                yield sse({**chunk(base, {}, finish), **found(record)})
-        if chat.include_usage:
-            yield sse({**base, "object": "chat.completion.chunk", "choices": [],
-                       "usage": usage(job.prompt_tokens, len(job.ids))})
+        async for message in messages:
+            yield f"data: {json.dumps(message, ensure_ascii=False)}\n\n"
     except ApiError as e:
-        yield sse(e.body())
+        yield f"data: {json.dumps(e.body())}\n\n"
     finally:
         job.cancel()
     yield "data: [DONE]\n\n"
+
+
+async def chat_chunks(state, job: Job, chat: Chat, image):
+    """OpenAI's chunks: the role first, then the text as it grows, finish_reason (and any objects found) in the
+    last choice chunk, then the usage if asked for."""
+    base = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": state.name}
+    content = ""
+    yield chunk(base, {"role": "assistant", "content": ""})
+    async for piece, tokens, finish in job.pieces(StopStrings(chat.stop)):
+        content += piece
+        logprobs = [token_logprob(state.session.tokenizer, t) for t in tokens] if chat.logprobs else None
+        if piece or logprobs:
+            yield chunk(base, {"content": piece}, logprobs=logprobs)
+        if finish:
+            record = await asyncio.to_thread(objects, state, job, content, chat.prompt, image)
+            yield {**chunk(base, {}, finish), **found(record)}
+    if chat.include_usage:
+        yield {**base, "object": "chat.completion.chunk", "choices": [],
+               "usage": usage(job.prompt_tokens, len(job.ids))}
 
 
 async def record(state, job: Job, fields: dict, image) -> dict:
@@ -177,21 +177,14 @@ async def record(state, job: Job, fields: dict, image) -> dict:
     return await finished_record(state, job, fields, image)
 
 
-async def record_stream(state, job: Job, fields: dict, image):
-    """The record's text as it grows ({"text": piece}, whole characters), then the record itself ({"record": ...}),
-    then [DONE], as Server-Sent Events. The row is cancelled however the stream ends."""
-    try:
-        async for piece, _, finish in job.pieces(StopStrings([])):
-            if piece:
-                yield sse({"text": piece})
-            if finish:
-                break
-        yield sse({"record": await finished_record(state, job, fields, image)})
-    except ApiError as e:
-        yield sse(e.body())
-    finally:
-        job.cancel()
-    yield "data: [DONE]\n\n"
+async def record_pieces(state, job: Job, fields: dict, image):
+    """The record's text as it grows ({"text": piece}, whole characters), then the record itself ({"record": ...})."""
+    async for piece, _, finish in job.pieces(StopStrings([])):
+        if piece:
+            yield {"text": piece}
+        if finish:
+            break
+    yield {"record": await finished_record(state, job, fields, image)}
 
 
 async def finished_record(state, job: Job, fields: dict, image) -> dict:

@@ -16,11 +16,10 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 
-import detection
-from console import UserError, kind_of, log, one_line, progress, require_file
-from generate import Session, Stopwatch
-from processing_paligemma import IMAGE_TOKEN, load_image
-from results import FORMAT, MARKER, ResultsFile, StdoutResults
+from paligemma.console import UserError, kind_of, log, one_line, progress, require_file
+from paligemma.generate import Session, Stopwatch
+from paligemma.processing_paligemma import IMAGE_TOKEN, load_image
+from paligemma.results import FORMAT, MARKER, ResultsFile, StdoutResults
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -200,11 +199,8 @@ def answer_chunk(session: Session, chunk: list[Item], *, max_tokens: int, annota
             if picture is not None and refused(picture):
                 records[item] = item.record(error=f"{picture} is an input image; it is never overwritten")
                 continue
-            record = item.record(text=session.tokenizer.decode(ids, skip_special_tokens=True), token_ids=ids,
-                                 logprobs=logprobs)
-            records[item] = detection.describe(record, images[item], item.prompt, tokenizer=session.tokenizer,
-                                               picture=None if picture is None else str(picture), vae=session.vae,
-                                               min_score=session.min_score)
+            records[item] = session.record(ids, logprobs, images[item], item.prompt, session.min_score,
+                                           None if picture is None else str(picture), fields=item.record())
     return [records[item] for item in chunk]
 
 

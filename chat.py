@@ -9,8 +9,8 @@ by name rather than ignored.
 import re
 from dataclasses import dataclass
 
-from engine import Token
-from flags import FLAG_RULES
+from paligemma.engine import Token
+from paligemma.flags import FLAG_RULES
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error",

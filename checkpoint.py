@@ -8,13 +8,15 @@ ever read from safetensors, never unpickled.
 import gc
 import json
 import math
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from console import UserError, kind_of, log, require_file
-from modeling_paligemma import PaliGemmaConfig
+from paligemma.console import UserError, kind_of, log, require_file
+from paligemma.modeling_paligemma import PaliGemmaConfig
 
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library refuses larger headers too
 SAFETENSORS_DTYPES = {  # safetensors dtype -> (bytes per element, torch dtype for weights or None)
@@ -92,6 +94,30 @@ def read_json(path: Path, what: str) -> dict:
     if not isinstance(data, dict):
         raise LoadError(f"{path}: {what} is not a JSON object")
     return data
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?")  # org/name, optionally @revision
+
+
+def model_folder(model_path: str) -> Path:
+    """--model_path as a folder: a folder as given, or a Hub id (org/name, @branch, @tag or @commit) found in the
+    local Hugging Face cache (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub), as huggingface_hub
+    resolves it offline: refs/<revision> names the snapshot. Nothing is ever downloaded."""
+    path = Path(model_path)
+    if kind_of(path) != "nothing" or not HUB_ID.fullmatch(model_path):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo_id, _, revision = model_path.partition("@")
+    cache = os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME") or Path.home() / ".cache/huggingface",
+                                                   "hub")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None, cache_dir=cache, local_files_only=True))
+    except LocalEntryNotFoundError:
+        get = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+        raise LoadError(f"{model_path} is neither a folder nor in the Hugging Face cache {cache}; download it with: "
+                        f"{get} (huggingface-cli download with huggingface_hub before 1.0)") from None
 
 
 def load_config(model_path: str | Path) -> PaliGemmaConfig:

@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from console import UserError, log
+from paligemma.console import UserError, log
 
 SOURCES = Path(__file__).resolve().parent  # gemv.c, quant.c, decode.c and the simd.h they share
 C_FILES = ("gemv.c", "quant.c", "decode.c", "simd.h")

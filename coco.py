@@ -18,8 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from console import UserError, log, one_line
-from results import identity
+from paligemma.console import UserError, log, one_line
+from paligemma.results import identity
 
 
 def read_records(path: Path) -> list[dict]:

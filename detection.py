@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from console import log
-from masks import LOC_MAX, SEG_CODES, SEG_MAX, MaskDecoder, decode_masks, place_mask, rle_encode
+from paligemma.console import log
+from paligemma.masks import LOC_MAX, SEG_CODES, SEG_MAX, MaskDecoder, decode_masks, place_mask, rle_encode
 
 MASK_ALPHA = 0.5  # opacity of a mask overlay where the mask is 1
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 200, 200),

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from generate import NotFinite, Session, decode_one_token, pick, prefill
-from modeling_paligemma import CACHE_STEP
+from paligemma.generate import NotFinite, Session, decode_one_token, pick, prefill
+from paligemma.modeling_paligemma import CACHE_STEP
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """What the command line accepts: every flag's type and range, flag names, and the quoting that keeps text flags
 as typed. All of it is checked before anything is loaded, and each problem is one UserError that names the flag."""
 
-from checkpoint import DTYPES
-from console import UserError, is_number
-from quantization import SCHEMES
+from paligemma.checkpoint import DTYPES
+from paligemma.console import UserError, is_number
+from paligemma.quantization import SCHEMES
 
 BOOLEAN_FLAGS = ("do_sample", "only_cpu", "ignore_memory_check", "verbose", "compile", "stream")
 STRING_FLAGS = ("model_path", "prompt", "image_file_path", "dtype", "output_format", "annotate", "vae_path",

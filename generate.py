@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-import kernels
-from checkpoint import load_config, stop_tokens
-from console import UserError, log
-from modeling_paligemma import PaliGemmaForConditionalGeneration
-from processing_paligemma import PaliGemmaProcessor, read_image_settings
-from utils import load_hf_model
+from paligemma import detection, kernels
+from paligemma.checkpoint import load_config, stop_tokens
+from paligemma.console import UserError, log
+from paligemma.modeling_paligemma import PaliGemmaForConditionalGeneration
+from paligemma.processing_paligemma import PaliGemmaProcessor, read_image_settings
+from paligemma.utils import load_hf_model
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
@@ -203,32 +203,44 @@ class Session:
         return UserError(f"the model's values overflowed {dtype} (its logits are not finite): run it with another "
                          f"--dtype ({'bfloat16' if dtype == 'float16' else 'float32'}, say)")
 
-    def answer(self, inputs: dict, budget: int, clock: Stopwatch | None = None,
-               on_token=None) -> list[tuple[list[int], list[float]]]:
-        """(token ids, logprobs) per row, each up to and including its stop token; on_token(ids of the first row)
-        is called after every step (for streaming)."""
+    def answer(self, inputs: dict, budget: int, clock: Stopwatch | None = None) -> list[tuple[list[int], list[float]]]:
+        """(token ids, logprobs) per row, each up to and including its stop token."""
+        rows = [([], []) for _ in range(inputs["input_ids"].shape[0])]
+        for rows in self.steps(inputs, budget, clock):  # noqa: B007 (the rows after the last step are the answer)
+            pass
+        return rows
+
+    def record(self, ids: list[int], logprobs: list[float], image, prompt: str, min_score: float = 0.0,
+               annotate: str | None = None, fields: dict | None = None, text: str | None = None) -> dict:
+        """An answer's record: fields (a batch input's index, say), its text (the ids decoded, unless given: a chat
+        answer cut at a stop string), ids and logprobs, with the objects of a detect or segment prompt; the picture
+        drawn to annotate when given. Every answer, the command line's, a batch's and the server's, is made here."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=True) if text is None else text
+        return detection.describe({**(fields or {}), "text": text, "token_ids": ids, "logprobs": logprobs}, image,
+                                  prompt, tokenizer=self.tokenizer, picture=annotate, vae=self.vae, min_score=min_score)
+
+    def steps(self, inputs: dict, budget: int, clock: Stopwatch | None = None):
+        """After every step, (token ids, logprobs) per row so far, each row up to and including its stop token."""
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         rows = [([], []) for _ in range(inputs["input_ids"].shape[0])]
         clock = clock or Stopwatch()
-        with torch.inference_mode():
-            steps = generate(self.model, inputs, budget, self.temperature, self.top_p, self.stop_ids,
-                             self.generator, self.step, len(self.tokenizer))
-            while True:
-                with clock("prefill_s" if not rows[0][0] else "decode_s"):
-                    try:
-                        step = next(steps, None)
-                    except NotFinite:
-                        raise self.overflowed() from None
-                    if step is not None:  # tolist() waits for the device: the clock sees the real time
-                        tokens, logprobs = step[0].tolist(), step[1].tolist()
-                if step is None:
-                    return rows
-                for (ids, lps), token, logprob in zip(rows, tokens, logprobs):
-                    if not ids or ids[-1] not in self.stop_ids:
-                        ids.append(token)
-                        lps.append(logprob)
-                if on_token:
-                    on_token(rows[0][0])
+        steps = generate(self.model, inputs, budget, self.temperature, self.top_p, self.stop_ids, self.generator,
+                         self.step, len(self.tokenizer))
+        while True:
+            with clock("prefill_s" if not rows[0][0] else "decode_s"), torch.inference_mode():
+                try:
+                    step = next(steps, None)
+                except NotFinite:
+                    raise self.overflowed() from None
+                if step is not None:  # tolist() waits for the device: the clock sees the real time
+                    tokens, logprobs = step[0].tolist(), step[1].tolist()
+            if step is None:
+                return
+            for (ids, lps), token, logprob in zip(rows, tokens, logprobs):
+                if not ids or ids[-1] not in self.stop_ids:
+                    ids.append(token)
+                    lps.append(logprob)
+            yield rows
 
 
 def load_session(folder: Path, device: torch.device, dtype: torch.dtype | None, *, temperature: float = 0.0,

@@ -52,15 +52,19 @@ import fire  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import batch  # noqa: E402
-import detection  # noqa: E402
-import masks  # noqa: E402
-import quantization  # noqa: E402
-from checkpoint import DTYPES, load_config, load_tokenizer, stop_tokens, warn_about_dtype  # noqa: E402
-from console import UserError, kind_of, log, one_line, peak_rss_gib, require_file  # noqa: E402
-from flags import check_flag_names, check_flags, quote_string_flags  # noqa: E402
-from generate import Session, Stopwatch, TextStream, load_session  # noqa: E402
-from processing_paligemma import (  # noqa: E402
+from paligemma import api, batch, masks, quantization  # noqa: E402
+from paligemma.checkpoint import (  # noqa: E402
+    DTYPES,
+    load_config,
+    load_tokenizer,
+    model_folder,
+    stop_tokens,
+    warn_about_dtype,
+)
+from paligemma.console import UserError, kind_of, log, one_line, peak_rss_gib, require_file  # noqa: E402
+from paligemma.flags import check_flag_names, check_flags, quote_string_flags  # noqa: E402
+from paligemma.generate import Stopwatch, load_session  # noqa: E402
+from paligemma.processing_paligemma import (  # noqa: E402
     DEFAULT_MAX_PIXELS,
     PaliGemmaProcessor,
     check_tokenizer,
@@ -68,8 +72,8 @@ from processing_paligemma import (  # noqa: E402
     max_prompt_length,
     read_image_settings,
 )
-from results import emit  # noqa: E402
-from utils import load_hf_model  # noqa: E402
+from paligemma.results import emit  # noqa: E402
+from paligemma.utils import load_hf_model  # noqa: E402
 
 DEFAULT_IMAGE = Path(__file__).resolve().parent / "test_images" / "cat.jpg"
 def ray_batch_module(flags: dict):
@@ -87,7 +91,7 @@ def ray_batch_module(flags: dict):
         import ray.data  # noqa: F401
     except ImportError:
         raise UserError("--ray_address needs Ray: pip install -r requirements-ray.txt") from None
-    import ray_batch
+    from paligemma import ray_batch
 
     return ray_batch
 
@@ -112,7 +116,8 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
     """Answer a prompt about an image, or about every image of a folder, a glob or a prompts file.
 
     Args:
-        model_path: the checkpoint folder: config.json, safetensors weights and the tokenizer
+        model_path: the checkpoint folder (config.json, safetensors weights and the tokenizer), or a Hub id such as
+            google/paligemma-3b-mix-224 (@revision optional) found in the local Hugging Face cache, never downloaded
         prompt: the task prompt, e.g. "caption en", "answer en what is this?", "detect cat ; dog"
         image_file_path: an image file, a folder of images, or a quoted glob such as 'photos/*.jpg'
         max_tokens_to_generate: the most tokens to generate; generation also stops at a stop token
@@ -142,10 +147,11 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
         gpus_per_worker: GPUs of each Ray worker (a fraction shares one); 0 answers on the workers' CPUs
     """
     check_flags(locals())
+    folder = model_folder(model_path)
     if save_quantized is not None:
-        return save(Path(model_path), Path(save_quantized), quantize, DTYPES.get(dtype), not ignore_memory_check)
+        return save(folder, Path(save_quantized), quantize, DTYPES.get(dtype), not ignore_memory_check)
     on_ray = ray_batch_module(locals())
-    clock, folder = Stopwatch(), Path(model_path)
+    clock = Stopwatch()
     items = batch.gather(image_file_path, prompts_file, prompt)
     if items is None and output is not None:  # one image, written to a results file like a batch of one
         items = [batch.Item(0, image_file_path, prompt)]
@@ -185,7 +191,7 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
         quantize = None if quantize == "none" else quantize
         if on_ray is not None:
             warn_about_dtype(config, DTYPES.get(dtype))  # said here once: the workers load without a word
-            job = on_ray.Job(folder=os.getcwd(), model_path=model_path, dtype=dtype,
+            job = on_ray.Job(folder=os.getcwd(), model_path=str(folder), dtype=dtype,
                              memory_check=not ignore_memory_check, batch_size=batch_size, length=length,
                              max_tokens=max_tokens_to_generate, max_pixels=max_image_pixels, **sampling,
                              vae_path=vae_path, annotate=annotate, quantize=quantize)
@@ -202,7 +208,9 @@ def main(model_path: str, prompt: str = "caption en", image_file_path: str = str
                                        batch=min(batch_size, len(items or [None])), length=length,
                                        quantize=quantize)
             if items is None:
-                return answer_one(session, image, prompt, max_tokens_to_generate, clock, output_format, stream,
+                model = api.Model(session, max_image_pixels, clock["load_s"])
+                asked = {name: sampling[name] for name in ("temperature", "top_p", "seed")}
+                return answer_one(model, image, prompt, max_tokens_to_generate, asked, clock, output_format, stream,
                                   annotate, verbose)
             answered, failed = batch.answer_batch(session, items, results, max_tokens=max_tokens_to_generate,
                                                   batch_size=batch_size, annotate=Path(annotate) if annotate else None,
@@ -232,40 +240,28 @@ def save(folder: Path, out: Path, scheme: str, dtype: torch.dtype | None, memory
     log(f"wrote {out}: {model.quantization.name} weights that load in place (--model_path {out})")
 
 
-def answer_one(session: Session, image: Image.Image, prompt: str, max_tokens: int, clock: Stopwatch,
+def answer_one(model: api.Model, image: Image.Image, prompt: str, max_tokens: int, sampling: dict, clock: Stopwatch,
                output_format: str, stream: bool | None, annotate: str | None, verbose: bool):
     """One image's answer on stdout: the text (streamed as it comes, on a terminal), or a JSON object."""
-    with clock("image_s"):
-        inputs = session.processor([prompt], [image])
-    config = session.model.config
-    batch.check_fits(inputs["input_ids"].shape[1], max_tokens, config.text_config.max_position_embeddings,
-                     config.num_image_tokens)
     streaming = stream if stream is not None else output_format == "text" and bool(sys.stdout and sys.stdout.isatty())
-    printer = TextStream(session.tokenizer) if streaming and output_format == "text" else None
-    [(ids, logprobs)] = session.answer(inputs, max_tokens, clock, printer and (lambda ids: emit(printer.add(ids))))
-    timings = {"load_s": clock["load_s"], "first_token_s": clock["image_s"] + clock["prefill_s"],
-               "decode_s": clock["decode_s"], "decode_tokens": max(len(ids) - 1, 0), "peak_rss_gib": peak_rss_gib()}
-    if hasattr(session.step, "compile_s"):  # --compile on CUDA: the part of decode_s spent compiling
-        timings["compile_s"] = session.step.compile_s
-    if session.device.type == "cuda":
-        timings["peak_gpu_gib"] = torch.cuda.max_memory_allocated(session.device) / 2**30
-    if verbose:
-        log(f"load {timings['load_s']:.1f} s | prefill {inputs['input_ids'].shape[1]} tokens in "
-            f"{clock['prefill_s']:.2f} s, first token {timings['first_token_s']:.2f} s after opening the image | "
-            f"decode {timings['decode_tokens']} tokens in {timings['decode_s']:.2f} s, "
-            f"{timings['decode_tokens'] / max(timings['decode_s'], 1e-9):.2f} tok/s | "
-            f"peak memory {timings['peak_rss_gib']:.2f} GiB")
-    record = detection.describe({"text": session.tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids,
-                                 "logprobs": logprobs}, image, prompt, tokenizer=session.tokenizer, picture=annotate,
-                                vae=session.vae, min_score=session.min_score)
+    streaming = streaming and output_format == "text"
+    run, shown = model.stream(image, prompt, max_tokens=max_tokens, min_score=model.session.min_score,
+                              annotate=annotate, verbose=verbose, clock=clock, **sampling), False
+    while True:
+        try:
+            piece = next(run)
+        except StopIteration as end:
+            record = end.value
+            break
+        if streaming:
+            emit(piece)
+            shown = True
     if output_format == "json":
-        emit(json.dumps({**record, "timings": timings}, ensure_ascii=False, allow_nan=False) + "\n")
-    elif printer:
-        if record["text"] or printer.shown:
-            emit(printer.close(record["text"]) + "\n")
-    elif ids:  # a zero token budget prints nothing
+        emit(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
+    elif shown:
+        emit("\n")
+    elif record["token_ids"]:  # a zero token budget prints nothing
         emit(record["text"] + "\n")
-
 
 def check_outputs(annotate: str | None, output: str | None, inputs: list[str], single: bool):
     """Refuse output paths that could not be written, or would reach an input image by any name (a symlink, a

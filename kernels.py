@@ -33,10 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import modeling_gemma
-import modeling_siglip
-from clib import library
-from quantization import TILE, QuantEmbedding, QuantizedWeight, QuantLinear
+from paligemma import modeling_gemma, modeling_siglip
+from paligemma.clib import library
+from paligemma.quantization import TILE, QuantEmbedding, QuantizedWeight, QuantLinear
 
 HALF = (torch.float16, torch.bfloat16)
 MAX_GEMV_ROWS = 16  # rows of x up to which streaming the weights beats a matrix-matrix product

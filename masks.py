@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from console import UserError
+from paligemma.console import UserError
 
 LOC_MAX = 1023  # <loc0000>..<loc1023>
 SEG_MAX = 127  # <seg000>..<seg127>

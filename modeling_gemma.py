@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeling_siglip import ACTIVATIONS, Fused, embedding, positive_ints
+from paligemma.modeling_siglip import ACTIVATIONS, Fused, embedding, positive_ints
 
 # Class defaults of transformers' GemmaConfig / Gemma2Config for keys a config.json may omit (docs/NUMERICS.md §1).
 GEMMA_DEFAULTS = dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,

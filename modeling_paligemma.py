@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from modeling_gemma import GemmaConfig, GemmaForCausalLM, KVCache
-from modeling_siglip import SiglipVisionConfig, SiglipVisionModel
+from paligemma.modeling_gemma import GemmaConfig, GemmaForCausalLM, KVCache
+from paligemma.modeling_siglip import SiglipVisionConfig, SiglipVisionModel
 
 # What PaliGemmaConfig builds when config.json has no text_config / vision_config at all.
 PALIGEMMA_TEXT_DEFAULTS = dict(model_type="gemma", hidden_size=2048, num_hidden_layers=18, intermediate_size=16384,

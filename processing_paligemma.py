@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from checkpoint import LoadError, load_tokenizer, read_json, tokenizer_vocab
-from console import UserError, is_number, kind_of, require_file
+from paligemma.checkpoint import LoadError, load_tokenizer, read_json, tokenizer_vocab
+from paligemma.console import UserError, is_number, kind_of, require_file
 
 IMAGE_TOKEN = "<image>"
 # Location and segmentation codewords: already in the vocabulary, added so that each one is matched whole.

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import modeling_siglip
-from checkpoint import LoadError, read_json
-from console import UserError
+from paligemma import modeling_siglip
+from paligemma.checkpoint import LoadError, read_json
+from paligemma.console import UserError
 
 TILE, CHUNK = 4, 64  # rows a tile interleaves; bytes of a row a tile holds at a time
 

@@ -27,12 +27,11 @@ from pathlib import Path
 import ray
 import torch
 
-import batch
-import masks
-from checkpoint import DTYPES
-from console import UserError, log, one_line, peak_rss_gib
-from generate import Session, Stopwatch, load_session
-from results import MARKER, ResultsFile, StdoutResults
+from paligemma import batch, masks
+from paligemma.checkpoint import DTYPES
+from paligemma.console import UserError, log, one_line, peak_rss_gib
+from paligemma.generate import Session, Stopwatch, load_session
+from paligemma.results import MARKER, ResultsFile, StdoutResults
 
 ROOT = Path(__file__).resolve().parent
 SHIPPED_WITHOUT = ["tests", "benchmarks", "examples", "docs", "test_images", ".ci"]  # workers need only the code

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from console import UserError, kind_of
+from paligemma.console import UserError, kind_of
 
 MARKER = "pytorch_paligemma"  # every record carries MARKER: FORMAT, as its first field
 FORMAT = 1

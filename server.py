@@ -29,18 +29,17 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-import answers
-import masks
-from batch import check_fits, check_prompt
-from chat import ApiError, parse_chat
-from checkpoint import DTYPES, find_shards, load_config, read_safetensors_header, stop_tokens
-from console import UserError, kind_of, log, require_file
-from engine import Engine
-from flags import FLAG_RULES, check_flag_names, check_flags, quote_string_flags
-from generate import load_session
-from inference import choose_device, failure
-from media import MediaError, read_media
-from processing_paligemma import DEFAULT_MAX_PIXELS, check_tokenizer, decode_image
+from paligemma import answers, masks
+from paligemma.batch import check_fits, check_prompt
+from paligemma.chat import ApiError, parse_chat
+from paligemma.checkpoint import DTYPES, find_shards, load_config, model_folder, read_safetensors_header, stop_tokens
+from paligemma.console import UserError, kind_of, log, require_file
+from paligemma.engine import Engine
+from paligemma.flags import FLAG_RULES, check_flag_names, check_flags, quote_string_flags
+from paligemma.generate import load_session
+from paligemma.inference import choose_device, failure
+from paligemma.media import MediaError, read_media
+from paligemma.processing_paligemma import DEFAULT_MAX_PIXELS, check_tokenizer, decode_image
 
 SERVER_RULES = {
     **{name: FLAG_RULES[name] for name in ("dtype", "quantize", "max_image_pixels", "only_cpu", "ignore_memory_check")},
@@ -67,7 +66,7 @@ class State:
 
     def __init__(self, flags: dict, folder: Path, vae):
         self.flags, self.folder, self.vae = flags, folder, vae
-        self.name = flags["served_model_name"] or folder.resolve().name
+        self.name = flags["served_model_name"]
         self.session, self.engine, self.failed, self.load_s, self.created = None, None, None, 0.0, int(time.time())
         self.domains = frozenset(d.strip().lower() for d in (flags["allowed_media_domains"] or "").split(",")
                                  if d.strip())
@@ -275,7 +274,7 @@ def create_app(state: State) -> FastAPI:
         job = answers.Job(state, inputs, budget, chat.temperature, chat.top_p, chat.seed, chat.top_logprobs,
                           received)
         if chat.stream:
-            return StreamingResponse(answers.chat_stream(state, job, chat, image),
+            return StreamingResponse(answers.events(job, answers.chat_chunks(state, job, chat, image)),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return await job.watched(request, answers.chat_completion(state, job, chat, image))
 
@@ -290,7 +289,7 @@ def create_app(state: State) -> FastAPI:
         job = answers.Job(state, inputs, budget, fields["temperature"] if fields["do_sample"] else 0.0,
                           fields["top_p"], fields["seed"], 0, received)
         if fields["stream"]:
-            return StreamingResponse(answers.record_stream(state, job, fields, image),
+            return StreamingResponse(answers.events(job, answers.record_pieces(state, job, fields, image)),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return await job.watched(request, answers.record(state, job, fields, image))
 
@@ -327,14 +326,14 @@ def main(model_path: str, port: int = 8000, host: str = "127.0.0.1", dtype: str 
     """Serve a PaliGemma checkpoint over HTTP with OpenAI's chat completions API.
 
     Args:
-        model_path: the checkpoint folder, as for inference.py
+        model_path: the checkpoint folder or a Hub id in the local cache, as for inference.py
         port: the TCP port to listen on
         host: the address to listen on; 127.0.0.1 (this machine only) unless you mean otherwise
         dtype, quantize, only_cpu, vae_path, max_image_pixels, ignore_memory_check: as for inference.py
         api_key: require Authorization: Bearer API_KEY on every route but /health and the web page's files
         max_batch: requests decoded together (1 to 16)
         max_queue: requests waiting beyond those; more get 503 with Retry-After
-        served_model_name: the model's name in the API (default: the folder's name)
+        served_model_name: the model's name in the API (default: the Hub id, or the folder's name)
         shutdown_timeout: seconds that running answers get to finish on SIGTERM or Ctrl-C
         cors_origins: comma-separated origins that browsers may call from (none by default)
         allowed_media_domains: comma-separated hosts whose https:// images may be fetched (none by default)
@@ -344,7 +343,9 @@ def main(model_path: str, port: int = 8000, host: str = "127.0.0.1", dtype: str 
     """
     flags = dict(locals())
     check_flags(flags, SERVER_RULES)
-    folder = Path(model_path)
+    folder = model_folder(model_path)
+    if served_model_name is None:  # the Hub id as given, or the folder's name
+        flags["served_model_name"] = model_path.split("@")[0] if folder != Path(model_path) else folder.resolve().name
     config = load_config(folder)
     stop_tokens(folder, config)
     check_tokenizer(folder, config)

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import torch
 
-import kernels
-import quantization
-from checkpoint import (
+from paligemma import kernels, quantization
+from paligemma.checkpoint import (
     HARMLESS_EXTRAS,
     LoadError,
     TensorEntry,
@@ -31,10 +30,10 @@ from checkpoint import (
     read_safetensors_header,
     warn_about_dtype,
 )
-from console import gib, log, peak_rss_gib, progress
-from modeling_gemma import QUERY_CHUNK
-from modeling_paligemma import CACHE_STEP, PaliGemmaConfig, PaliGemmaForConditionalGeneration
-from quantization import QuantizedWeight
+from paligemma.console import gib, log, peak_rss_gib, progress
+from paligemma.modeling_gemma import QUERY_CHUNK
+from paligemma.modeling_paligemma import CACHE_STEP, PaliGemmaConfig, PaliGemmaForConditionalGeneration
+from paligemma.quantization import QuantizedWeight
 
 MAP_IN_PLACE = True  # use tensors stored in the target dtype straight from the (privately) mapped files
 

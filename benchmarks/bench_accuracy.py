@@ -25,11 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_load import DEFAULT_MODEL, RESULTS, ROOT, cpu_name  # noqa: E402
 
-import kernels  # noqa: E402
-import quantization  # noqa: E402
-from generate import decode_one_token, generate, prefill  # noqa: E402
-from processing_paligemma import PaliGemmaProcessor, load_image  # noqa: E402
-from utils import load_hf_model  # noqa: E402
+from paligemma import kernels, quantization  # noqa: E402
+from paligemma.generate import decode_one_token, generate, prefill  # noqa: E402
+from paligemma.processing_paligemma import PaliGemmaProcessor, load_image  # noqa: E402
+from paligemma.utils import load_hf_model  # noqa: E402
 
 Scheme = quantization.Scheme
 VARIANTS = {  # name -> (dtype, quantization scheme or None)

@@ -164,14 +164,14 @@ def copy_bandwidth(device: str) -> float:
 def decoder_bytes(model: Path, dtype: str) -> int:
     """Bytes of weights one decode step reads: every language-model parameter (the embedding is the head)."""
     sys.path.insert(0, str(ROOT))
-    from checkpoint import load_config
+    from paligemma.checkpoint import load_config
 
     text = load_config(model).text_config
     per_layer = (text.hidden_size * text.head_dim * (2 * text.num_attention_heads + 2 * text.num_key_value_heads)
                  + 3 * text.hidden_size * text.intermediate_size + (4 if text.is_gemma2 else 2) * text.hidden_size)
     params = text.num_hidden_layers * per_layer + text.vocab_size * text.hidden_size + text.hidden_size
     if dtype in QUANTIZED:  # the integers, and a float16 scale per group of them
-        from quantization import SCHEMES
+        from paligemma.quantization import SCHEMES
 
         return int(params * ((1 if dtype == "int8" else 0.5) + 2 / SCHEMES[dtype].group))
     return params * getattr(torch, dtype).itemsize

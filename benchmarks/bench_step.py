@@ -29,8 +29,8 @@ def measure(model_path: Path, dtype_name: str, steps: int, blocks: int, rows: in
     import torch
     from PIL import Image
 
-    import kernels
-    from generate import decode_one_token, load_session, prefill
+    from paligemma import kernels
+    from paligemma.generate import decode_one_token, load_session, prefill
 
     dtype = None if dtype_name in QUANTIZED else getattr(torch, dtype_name)
     extra = {"quantize": dtype_name} if dtype_name in QUANTIZED else {}

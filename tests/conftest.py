@@ -89,7 +89,7 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the weights were loaded although the input was already known to be wrong")
 
-    monkeypatch.setattr("generate.load_hf_model", refuse)
+    monkeypatch.setattr("paligemma.generate.load_hf_model", refuse)
 
 
 @pytest.fixture

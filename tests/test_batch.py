@@ -16,12 +16,10 @@ from test_hostile_input import run
 from test_masks import vivid_vae_arrays
 from test_model import load_ours
 
-import batch
-import detection
-import masks
-from checkpoint import load_tokenizer
-from console import UserError
-from generate import TextStream, generate
+from paligemma import batch, detection, masks
+from paligemma.checkpoint import load_tokenizer
+from paligemma.console import UserError
+from paligemma.generate import TextStream, generate
 
 PROMPTS = ["caption en", "answer en what colour is the cup on the wooden table?", "detect cat ; dog"]
 

@@ -15,8 +15,8 @@ import torch
 from conftest import CHECKPOINTS, ROOT
 from test_hostile_input import assert_clean_failure, cli_args, run
 
-import utils
-from checkpoint import LoadError
+from paligemma import utils
+from paligemma.checkpoint import LoadError
 
 
 def json_answer(folder, photo, capsys, monkeypatch, *extra) -> dict:

@@ -8,8 +8,8 @@ import torch
 from conftest import random_image
 from test_model import PROMPT, load_ours, teacher_forced
 
-import generate
-from generate import compile_decode, decode_one_token, prefill
+from paligemma import generate
+from paligemma.generate import compile_decode, decode_one_token, prefill
 
 
 def greedy_logits(model, inputs, step, steps=5):

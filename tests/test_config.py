@@ -10,8 +10,8 @@ import tiny
 import torch
 from test_model import PROMPT, load_ours, reference_inputs
 
-from checkpoint import LoadError, load_config
-from generate import prefill
+from paligemma.checkpoint import LoadError, load_config
+from paligemma.generate import prefill
 
 VARIANTS = {  # checkpoint, and what to change in its text_config
     "PaliGemma 1 with Gemma 2 keys": ("v1_gqa", {"attn_logit_softcapping": 5.0, "final_logit_softcapping": 0.5,

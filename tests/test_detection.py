@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from detection import annotate, parse_detections, parse_segments
-from masks import place_mask
+from paligemma.detection import annotate, parse_detections, parse_segments
+from paligemma.masks import place_mask
 
 
 def loc(*values: int) -> str:

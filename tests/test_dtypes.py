@@ -12,9 +12,8 @@ from conftest import CHECKPOINTS, random_image
 from safetensors.torch import load_file, save_file
 from test_hostile_input import cli_args, run
 
-import kernels
-import utils
-from checkpoint import LoadError
+from paligemma import kernels, utils
+from paligemma.checkpoint import LoadError
 
 
 def shard_with(folder: Path, part: str) -> tuple[Path, str]:

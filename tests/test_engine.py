@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import random_image
 
-from engine import Closed, Engine, QueueFull, Request
-from generate import load_session
+from paligemma.engine import Closed, Engine, QueueFull, Request
+from paligemma.generate import load_session
 
 PROMPTS = ["caption en", "detect cat", "answer en what is this?", "ocr"]
 LOADS = {"float32": dict(dtype=torch.float32), "float16": dict(dtype=torch.float16),

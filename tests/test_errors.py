@@ -15,10 +15,10 @@ import torch
 from conftest import ROOT
 from test_hostile_input import assert_clean_failure, cli_args, run
 
-import checkpoint as checkpoint_files
-import utils
-from checkpoint import LoadError
-from modeling_paligemma import PaliGemmaConfig
+from paligemma import checkpoint as checkpoint_files
+from paligemma import utils
+from paligemma.checkpoint import LoadError
+from paligemma.modeling_paligemma import PaliGemmaConfig
 
 
 def run_subprocess(argv, timeout=120, env=None, **kwargs) -> subprocess.CompletedProcess:
@@ -150,7 +150,7 @@ def test_a_bug_is_told_apart_from_a_user_error_and_debug_shows_its_traceback(che
     def broken(*args, **kwargs):
         raise ValueError("an internal mistake")
 
-    monkeypatch.setattr("generate.load_hf_model", broken)
+    monkeypatch.setattr("paligemma.generate.load_hf_model", broken)
     code, out, err = run(cli_args(checkpoint("v1_mqa"), photo), capsys, monkeypatch)
     assert_clean_failure(code, out, err, "unexpected ValueError: an internal mistake", "PALIGEMMA_DEBUG=1")
     monkeypatch.setenv("PALIGEMMA_DEBUG", "1")

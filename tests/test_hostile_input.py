@@ -14,8 +14,7 @@ import pytest
 from conftest import ROOT, random_image
 from test_loader import BROKEN_FOLDERS
 
-import inference
-import utils
+from paligemma import inference, utils
 
 
 def run(argv, capsys, monkeypatch) -> tuple[int, str, str]:

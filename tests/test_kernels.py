@@ -12,13 +12,10 @@ import torch
 import torch.nn.functional as F
 from conftest import CHECKPOINTS, ROOT
 
-import clib
-import kernels
-import modeling_gemma
-import modeling_siglip
-from generate import decode_one_token, prefill
-from quantization import SCHEMES, QuantizedWeight, quantize
-from utils import load_hf_model
+from paligemma import clib, kernels, modeling_gemma, modeling_siglip
+from paligemma.generate import decode_one_token, prefill
+from paligemma.quantization import SCHEMES, QuantizedWeight, quantize
+from paligemma.utils import load_hf_model
 
 HALF = [torch.float16, torch.bfloat16]
 
@@ -156,7 +153,7 @@ AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE
 def test_this_cpus_prompt_dtype_follows_its_own_bfloat16_instructions_and_the_avx2_limits(held):
     flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
     native = bool(flags & {"avx512_bf16", "amx_bf16"}) and "avx512f" in flags
-    code = "import sys; sys.path.insert(0, sys.argv[1]); import kernels; print(kernels.prompt_dtype())"
+    code = "import sys; sys.path.insert(0, sys.argv[1]); from paligemma import kernels; print(kernels.prompt_dtype())"
     env = {k: v for k, v in os.environ.items() if k not in AVX2} | (AVX2 if held else {})
     result = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, env=env,
                             timeout=120)

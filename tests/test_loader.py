@@ -12,11 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-import checkpoint as checkpoint_files
-import kernels
-from checkpoint import LoadError
-from modeling_gemma import GemmaRotaryEmbedding
-from utils import load_hf_model
+from paligemma import checkpoint as checkpoint_files
+from paligemma import kernels
+from paligemma.checkpoint import LoadError
+from paligemma.modeling_gemma import GemmaRotaryEmbedding
+from paligemma.utils import load_hf_model
 
 
 def transformers_name(ours: str) -> str:
@@ -118,7 +118,7 @@ def test_rope_frequencies_are_computed_afresh_so_logits_stay_finite(checkpoint, 
     # The fork this descends from left inv_freq as uninitialised memory after leaving the meta device.
     from test_model import load_ours
 
-    from generate import prefill
+    from paligemma.generate import prefill
 
     for _ in range(3):
         model, processor = load_ours(checkpoint("v1_mqa"), torch.float16)

@@ -10,8 +10,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from console import UserError
-from masks import decode_masks, load_vae, pixel_box, place_mask, rle_decode, rle_encode
+from paligemma.console import UserError
+from paligemma.masks import decode_masks, load_vae, pixel_box, place_mask, rle_decode, rle_encode
 
 # ---------------------------------------------------------------------------------------------------- mask decoder
 

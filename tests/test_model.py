@@ -6,12 +6,12 @@ import tiny
 import torch
 from conftest import CHECKPOINTS, random_image
 
-import kernels
-from generate import decode_one_token, generate, prefill
-from modeling_gemma import GemmaConfig
-from modeling_paligemma import prefix_lm_masks
-from processing_paligemma import PaliGemmaProcessor
-from utils import load_hf_model
+from paligemma import kernels
+from paligemma.generate import decode_one_token, generate, prefill
+from paligemma.modeling_gemma import GemmaConfig
+from paligemma.modeling_paligemma import prefix_lm_masks
+from paligemma.processing_paligemma import PaliGemmaProcessor
+from paligemma.utils import load_hf_model
 
 PROMPT = "caption en"
 DECODE_STEPS = 10
@@ -209,7 +209,7 @@ def test_a_half_precision_model_computes_a_prompt_in_the_prompt_dtype_and_decode
 
 
 def test_attention_in_query_chunks_matches_transformers(checkpoint, reference, image, monkeypatch):
-    import modeling_gemma
+    from paligemma import modeling_gemma
 
     monkeypatch.setattr(modeling_gemma, "QUERY_CHUNK", 3)  # the 896-px path, on a 21-token prompt
     ref, ref_processor = reference("v2_448style")

@@ -16,11 +16,8 @@ from test_hostile_input import run
 from test_masks import vivid_vae_arrays
 from test_model import load_ours
 
-import coco
-import detection
-import generate
-import masks
-from checkpoint import load_tokenizer
+from paligemma import coco, detection, generate, masks
+from paligemma.checkpoint import load_tokenizer
 
 
 @pytest.fixture(scope="module")

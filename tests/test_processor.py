@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import random_image
 
-from checkpoint import load_tokenizer
-from processing_paligemma import PaliGemmaProcessor
+from paligemma.checkpoint import load_tokenizer
+from paligemma.processing_paligemma import PaliGemmaProcessor
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,11 @@ from safetensors.torch import load_file, save_file
 from test_hostile_input import run
 from test_model import PROMPT, load_ours, reference_inputs, teacher_forced
 
-import kernels
-import quantization
-from checkpoint import LoadError
-from generate import generate, prefill
-from quantization import QuantizedWeight, Scheme
-from utils import load_hf_model
+from paligemma import kernels, quantization
+from paligemma.checkpoint import LoadError
+from paligemma.generate import generate, prefill
+from paligemma.quantization import QuantizedWeight, Scheme
+from paligemma.utils import load_hf_model
 
 SCHEMES = [Scheme(8, 128), Scheme(4, 128), Scheme(8, 32), Scheme(4, 32)]
 SHAPES = [(13, 37), (8, 64), (5, 200), (33, 100), (4, 300)]  # columns that are not a multiple of 16 or 32 too

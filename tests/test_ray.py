@@ -17,8 +17,7 @@ from PIL import Image
 from ray.cluster_utils import Cluster
 from test_hostile_input import run
 
-import inference
-import ray_batch
+from paligemma import inference, ray_batch
 
 PROMPTS = ["caption en", "answer en what colour is the cup?", "detect cat ; dog"]
 
@@ -153,7 +152,7 @@ def test_a_worker_that_cannot_load_the_model_ends_the_run_with_its_one_line(chec
 KILLED_AFTER_FIRST_WRITE = """
 import os, signal, sys
 sys.path.insert(0, sys.argv[1])
-import inference, results
+from paligemma import inference, results
 write = results.ResultsFile.write
 def write_then_die(self, records):
     write(self, records)

@@ -10,10 +10,8 @@ import pytest
 from conftest import random_image
 from test_hostile_input import run
 
-import batch
-import results
-import utils
-from results import MARKER
+from paligemma import batch, results, utils
+from paligemma.results import MARKER
 
 PROMPTS = ["caption en", "answer en what is it?", "detect cat"]
 

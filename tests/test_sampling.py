@@ -10,10 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-import generate as generation
-from checkpoint import load_tokenizer
-from generate import NotFinite, TextStream, generate, sample
-from processing_paligemma import PaliGemmaProcessor
+from paligemma import generate as generation
+from paligemma.checkpoint import load_tokenizer
+from paligemma.generate import NotFinite, TextStream, generate, sample
+from paligemma.processing_paligemma import PaliGemmaProcessor
 
 
 def transformers_distribution(logits, temperature, top_p):

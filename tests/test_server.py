@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import ROOT, random_image
 
-from generate import load_session
+from paligemma.generate import load_session
 
 PROMPTS = ["caption en", "detect cat", "answer en what is this?", "ocr"]
 DEADLINE_S = 60

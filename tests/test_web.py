@@ -20,7 +20,7 @@ from PIL import Image
 from test_masks import vivid_vae_arrays
 from test_server import Server, message, wait_for
 
-from masks import rle_decode
+from paligemma.masks import rle_decode
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 if not (CHROMIUM and CHROMEDRIVER):
@@ -140,6 +140,14 @@ def finished(driver, seconds: float = 30):
     WebDriverWait(driver, seconds).until(lambda d: d.find_element(By.ID, "save-json").is_enabled())
 
 
+def answered(driver, server, image: Path, task: str) -> dict:
+    """The record the page shows for image and task, on a page just opened."""
+    open_page(driver, server)
+    ask(driver, image, task)
+    finished(driver)
+    return json.loads(driver.execute_script("return JSON.stringify(page.record)"))
+
+
 def test_the_page_and_its_files_carry_a_policy_that_allows_only_the_servers_own_origin(servers):
     server = servers["plain"]
     for path in ("/", "/app.js", "/style.css"):
@@ -195,10 +203,7 @@ def box_geometry(driver) -> tuple[list[dict], dict, dict]:
 
 def test_detected_boxes_sit_on_their_objects_within_a_pixel_in_every_window_size(
         servers, browser, picture, screenshots):
-    open_page(browser, servers["detect"])
-    ask(browser, picture, "Detect objects")
-    finished(browser)
-    record = json.loads(browser.execute_script("return JSON.stringify(page.record)"))
+    record = answered(browser, servers["detect"], picture, "Detect objects")
     assert [d["label"] for d in record["detections"]] == ["cat", "dog"]
     browser.save_screenshot(str(screenshots / "detection.png"))
     for size in ((1280, 900), (700, 900), (390, 844)):  # and a phone's
@@ -223,10 +228,7 @@ def test_detected_boxes_sit_on_their_objects_within_a_pixel_in_every_window_size
 
 def test_segment_masks_are_painted_on_exactly_the_pixels_of_the_records_mask_and_both_downloads_hold_them(
         servers, browser, picture, downloads):
-    open_page(browser, servers["segment"])
-    ask(browser, picture, "Segment objects")
-    finished(browser)
-    record = json.loads(browser.execute_script("return JSON.stringify(page.record)"))
+    record = answered(browser, servers["segment"], picture, "Segment objects")
     painted = browser.execute_script("""
         const canvas = document.getElementById('masks');
         const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;

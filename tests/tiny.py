@@ -46,18 +46,21 @@ def build_tokenizer(paligemma: bool = True):
     return tok
 
 
-def hub_cache(folder: Path, cache: Path, commit: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+def hub_cache(folder: Path, cache: Path, commit: str = "0123456789abcdef0123456789abcdef01234567",
+              revision: str = "main") -> Path:
     """The files of a checkpoint folder laid out as huggingface_hub caches a download (models--org--name/ with
-    blobs/<sha256>, refs/main and snapshots/<commit>/ of relative symlinks into blobs/); returns the snapshot."""
+    blobs/<sha256>, refs/<revision> and snapshots/<commit>/ of relative symlinks into blobs/); returns the snapshot.
+    Called again with another commit and revision, it adds that revision beside the first."""
     repo = Path(cache) / "models--google--paligemma-tiny"
     snapshot = repo / "snapshots" / commit
     for path in (repo / "blobs", repo / "refs", snapshot):
-        path.mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
+        path.mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
     for file in sorted(Path(folder).iterdir()):
         data = file.read_bytes()
         blob = hashlib.sha256(data).hexdigest()
-        (repo / "blobs" / blob).write_bytes(data)
+        if not (repo / "blobs" / blob).exists():
+            (repo / "blobs" / blob).write_bytes(data)
         (snapshot / file.name).symlink_to(Path("..", "..", "blobs", blob))
     return snapshot
 
