@@ -144,8 +144,8 @@ async def events(job: Job, messages):
     try:
         async for message in messages:
             yield f"data: {json.dumps(message, ensure_ascii=False)}\n\n"
-    except ApiError as e:
-        yield f"data: {json.dumps(e.body())}\n\n"
+    except Exception as e:  # the headers are sent: the error goes in the stream, a 500's logged with its id
+        yield f"data: {json.dumps((e if isinstance(e, ApiError) else job.failure(e)).body())}\n\n"
     finally:
         job.cancel()
     yield "data: [DONE]\n\n"

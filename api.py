@@ -55,35 +55,37 @@ def load(model_path: str | Path, *, dtype: str | None = None, quantize: str | No
 
 class Model:
     """A loaded checkpoint: answer, stream and answer_batch take an image and a task prompt (caption en, detect
-    cat, segment cup, answer en what is this?, ocr, ...); temperature 0 is greedy, above it samples (with top_p,
-    and seed for a repeatable sample)."""
+    cat, segment cup, answer en what is this?, ocr, ...); temperature 0 is greedy, above it samples with top_p (0.9,
+    as the command line), and seed for a repeatable sample."""
 
     def __init__(self, session: Session, max_image_pixels: int = DEFAULT_MAX_PIXELS, load_s: float = 0.0,
                  batch_size: int = 1):
         self.session, self.max_image_pixels, self.load_s = session, max_image_pixels, load_s
         self.batch_size = batch_size
 
-    def answer(self, image, prompt: str = "caption en", **options) -> dict:
-        """The record of one answer; options as for stream."""
+    def answer(self, image, prompt: str = "caption en", on_text=None, **options) -> dict:
+        """The record of one answer, on_text(piece) called with its text as it is decoded; options as for stream."""
         run = self.stream(image, prompt, **options)
         while True:
             try:
-                next(run)
+                piece = next(run)
             except StopIteration as end:
                 return end.value
+            if on_text is not None:
+                on_text(piece)
 
     def stream(self, image, prompt: str = "caption en", *, max_tokens: int = 100, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int | None = None, min_score: float = 0.0, annotate: str | None = None,
+               top_p: float = 0.9, seed: int | None = None, min_score: float = 0.0, annotate: str | None = None,
                verbose: bool = False, clock: Stopwatch | None = None) -> Generator[str, None, dict]:
         """The answer's text in pieces of whole characters as it is decoded (joined: the record's text); the record
         is the generator's return value. min_score leaves out objects that score below it; annotate: a PNG path to
         draw boxes and masks on; verbose: the timings on stderr; clock: the command line's, which includes opening
         the image before the model loaded."""
         clock = clock or Stopwatch()
+        check_prompt(prompt)
         with clock("image_s"):
             image = self.image(image)
             inputs = self.session.processor([prompt], [image])
-        check_prompt(prompt)
         config = self.session.model.config
         check_fits(inputs["input_ids"].shape[1], max_tokens, config.text_config.max_position_embeddings,
                    config.num_image_tokens)
@@ -106,7 +108,7 @@ class Model:
         return {**answer, "timings": timings}
 
     def answer_batch(self, images: list, prompts: str | list[str] = "caption en", *, max_tokens: int = 100,
-                     temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                     temperature: float = 0.0, top_p: float = 0.9, seed: int | None = None,
                      min_score: float = 0.0) -> list[dict]:
         """One record per image (without timings), batch_size rows decoded together as the command line's batch mode
         does: the same tokens as alone, the logprobs within the dtype's rounding of alone (the rows are padded)."""

@@ -96,28 +96,33 @@ def read_json(path: Path, what: str) -> dict:
     return data
 
 
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?")  # org/name, optionally @revision
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?", re.ASCII)  # org/name, maybe @revision
 
 
 def model_folder(model_path: str) -> Path:
     """--model_path as a folder: a folder as given, or a Hub id (org/name, @branch, @tag or @commit) found in the
-    local Hugging Face cache (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub), as huggingface_hub
-    resolves it offline: refs/<revision> names the snapshot. Nothing is ever downloaded."""
+    local Hugging Face cache as huggingface_hub resolves it offline (refs/<revision> names the snapshot). Nothing is
+    ever downloaded."""
     path = Path(model_path)
     if kind_of(path) != "nothing" or not HUB_ID.fullmatch(model_path):
         return path
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     repo_id, _, revision = model_path.partition("@")
-    cache = os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME") or Path.home() / ".cache/huggingface",
-                                                   "hub")
+    cache = hub_cache()
     try:
         return Path(snapshot_download(repo_id, revision=revision or None, cache_dir=cache, local_files_only=True))
-    except LocalEntryNotFoundError:
+    except (LocalEntryNotFoundError, HFValidationError):  # not cached, or no Hub id after all (a mistyped path)
         get = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
         raise LoadError(f"{model_path} is neither a folder nor in the Hugging Face cache {cache}; download it with: "
                         f"{get} (huggingface-cli download with huggingface_hub before 1.0)") from None
+
+
+def hub_cache() -> Path:
+    """The Hugging Face cache by huggingface_hub's rules, read now (its own constants are read once, at import)."""
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(os.environ.get("HF_HUB_CACHE") or Path(home, "hub")).expanduser()
 
 
 def load_config(model_path: str | Path) -> PaliGemmaConfig:

@@ -7,6 +7,7 @@ stdout carries answers only, so everything here writes to stderr.
 import errno
 import math
 import os
+import signal
 import stat
 import sys
 from pathlib import Path
@@ -82,3 +83,35 @@ def progress(total: int, desc: str, unit: str, initial: int = 0, **kwargs) -> tq
     then in a log file."""
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
                 mininterval=0.2 if sys.stderr.isatty() else 10.0, **kwargs)
+
+
+def guard_start():
+    """Before the command line's libraries load: ctrl-C ends it with one line, not a traceback; a closed stdout or
+    stderr gets /dev/null in its place, so that no file opened later takes its number."""
+    signal.signal(signal.SIGINT, interrupted)
+    if sys.stdout is None:  # a closed stdout stays None: an answer with nowhere to go is an error (results.emit)
+        stand_in(1)
+    if not writable(2):  # a closed stderr drops progress and notes; the answer still goes to stdout
+        stand_in(2)
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115
+
+
+def interrupted(*_):
+    os.write(2, b"interrupted\n")
+    os._exit(130)
+
+
+def stand_in(fd: int):
+    """/dev/null on a standard descriptor that the run cannot use."""
+    null = os.open(os.devnull, os.O_RDWR)
+    if null != fd:
+        os.dup2(null, fd)
+        os.close(null)
+
+
+def writable(fd: int) -> bool:
+    try:
+        os.write(fd, b"")
+        return True
+    except OSError:  # closed, or open for reading only (as a closed stderr reaches Python through some launchers)
+        return False

@@ -10,36 +10,10 @@ import os
 import signal
 import sys
 
-
-def interrupted(*_):
-    os.write(2, b"interrupted\n")
-    os._exit(130)
-
-
-def stand_in(fd: int):
-    """/dev/null on a standard descriptor that the run cannot use, so that no file opened later takes its number and
-    gets what is written to it."""
-    null = os.open(os.devnull, os.O_RDWR)
-    if null != fd:
-        os.dup2(null, fd)
-        os.close(null)
-
-
-def writable(fd: int) -> bool:
-    try:
-        os.write(fd, b"")
-        return True
-    except OSError:  # closed, or open for reading only (as a closed stderr reaches Python through some launchers)
-        return False
-
-
 if __name__ == "__main__":  # ctrl-C while the libraries below load: one line, not a traceback
-    signal.signal(signal.SIGINT, interrupted)
-    if sys.stdout is None:  # a closed stdout stays None: an answer with nowhere to go is an error (results.emit)
-        stand_in(1)
-    if not writable(2):  # a closed stderr drops progress and notes; the answer still goes to stdout
-        stand_in(2)
-        sys.stderr = open(os.devnull, "w")  # noqa: SIM115
+    from paligemma.console import guard_start
+
+    guard_start()
 
 import contextlib  # noqa: E402
 import inspect  # noqa: E402
@@ -243,25 +217,25 @@ def save(folder: Path, out: Path, scheme: str, dtype: torch.dtype | None, memory
 def answer_one(model: api.Model, image: Image.Image, prompt: str, max_tokens: int, sampling: dict, clock: Stopwatch,
                output_format: str, stream: bool | None, annotate: str | None, verbose: bool):
     """One image's answer on stdout: the text (streamed as it comes, on a terminal), or a JSON object."""
-    streaming = stream if stream is not None else output_format == "text" and bool(sys.stdout and sys.stdout.isatty())
-    streaming = streaming and output_format == "text"
-    run, shown = model.stream(image, prompt, max_tokens=max_tokens, min_score=model.session.min_score,
-                              annotate=annotate, verbose=verbose, clock=clock, **sampling), False
-    while True:
-        try:
-            piece = next(run)
-        except StopIteration as end:
-            record = end.value
-            break
-        if streaming:
-            emit(piece)
-            shown = True
+    if stream is None:
+        stream = output_format == "text" and bool(sys.stdout and sys.stdout.isatty())
+    stream, shown = stream and output_format == "text", []
+
+    def show(piece: str):
+        emit(piece)
+        shown.append(piece)
+
+    record = model.answer(image, prompt, on_text=show if stream else None, max_tokens=max_tokens,
+                          min_score=model.session.min_score, annotate=annotate, verbose=verbose, clock=clock,
+                          **sampling)
     if output_format == "json":
         emit(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
-    elif shown:
-        emit("\n")
+    elif stream:
+        if shown:
+            emit("\n")
     elif record["token_ids"]:  # a zero token budget prints nothing
         emit(record["text"] + "\n")
+
 
 def check_outputs(annotate: str | None, output: str | None, inputs: list[str], single: bool):
     """Refuse output paths that could not be written, or would reach an input image by any name (a symlink, a

@@ -11,6 +11,16 @@ import os
 __path__ = [os.path.dirname(os.path.abspath(__file__))]
 
 
+def cli():
+    """The paligemma command: inference.py's command line, guarded (console.guard_start) before its libraries load."""
+    from paligemma.console import guard_start
+
+    guard_start()
+    from paligemma.inference import cli
+
+    cli()
+
+
 def __getattr__(name: str):
     """paligemma.load and paligemma.Model (api.py), imported on first use: `import paligemma.kernels` alone does not
     import transformers."""

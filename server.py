@@ -209,7 +209,7 @@ PAGE = {"/": ("index.html", "text/html"), "/app.js": ("app.js", "text/javascript
 PUBLIC = ("/health", *PAGE)
 # The page may load and call nothing but this server: no inline script or style, no other origin, no frames.
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
-                "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+                "img-src 'self' blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
                 "frame-ancestors 'none'", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
                 "Cache-Control": "no-cache"}
 

@@ -21,6 +21,7 @@ function askForKey() {
 $("key-form").addEventListener("submit", (event) => {
   event.preventDefault();
   sessionStorage.setItem("paligemma-key", $("key").value.trim());
+  $("key").value = "";
   $("key-form").hidden = true;
   hideError();
   watchHealth();
@@ -78,6 +79,7 @@ function setImage(file) {
     return;
   }
   hideError();
+  if (page.controller) stop(); // an answer about the previous image is no answer about this one
   if (page.url) URL.revokeObjectURL(page.url);
   page.image = file;
   page.url = URL.createObjectURL(file);
@@ -106,6 +108,9 @@ $("drop").addEventListener("keydown", (event) => {
     $("file").click();
   }
 });
+for (const name of ["dragover", "drop"]) {
+  document.addEventListener(name, (event) => event.preventDefault()); // a file dropped beside the zone: not opened
+}
 document.addEventListener("paste", (event) => {
   const item = [...event.clipboardData.items].find((i) => i.kind === "file" && i.type.startsWith("image/"));
   if (item) setImage(item.getAsFile());
@@ -149,10 +154,11 @@ async function* events(response) {
   for (;;) {
     const { value, done } = await reader.read();
     if (done) return;
-    buffer += value;
+    buffer += value.replaceAll("\r\n", "\n");
     let end;
     while ((end = buffer.indexOf("\n\n")) >= 0) {
-      const data = buffer.slice(0, end).split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6));
+      const data = buffer.slice(0, end).split("\n").filter((l) => l.startsWith("data:"))
+        .map((l) => l.slice(5).replace(/^ /, ""));
       buffer = buffer.slice(end + 2);
       if (data.join("\n") === "[DONE]") return;
       if (data.length) yield JSON.parse(data.join("\n"));
@@ -202,10 +208,12 @@ $("ask").addEventListener("submit", async (event) => {
   }
 });
 
-$("stop").addEventListener("click", () => {
+function stop() {
   page.stopped = true;
   page.controller.abort(); // the server sees the connection close and frees the row
-});
+}
+
+$("stop").addEventListener("click", stop);
 
 function finish(record) {
   page.record = record;
