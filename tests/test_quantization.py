@@ -72,15 +72,47 @@ def test_int4_packing_puts_column_j_and_16_plus_j_in_one_byte():
     assert torch.equal(quantization.unpack_int4(packed, 40), q)
 
 
+def c_quantized(w: torch.Tensor, scheme: Scheme) -> tuple[QuantizedWeight, int]:
+    """w quantized by quant.c (into buffers full of junk, which it must overwrite), and its count of values or
+    scales that are not finite."""
+    target = QuantizedWeight(*w.shape, scheme)
+    target.qweight.fill_(0x55), target.scales.fill_(3.0)
+    return target, kernels.quantize_rows(w.data_ptr(), w.dtype, *w.shape, target.qweight, target.scales, scheme)
+
+
+def assert_equal_to_the_reference(target: QuantizedWeight, w: torch.Tensor, scheme: Scheme):
+    q, scales = quantization.quantize(w, scheme)
+    assert torch.equal(target.qweight, q) and torch.equal(target.scales.view(torch.int16), scales.view(torch.int16))
+
+
 @pytest.mark.parametrize("source", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("scheme", SCHEMES + [Scheme(8, 64), Scheme(4, 64)], ids=str)
+@pytest.mark.parametrize("shape", SHAPES + [(1, 33), (7, 96), (7, 1000)])  # groups cut short by the last column
 def test_the_c_quantizer_equals_the_reference_bit_for_bit(shape, scheme, source, compiled):
     w = weights(*shape, source)
-    q, scales = quantization.quantize(w, scheme)
-    target = QuantizedWeight(*shape, scheme)
-    assert kernels.quantize_rows(w.data_ptr(), source, *shape, target.qweight, target.scales, scheme) == 0
-    assert torch.equal(target.qweight, q) and torch.equal(target.scales.view(torch.int16), scales.view(torch.int16))
+    target, bad = c_quantized(w, scheme)
+    assert bad == 0
+    assert_equal_to_the_reference(target, w, scheme)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+def test_the_c_quantizer_rounds_halves_to_even_as_the_reference(scheme, compiled):
+    w = torch.arange(-2 * scheme.qmax, 2 * scheme.qmax + 1).float().repeat(3, 40)[:, :300] / 2
+    w[:, ::scheme.group] = scheme.qmax  # every group's scale 1: w / scale is a half for every odd w * 2
+    target, bad = c_quantized(w, scheme)
+    assert bad == 0
+    assert_equal_to_the_reference(target, w, scheme)
+    assert w[0, 1] == -scheme.qmax + 0.5  # a half, rounded to its even neighbour (qmax is odd)
+    assert quantization.dequantize(target.qweight, target.scales, scheme, w.shape)[0, 1] == -scheme.qmax + 1
+
+
+@pytest.mark.parametrize("source", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+def test_the_c_quantizer_counts_values_and_scales_that_are_not_finite(scheme, source, compiled):
+    w = weights(7, 300)
+    w[1, 5], w[2, 299], w[6, 40] = float("nan"), float("inf"), 1e38  # the last: too large for a float16 scale
+    _, bad = c_quantized(w.to(source), scheme)
+    assert bad == 2 + 2  # NaN and inf, and the scales of the groups of inf and 1e38
 
 
 def quantized(shape, scheme, seed=0) -> QuantizedWeight:
