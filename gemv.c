@@ -147,14 +147,18 @@ void gelu_tanh_mul(const void *x, int64_t x_stride, const void *up, int64_t up_s
     }
 }
 
-// Loading: convert tensors from a safetensors shard into parameters, read a block at a time into a buffer that
-// stays in the cache: no page of the file is ever mapped into the process, so nothing is left to drop, and the page
-// cache keeps the file. One call does a whole shard without the GIL, so that Python can load the tokenizer meanwhile.
+// Loading: convert tensors from a safetensors shard into parameters, or quantize them (quant.c), read a block at a
+// time into a buffer that stays in the cache: no page of the file is ever mapped into the process, so nothing is
+// left to drop, and the page cache keeps the file. One call does a whole shard without the GIL, so that Python can
+// load the tokenizer meanwhile.
 typedef struct {
     int64_t src_offset;  // bytes from the start of the file
-    void *dst;
+    void *dst;  // the converted values, or a quantized weight's tiles
     int64_t n;  // elements
     int32_t src_kind, dst_kind;
+    int32_t bits;  // 8 or 4 to quantize n / cols rows of cols columns into dst and scales (dst_kind unused), else 0
+    int64_t cols, group;
+    uint16_t *scales;
 } convert_job;
 
 static void convert_slice(const uint8_t *src, int src_kind, uint8_t *dst, int dst_kind, int64_t i, int64_t end) {
@@ -211,19 +215,23 @@ int64_t nonfinite(const void *p, int64_t n, int kind, int threads) {
 #define READ_BLOCK (1 << 20)  // bytes read and converted at a time: 1 MiB ran faster than 256 KiB and 4 MiB blocks
 
 // Runs the jobs in order, each a block at a time by all threads; *done counts the source bytes converted so far.
-// Every converted value is checked to be finite (a NaN in the file, or a float32 beyond float16's range, is not).
-// Returns -1 when all are; the index j of the first job with a value that is not; or -2 - j where the file could
-// not be read (it ended early, or the disk failed).
+// Every converted value is checked to be finite (a NaN in the file, or a float32 beyond float16's range, is not),
+// and every quantized one and its scale. Returns -1 when all are; the index j of the first job with a value that is
+// not; or -2 - j where the file could not be read (it ended early, or the disk failed).
 int64_t convert_shard(int fd, const convert_job *jobs, int64_t n_jobs, int64_t *done) {
     int64_t size[] = {4, 2, 2};
     posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);  // a larger read-ahead window from a cold page cache
     for (int64_t j = 0; j < n_jobs; j++) {
         const convert_job *job = jobs + j;
         int64_t per_block = READ_BLOCK / size[job->src_kind], bad = 0, unread = 0;
+        if (job->bits) {  // whole tiles of rows, so that each block fills tiles of its own
+            int64_t tile = TILE * job->cols;
+            per_block = (per_block / tile > 1 ? per_block / tile : 1) * tile;
+        }
         int64_t blocks = (job->n + per_block - 1) / per_block;
 #pragma omp parallel reduction(+ : bad, unread)
         {
-            uint8_t *buffer = aligned_alloc(64, READ_BLOCK);
+            uint8_t *buffer = aligned_alloc(64, (per_block * size[job->src_kind] + 63) / 64 * 64);
             // Blocks handed out as threads come free: one that loses its core to the tokenizer, loading beside it,
             // leaves its share to the others instead of keeping them waiting.
 #pragma omp for schedule(dynamic)
@@ -237,8 +245,13 @@ int64_t convert_shard(int fd, const convert_job *jobs, int64_t n_jobs, int64_t *
                     else got += r;
                 }
                 if (unread) continue;
-                convert_slice(buffer, job->src_kind, dst, job->dst_kind, 0, count);
-                bad += count_nonfinite(dst, job->dst_kind, 0, count);  // while still in the cache
+                if (job->bits) {
+                    bad += quantize_piece(buffer, job->src_kind, first / job->cols, count / job->cols, job->cols,
+                                          job->bits, job->group, job->dst, job->scales);
+                } else {
+                    convert_slice(buffer, job->src_kind, dst, job->dst_kind, 0, count);
+                    bad += count_nonfinite(dst, job->dst_kind, 0, count);  // while still in the cache
+                }
                 __atomic_add_fetch(done, bytes, __ATOMIC_RELAXED);
             }
             free(buffer);

@@ -44,10 +44,12 @@ KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # as gemv.c's c
 
 
 class ConvertJob(ctypes.Structure):
-    """One tensor for gemv.c's convert_shard: where it starts in the file, where it goes, how many, which dtypes."""
+    """One tensor for gemv.c's convert_shard: where it starts in the file, where it goes, how many, which dtypes;
+    or, bits 8 or 4, the quantized weight it goes into (its tiles at dst, its scales, its columns and group)."""
 
     _fields_ = [("src_offset", ctypes.c_int64), ("dst", ctypes.c_void_p), ("n", ctypes.c_int64),
-                ("src_kind", ctypes.c_int32), ("dst_kind", ctypes.c_int32)]
+                ("src_kind", ctypes.c_int32), ("dst_kind", ctypes.c_int32), ("bits", ctypes.c_int32),
+                ("cols", ctypes.c_int64), ("group", ctypes.c_int64), ("scales", ctypes.c_void_p)]
 
 
 # oneDNN's ISA caps below the first with bfloat16 dot products (ONEDNN_MAX_CPU_ISA, as oneDNN spells them)
@@ -297,18 +299,29 @@ def swap_modules(model: nn.Module) -> nn.Module:
     return model
 
 
-def convert_shard(fd: int, jobs: list[tuple[int, torch.dtype, torch.Tensor]]) -> tuple[int, int] | None:
+def convert_shard(fd: int, jobs: list[tuple[int, torch.dtype, torch.Tensor | QuantizedWeight]]
+                  ) -> tuple[int, int] | None:
     """Convert (source offset, source dtype, destination) jobs from the safetensors shard open as fd into their
-    destinations in one call of gemv.c, which runs without Python's lock, reads the file a block at a time into a
-    buffer that stays in the cache (nothing of it is mapped into the process), and checks that every converted
-    value is finite. Returns (source bytes converted, -1, or the index j of the first job with a value that is not
-    finite, or -2 - j where the file could not be read), or None where the library cannot take the jobs."""
+    destinations, or quantize them into a QuantizedWeight, in one call of gemv.c, which runs without Python's lock,
+    reads the file a block at a time into a buffer that stays in the cache (nothing of it is mapped into the
+    process), and checks that every converted or quantized value is finite. Returns (source bytes converted, -1, or
+    the index j of the first job with a value that is not finite, or -2 - j where the file could not be read), or
+    None where the library cannot take the jobs."""
     lib = library()
-    kinds = [(KINDS.get(dtype), KINDS.get(dest.dtype)) for _, dtype, dest in jobs]
-    if lib is None or any(dest.device.type != "cpu" or None in k for (_, _, dest), k in zip(jobs, kinds)):
+    outputs = [(dest.qweight, dest.scales) if isinstance(dest, QuantizedWeight) else (dest,) for _, _, dest in jobs]
+    if lib is None or any(dtype not in KINDS for _, dtype, _ in jobs) or any(
+            t.device.type != "cpu" for tensors in outputs for t in tensors) or any(
+            not isinstance(dest, QuantizedWeight) and dest.dtype not in KINDS for _, _, dest in jobs):
         return None
-    table = (ConvertJob * len(jobs))(*(ConvertJob(offset, dest.data_ptr(), dest.numel(), *k)
-                                       for (offset, _, dest), k in zip(jobs, kinds)))
+
+    def job(offset: int, dtype: torch.dtype, dest: torch.Tensor | QuantizedWeight) -> ConvertJob:
+        if isinstance(dest, QuantizedWeight):
+            rows, cols = dest.shape
+            return ConvertJob(offset, dest.qweight.data_ptr(), rows * cols, KINDS[dtype], 0, dest.scheme.bits, cols,
+                              dest.scheme.group, dest.scales.data_ptr())
+        return ConvertJob(offset, dest.data_ptr(), dest.numel(), KINDS[dtype], KINDS[dest.dtype])
+
+    table = (ConvertJob * len(jobs))(*(job(*j) for j in jobs))
     done = ctypes.c_int64(0)
     bad = lib.convert_shard(fd, table, len(jobs), ctypes.byref(done))
     return done.value, bad
@@ -325,8 +338,9 @@ def count_nonfinite(tensor: torch.Tensor, threads: int = 0) -> int:
 
 def quantize_rows(source: int, source_dtype: torch.dtype, rows: int, cols: int, qweight: torch.Tensor,
                   scales: torch.Tensor, scheme) -> int:
-    """Quantize rows x cols values of source_dtype at the address source into qweight and scales (rows views of a
-    QuantizedWeight's buffers) with gemv.c's quant.c, without Python's lock; returns how many values or scales are
-    not finite. The library must be there (the caller falls back to quantization.quantize)."""
+    """Quantize rows x cols values of source_dtype at the address source into qweight and scales (a
+    QuantizedWeight's buffers, or views of whole tiles of them) with quant.c, without Python's lock; returns how many
+    values or scales are not finite. The same code as the loader's (convert_shard), on memory. The library must be
+    there (quantization.quantize is the reference in PyTorch)."""
     return library().quantize_rows(source, KINDS[source_dtype], rows, cols, scheme.bits, scheme.group,
                                    qweight.data_ptr(), scales.data_ptr())

@@ -18,7 +18,6 @@
 
 #include "simd.h"
 
-#define TILE 4  // weight rows interleaved
 #define CHUNK 64  // bytes of one row in a tile's step
 #define QMAX_X 4  // rows of x per pass
 #define QPREFETCH 1024  // bytes ahead of the reading position to prefetch
@@ -91,21 +90,21 @@ static inline __m256i pack_int8(const __m256i i32[4]) {
     return _mm256_permutevar8x32_epi32(_mm256_packs_epi16(low, high), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-// Quantizes n_rows rows of cols values of the given kind at src into the tiles at q and the scales (layout above),
-// padding to a whole tile. Returns how many values or scales are not finite (a NaN in the source, or a group too
-// large for a float16 scale): 0 when all are. A group (a multiple of 32 columns) is read twice from the cache: once
-// for its largest |w|, once to round it a block of 32 at a time, each block one store (a block never straddles a
-// chunk); only a row's last block, past cols, is gathered value by value.
-int64_t quantize_rows(const uint8_t *src, int src_kind, int64_t n_rows, int64_t cols, int bits, int64_t group,
-                      uint8_t *q, uint16_t *scales) {
-    int64_t n_groups = n_scales(cols, bits, group), padded = padded_cols(cols, bits), bad = 0;
-    int64_t row_bytes = padded * bits / 8, size = src_kind == F32 ? 4 : 2;
-    int64_t tiles = (n_rows + TILE - 1) / TILE;
+// Quantizes rows first .. first + n_rows - 1 of a weight of cols columns (first a multiple of TILE), their values of
+// the given kind at src, into the weight's tiles at q and its scales (layout above), padding the last tile. Returns
+// how many values or scales are not finite (a NaN in the source, or a group too large for a float16 scale): 0 when
+// all are. A group (a multiple of 32 columns) is read twice from the cache: once for its largest |w|, once to round
+// it a block of 32 at a time, each block one store (a block never straddles a chunk); only a row's last block, past
+// cols, is gathered value by value. One thread: convert_shard (gemv.c) gives each thread its own piece.
+int64_t quantize_piece(const uint8_t *src, int src_kind, int64_t first, int64_t n_rows, int64_t cols, int bits,
+                       int64_t group, uint8_t *q, uint16_t *scales) {
+    int64_t n_groups = n_scales(cols, bits, group), row_bytes = padded_cols(cols, bits) * bits / 8, bad = 0;
+    int64_t size = src_kind == F32 ? 4 : 2, padded_rows = (n_rows + TILE - 1) / TILE * TILE;
     const float qmax = bits == 8 ? 127.0f : 7.0f;
-    memset(q, bits == 8 ? 0 : 0x88, tiles * TILE * row_bytes);  // what a group of scale 0 and padding hold
-    memset(scales, 0, tiles * TILE * n_groups * sizeof(uint16_t));
+    q += first * row_bytes, scales += first * n_groups;
+    memset(q, bits == 8 ? 0 : 0x88, padded_rows * row_bytes);  // what a group of scale 0 and padding hold
+    memset(scales, 0, padded_rows * n_groups * sizeof(uint16_t));
     const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)), inf = _mm256_set1_ps(INFINITY);
-#pragma omp parallel for reduction(+ : bad) schedule(static)
     for (int64_t r = 0; r < n_rows; r++) {
         const uint8_t *in = src + r * cols * size;
         for (int64_t k0 = 0; k0 < cols; k0 += group) {
@@ -139,6 +138,18 @@ int64_t quantize_rows(const uint8_t *src, int src_kind, int64_t n_rows, int64_t 
                 }
             }
         }
+    }
+    return bad;
+}
+
+// quantize_piece for n_rows rows at src, in memory, by all threads a tile at a time.
+int64_t quantize_rows(const uint8_t *src, int src_kind, int64_t n_rows, int64_t cols, int bits, int64_t group,
+                      uint8_t *q, uint16_t *scales) {
+    int64_t bad = 0, size = src_kind == F32 ? 4 : 2;
+#pragma omp parallel for reduction(+ : bad) schedule(static)
+    for (int64_t first = 0; first < n_rows; first += TILE) {
+        int64_t n = n_rows - first < TILE ? n_rows - first : TILE;
+        bad += quantize_piece(src + first * cols * size, src_kind, first, n, cols, bits, group, q, scales);
     }
     return bad;
 }

@@ -148,6 +148,10 @@ static inline vec exp_approx(vec t) {
     return vmul(p, pow2i(i));
 }
 
+#define TILE 4  // rows of a quantized weight interleaved (quant.c's layout)
+int64_t quantize_piece(const uint8_t *src, int src_kind, int64_t first, int64_t n_rows, int64_t cols, int bits,
+                       int64_t group, uint8_t *q, uint16_t *scales);
+
 // The slice [*begin, *end) of [0, n) that this OpenMP thread takes, in multiples of `align`.
 static inline void share(int64_t n, int64_t align, int64_t *begin, int64_t *end) {
     int threads = omp_get_num_threads(), t = omp_get_thread_num();

@@ -116,13 +116,13 @@ def materialise(model: torch.nn.Module, plan: list[TensorEntry], dtype: torch.dt
 def stream_tensors(model: torch.nn.Module, plan: list[TensorEntry], to_copy: list[TensorEntry], bar=None,
                    stop: threading.Event | None = None):
     """Shard by shard: read in the tensors used in place, copy each other tensor into its parameter, converting to
-    its dtype, and quantize each weight that is to be, kernels.PIECE_BYTES at a time. Every value is checked to be
-    finite. Once stop is set, no further shard is begun.
+    its dtype, and quantize each weight that is to be. Every value is checked to be finite. Once stop is set, no
+    further shard is begun.
 
-    On the CPU the compiled kernel converts a whole shard in one call, without Python's lock (see load_hf_model),
-    reading it a block at a time into a buffer: nothing of the file is mapped, and the page cache keeps it.
-    Quantizing, and converting without the compiled kernel, read each piece straight from the mapped shard, then
-    unmap it again, so that its pages do not pile up in this process's memory either.
+    On the CPU the compiled kernel converts and quantizes a whole shard in one call, without Python's lock (see
+    load_hf_model), reading it a block at a time into a buffer: nothing of the file is mapped, and the page cache
+    keeps it. Without the compiled kernel, PyTorch converts and quantizes kernels.PIECE_BYTES at a time straight from
+    the mapped shard, each piece unmapped again, so that its pages do not pile up in this process's memory either.
     """
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     modules = dict(model.named_modules())
@@ -144,51 +144,42 @@ def stream_tensors(model: torch.nn.Module, plan: list[TensorEntry], to_copy: lis
             for entry in entries:
                 if entry.start + entry.nbytes > len(mapped):
                     raise LoadError(f"{file}: ended early while reading tensor {entry.key!r}")
-            for entry in (e for e in entries if e.quantize):
-                quantize_tensor(mapped, entry, modules[entry.name], bar)
-            entries = [e for e in entries if not e.quantize]
-            dests = [tensors[e.name].data.view(-1) for e in entries]
+            dests = [modules[e.name] if e.quantize else tensors[e.name].data.view(-1) for e in entries]
             converted = kernels.convert_shard(f.fileno(), [(e.start, e.torch_dtype, d) for e, d in zip(entries, dests)])
             if converted is None:
                 for entry, dest in zip(entries, dests):
-                    copy_tensor(mapped, entry, dest, bar)
+                    (quantize_tensor if entry.quantize else copy_tensor)(mapped, entry, dest, bar)
                 continue
             done, bad = converted
             if bad <= -2:
                 raise LoadError(f"{file}: cannot be read while converting tensor {entries[-2 - bad].key!r} (did the "
                                 "file change, or the disk fail?)")
             if bad >= 0:
-                raise not_finite(entries[bad], dests[bad].dtype)
+                raise not_finite(entries[bad], dests[bad].scheme.name if entries[bad].quantize else dests[bad].dtype)
             if bar is not None:
                 bar.update(done)
 
 
 def quantize_tensor(mapped: mmap.mmap, entry: TensorEntry, weight: QuantizedWeight, bar=None):
-    """A full-precision weight from a mapped shard quantized into weight, a piece of rows at a time, each piece's
-    pages dropped from the process once done: never the whole weight in full precision."""
+    """A full-precision weight from a mapped shard quantized into weight by PyTorch, a piece of rows at a time, each
+    piece's pages dropped from the process once done: never the whole weight in full precision."""
     rows, cols = entry.shape
     itemsize = entry.torch_dtype.itemsize
     tile = quantization.TILE  # pieces of whole tiles: the last one pads its tile
     per_piece = max(1, kernels.PIECE_BYTES // (cols * itemsize * tile)) * tile
-    base = ctypes.addressof(ctypes.c_char.from_buffer(mapped)) if kernels.library() else None
     advise(mapped, mmap.MADV_WILLNEED, entry.start, min(per_piece, rows) * cols * itemsize)
     for first in range(0, rows, per_piece):
         count = min(per_piece, rows - first)
         offset = entry.start + first * cols * itemsize
         advise(mapped, mmap.MADV_WILLNEED, offset + count * cols * itemsize,  # the next piece, meanwhile
                min(per_piece, rows - first - count) * cols * itemsize)
-        q = weight.qweight[first // tile:(first + count + tile - 1) // tile]
-        scales = weight.scales[first:first + (count + tile - 1) // tile * tile]
-        if base is not None:
-            bad = kernels.quantize_rows(base + offset, entry.torch_dtype, count, cols, q, scales, weight.scheme)
-        else:
-            piece = torch.frombuffer(mapped, dtype=entry.torch_dtype, count=count * cols, offset=offset)
-            bad = int(not torch.isfinite(piece).all())
-            q_piece, scale_piece = quantization.quantize(piece.view(count, cols), weight.scheme)
-            q.copy_(q_piece)
-            scales.copy_(scale_piece)
-            bad += int(not torch.isfinite(scales).all())
-            del piece  # the mapping can only be closed once no tensor views it
+        piece = torch.frombuffer(mapped, dtype=entry.torch_dtype, count=count * cols, offset=offset)
+        bad = int(not torch.isfinite(piece).all())
+        q, scales = quantization.quantize(piece.view(count, cols), weight.scheme)
+        weight.qweight[first // tile:(first + count + tile - 1) // tile].copy_(q)
+        weight.scales[first:first + (count + tile - 1) // tile * tile].copy_(scales)
+        bad += int(not torch.isfinite(scales).all())
+        del piece  # the mapping can only be closed once no tensor views it
         if bad:
             raise not_finite(entry, weight.scheme.name)
         advise(mapped, mmap.MADV_DONTNEED, offset, count * cols * itemsize)

@@ -55,6 +55,16 @@ def test_weights_that_are_not_finite_are_refused_naming_the_tensor(value, path, 
 
 
 @pytest.mark.parametrize("path", LOADER_PATHS)
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_weights_that_are_not_finite_are_refused_when_quantized_too(quantize, path, folder, monkeypatch):
+    for attribute, replacement in LOADER_PATHS[path].items():
+        monkeypatch.setattr(kernels, attribute, replacement)
+    key = set_value(folder, "layers.1.mlp.up_proj", float("nan"))
+    with pytest.raises(LoadError, match=f"{key}' has values that are not finite as {quantize}"):
+        utils.load_hf_model(folder, "cpu", torch.float16, verbose=False, quantize=quantize)
+
+
+@pytest.mark.parametrize("path", LOADER_PATHS)
 def test_a_float32_weight_beyond_float16_range_is_refused_as_float16_and_loads_as_bfloat16(path, folder,
                                                                                            monkeypatch):
     for attribute, replacement in LOADER_PATHS[path].items():

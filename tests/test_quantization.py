@@ -13,7 +13,7 @@ from test_hostile_input import run
 from test_model import PROMPT, load_ours, reference_inputs, teacher_forced
 
 from paligemma import kernels, quantization
-from paligemma.checkpoint import LoadError
+from paligemma.checkpoint import LoadError, read_safetensors_header
 from paligemma.generate import generate, prefill
 from paligemma.quantization import QuantizedWeight, Scheme
 from paligemma.utils import load_hf_model
@@ -113,6 +113,31 @@ def test_the_c_quantizer_counts_values_and_scales_that_are_not_finite(scheme, so
     w[1, 5], w[2, 299], w[6, 40] = float("nan"), float("inf"), 1e38  # the last: too large for a float16 scale
     _, bad = c_quantized(w.to(source), scheme)
     assert bad == 2 + 2  # NaN and inf, and the scales of the groups of inf and 1e38
+
+
+def convert_file(path: Path, destinations: dict) -> tuple[int, int]:
+    """kernels.convert_shard over the named tensors of a safetensors file, into their destinations."""
+    header = {e.key: e for e in read_safetensors_header(path)}
+    with open(path, "rb") as f:
+        return kernels.convert_shard(f.fileno(), [(header[k].start, header[k].torch_dtype, dest)
+                                                  for k, dest in destinations.items()])
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+def test_the_quantizer_reads_a_weight_of_many_blocks_from_the_file_as_the_reference(scheme, tmp_path, compiled):
+    """convert_shard reads a weight about a megabyte of whole tiles at a time, each thread quantizing its own tiles,
+    beside the tensors it converts in the same call; a value that is not finite names its job."""
+    tensors = {"a": weights(301, 2000), "b": weights(9, 70, torch.bfloat16, seed=1), "c": weights(42, 300, seed=2)}
+    save_file(tensors, tmp_path / "shard.safetensors")
+    a, b, c = QuantizedWeight(301, 2000, scheme), QuantizedWeight(9, 70, scheme), torch.empty(42 * 300).half()
+    done = convert_file(tmp_path / "shard.safetensors", {"a": a, "b": b, "c": c})
+    assert done == (sum(t.nbytes for t in tensors.values()), -1)
+    assert_equal_to_the_reference(a, tensors["a"], scheme)
+    assert_equal_to_the_reference(b, tensors["b"], scheme)
+    assert torch.equal(c, tensors["c"].view(-1).half())
+    tensors["b"][8, 69] = float("nan")  # the last block's last value
+    save_file(tensors, tmp_path / "nan.safetensors")
+    assert convert_file(tmp_path / "nan.safetensors", {"c": c, "a": a, "b": b})[1] == 2
 
 
 def quantized(shape, scheme, seed=0) -> QuantizedWeight:
@@ -319,8 +344,10 @@ def test_quantized_weights_refuse_cuda_before_any_work(checkpoint):
 
 
 def test_a_weight_larger_than_a_piece_is_quantized_exactly(checkpoint, monkeypatch):
+    """The compiled loader and PyTorch's, a few rows at a time, quantize alike."""
     whole, _ = load_hf_model(checkpoint("v1_mqa"), "cpu", torch.bfloat16, verbose=False, quantize="int4")
     monkeypatch.setattr(kernels, "PIECE_BYTES", 300)  # a few rows at a time
+    monkeypatch.setattr(kernels, "library", lambda: None)
     pieces, _ = load_hf_model(checkpoint("v1_mqa"), "cpu", torch.bfloat16, verbose=False, quantize="int4")
     a, b = whole.state_dict(), pieces.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
