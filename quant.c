@@ -70,6 +70,7 @@ static inline void load_block(const uint8_t *p, int kind, int64_t k, int64_t n, 
     for (int64_t j = 0; j < n; j++) tail[j] = read_kind(p, kind, k + j);
     for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(tail + 8 * i);
 }
+// The largest of 8 lanes (none NaN).
 static inline float max8(__m256 v) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
