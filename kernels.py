@@ -308,10 +308,10 @@ def convert_shard(fd: int, jobs: list[tuple[int, torch.dtype, torch.Tensor | Qua
     the index j of the first job with a value that is not finite, or -2 - j where the file could not be read), or
     None where the library cannot take the jobs."""
     lib = library()
-    outputs = [(dest.qweight, dest.scales) if isinstance(dest, QuantizedWeight) else (dest,) for _, _, dest in jobs]
-    if lib is None or any(dtype not in KINDS for _, dtype, _ in jobs) or any(
-            t.device.type != "cpu" for tensors in outputs for t in tensors) or any(
-            not isinstance(dest, QuantizedWeight) and dest.dtype not in KINDS for _, _, dest in jobs):
+    kinds = [KINDS.get(dtype) for _, dtype, _ in jobs] + [
+        KINDS.get(dest.dtype) for _, _, dest in jobs if not isinstance(dest, QuantizedWeight)]
+    devices = {(dest.qweight if isinstance(dest, QuantizedWeight) else dest).device.type for _, _, dest in jobs}
+    if lib is None or None in kinds or devices - {"cpu"}:
         return None
 
     def job(offset: int, dtype: torch.dtype, dest: torch.Tensor | QuantizedWeight) -> ConvertJob:
