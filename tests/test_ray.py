@@ -17,6 +17,7 @@ from PIL import Image
 from ray.cluster_utils import Cluster
 from test_hostile_input import run
 
+import paligemma
 from paligemma import inference, ray_batch
 
 PROMPTS = ["caption en", "answer en what colour is the cup?", "detect cat ; dog"]
@@ -190,10 +191,11 @@ def test_without_ray_the_flag_fails_before_any_work_saying_how_to_install_it(che
 
 def test_the_local_mode_never_imports_ray(checkpoint, inputs, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
-    monkeypatch.delitem(sys.modules, "ray_batch")
+    monkeypatch.delitem(sys.modules, "paligemma.ray_batch")
+    monkeypatch.delattr(paligemma, "ray_batch")
     monkeypatch.chdir(inputs)
     code, _, err = run(args(checkpoint, inputs, tmp_path / "out.jsonl"), capsys, monkeypatch)
-    assert code == 1 and "1 of 8 inputs failed" in err and "ray_batch" not in sys.modules
+    assert code == 1 and "1 of 8 inputs failed" in err and "paligemma.ray_batch" not in sys.modules
 
 
 @pytest.mark.parametrize("extra, message", [
