@@ -116,9 +116,9 @@ class Job:
                 return
 
 
-def objects(state, job: Job, text: str, prompt: str, image, min_score: float = 0.0) -> dict:
-    """The answer's record as the command line writes it: text, token_ids, logprobs and, for detect and segment
-    prompts, the objects found."""
+def objects(state, job: Job, text: str | None, prompt: str, image, min_score: float = 0.0) -> dict:
+    """The answer's record as the command line writes it: text (the ids decoded, unless given), token_ids, logprobs
+    and, for detect and segment prompts, the objects found."""
     return state.session.record(job.ids, [t.logprob for t in job.tokens], image, prompt, min_score, text=text)
 
 
@@ -188,8 +188,7 @@ async def record_pieces(state, job: Job, fields: dict, image):
 
 
 async def finished_record(state, job: Job, fields: dict, image) -> dict:
-    text = state.session.tokenizer.decode(job.ids, skip_special_tokens=True)
-    answer = await asyncio.to_thread(objects, state, job, text, fields["prompt"], image, fields["min_score"])
+    answer = await asyncio.to_thread(objects, state, job, None, fields["prompt"], image, fields["min_score"])
     times = job.request.times
     first = times.get("first_token", times["finished"])
     timings = {"load_s": state.load_s, "first_token_s": first - job.received, "decode_s": times["finished"] - first,

@@ -25,7 +25,7 @@ from PIL import Image
 from paligemma.batch import check_fits, check_prompt
 from paligemma.checkpoint import DTYPES, load_config, model_folder, stop_tokens
 from paligemma.console import UserError, log, peak_rss_gib
-from paligemma.generate import Session, Stopwatch, TextStream, load_session
+from paligemma.generate import Session, Stopwatch, TextStream, choose_device, load_session
 from paligemma.masks import load_vae
 from paligemma.processing_paligemma import DEFAULT_MAX_PIXELS, check_tokenizer, decode_image, load_image
 
@@ -46,7 +46,7 @@ def load(model_path: str | Path, *, dtype: str | None = None, quantize: str | No
     config = load_config(folder)
     stop_tokens(folder, config)
     tokenizer = check_tokenizer(folder, config)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device) if device else choose_device(only_cpu=False)[0]
     vae = load_vae(vae_path) if vae_path is not None else None
     session = load_session(folder, device, DTYPES.get(dtype), vae=vae, memory_check=memory_check,
                            tokenizer=tokenizer, batch=batch_size, quantize=quantize)

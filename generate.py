@@ -243,6 +243,15 @@ class Session:
             yield rows
 
 
+def choose_device(only_cpu: bool) -> tuple[torch.device, str | None]:
+    """The device to run on, and a note for the user when CUDA was wanted but is not there."""
+    if only_cpu:
+        return torch.device("cpu"), None
+    if torch.cuda.is_available():
+        return torch.device("cuda"), None
+    return torch.device("cpu"), "note: CUDA is not available; running on the CPU"
+
+
 def load_session(folder: Path, device: torch.device, dtype: torch.dtype | None, *, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, compile: bool = False, vae=None, min_score: float = 0.0,
                  **load_args) -> Session:

@@ -37,7 +37,7 @@ from paligemma.checkpoint import (  # noqa: E402
 )
 from paligemma.console import UserError, kind_of, log, one_line, peak_rss_gib, require_file  # noqa: E402
 from paligemma.flags import check_flag_names, check_flags, quote_string_flags  # noqa: E402
-from paligemma.generate import Stopwatch, load_session  # noqa: E402
+from paligemma.generate import Stopwatch, choose_device, load_session  # noqa: E402
 from paligemma.processing_paligemma import (  # noqa: E402
     DEFAULT_MAX_PIXELS,
     PaliGemmaProcessor,
@@ -68,15 +68,6 @@ def ray_batch_module(flags: dict):
     from paligemma import ray_batch
 
     return ray_batch
-
-
-def choose_device(only_cpu: bool) -> tuple[torch.device, str | None]:
-    """The device to run on, and a note for the user when CUDA was wanted but is not there."""
-    if only_cpu:
-        return torch.device("cpu"), None
-    if torch.cuda.is_available():
-        return torch.device("cuda"), None
-    return torch.device("cpu"), "note: CUDA is not available; running on the CPU"
 
 
 def main(model_path: str, prompt: str = "caption en", image_file_path: str = str(DEFAULT_IMAGE),

@@ -36,8 +36,8 @@ from paligemma.checkpoint import DTYPES, find_shards, load_config, model_folder,
 from paligemma.console import UserError, kind_of, log, require_file
 from paligemma.engine import Engine
 from paligemma.flags import FLAG_RULES, check_flag_names, check_flags, quote_string_flags
-from paligemma.generate import load_session
-from paligemma.inference import choose_device, failure
+from paligemma.generate import choose_device, load_session
+from paligemma.inference import failure
 from paligemma.media import MediaError, read_media
 from paligemma.processing_paligemma import DEFAULT_MAX_PIXELS, check_tokenizer, decode_image
 
