@@ -91,4 +91,7 @@ def build() -> ctypes.CDLL:
     lib.rms_norm.argtypes = [pointer, pointer, pointer, i64, i64, ctypes.c_float, i32, i32]
     lib.attend_one.argtypes = [pointer, pointer, pointer, pointer, pointer, *[i64] * 8, ctypes.c_float,
                                ctypes.c_float, i32]
+    lib.decode_layers.argtypes = [i64, *[pointer] * 3, i64, *[pointer] * 5, i64, i64]
+    lib.decode_layers.restype = i64
+    lib.decode_product_seconds.restype = ctypes.c_double
     return lib

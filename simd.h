@@ -151,6 +151,14 @@ static inline vec exp_approx(vec t) {
 #define TILE 4  // rows of a quantized weight interleaved (quant.c's layout)
 int64_t quantize_piece(const uint8_t *src, int src_kind, int64_t first, int64_t n_rows, int64_t cols, int bits,
                        int64_t group, uint8_t *q, uint16_t *scales);
+// The products and the activation that decode.c's decoder layer calls (gemv.c, quant.c).
+void gemv(int64_t n_w, const void *const *Ws, void *const *ys, const int64_t *rows, const void *x_in, int64_t n_x,
+          int64_t cols, int w_kind, int x_kind, int y_kind);
+void gemv_quant(int64_t n_w, const uint8_t *const *Qs, const uint16_t *const *Ss, void *const *ys,
+                const int64_t *rows, const void *x, int64_t n_x, int64_t cols, int64_t group, int bits, int x_kind,
+                int y_kind);
+void gelu_tanh_mul(const void *x, int64_t x_stride, const void *up, int64_t up_stride, void *out, int64_t rows,
+                   int64_t cols, int kind);
 
 // The slice [*begin, *end) of [0, n) that this OpenMP thread takes, in multiples of `align`.
 static inline void share(int64_t n, int64_t align, int64_t *begin, int64_t *end) {

@@ -1,9 +1,13 @@
-"""Where a decode step's time goes: the weight products (gemv.c and quant.c, by weight shape, with the bandwidth
-they stream at) against everything else (norms, attention, rotary angles, the KV cache, sampling's inputs, Python),
-for each dtype in a fresh process. The step is `generate.decode_one_token` on the accelerated model, after a
-prefill of `caption en` on test_images/cat.jpg; the products are timed by wrapping kernels.gemv and
-kernels.gemv_quantized. `--rows 1 4` times steps of 1 and of 4 rows (the same prompt 4 times, as a server decodes
-4 requests at once) and the cost of a step of 4 rows against one of 1.
+"""Where a decode step's time goes: the weight products (gemv.c and quant.c, with the bandwidth they stream at, by
+weight shape) against everything else (norms, attention, rotary angles, the KV cache, the logits' float32 copy that
+sampling starts from, Python), for each dtype in a fresh process, beside the machine's copy bandwidth. The step is
+`generate.decode_one_token` on the accelerated model, after a prefill of `caption en` on test_images/cat.jpg. Its
+layers run in one C call (kernels.Decoder), which counts the seconds its products take
+(`decode_product_seconds`); the output head's product is timed by wrapping kernels.gemv and gemv_quantized; the
+rest of the step is everything else. The table by weight shape times each shape's products alone, right after each
+step (the same weights in the same order, through the same C functions, on inputs of the same shapes). `--rows 1
+4` times steps of 1 and of 4 rows (the same prompt 4 times, as a server decodes 4 requests at once) and the cost
+of a step of 4 rows against one of 1.
 
     python benchmarks/bench_step.py                      # float16, int8 and int4 on paligemma-3b-pt-224
     python benchmarks/bench_step.py --rows 1 4           # and steps of 4 rows against steps of 1
@@ -23,8 +27,48 @@ from bench_generate import QUANTIZED  # noqa: E402
 from bench_load import DEFAULT_MODEL, RESULTS, ROOT, cpu_name  # noqa: E402
 
 
+def copy_bandwidth(gib: float = 1.0, runs: int = 5) -> float:
+    """The machine's copy bandwidth as STREAM counts it, bytes read and written a second (the best of `runs`), copying
+    `gib` GiB with torch's threads: about what a pass reading weights far larger than the caches can stream at."""
+    import torch
+
+    src = torch.ones(int(gib * (1 << 30)) // 2, dtype=torch.float16)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best
+
+
+def product_call(weights: list, x) -> tuple:
+    """The C call (function, arguments, and the buffers they point to) that multiplies x by the weights, as
+    kernels.gemv and gemv_quantized make it, made once: timing it times the kernel, not the Python that builds its
+    arguments (which a one-call decoder layer does not run)."""
+    import ctypes
+
+    import torch
+
+    from paligemma import kernels
+
+    lib, n, pointers = kernels.library(), len(weights), ctypes.c_void_p * len(weights)
+    m, k = x.shape
+    ys = [torch.empty(m, w.shape[0], dtype=x.dtype) for w in weights]
+    rows = (ctypes.c_int64 * n)(*(w.shape[0] for w in weights))
+    outs = pointers(*(y.data_ptr() for y in ys))
+    if hasattr(weights[0], "qweight"):
+        scheme = weights[0].scheme
+        return lib.gemv_quant, (n, pointers(*(w.qweight.data_ptr() for w in weights)),
+                                pointers(*(w.scales.data_ptr() for w in weights)), outs, rows, x.data_ptr(), m, k,
+                                scheme.group, scheme.bits, kernels.KINDS[x.dtype], kernels.KINDS[x.dtype]), ys, x
+    return lib.gemv, (n, pointers(*(w.data_ptr() for w in weights)), outs, rows, x.data_ptr(), m, k,
+                      kernels.KINDS[weights[0].dtype], kernels.KINDS[x.dtype], kernels.KINDS[x.dtype]), ys, x
+
+
 def measure(model_path: Path, dtype_name: str, steps: int, blocks: int, rows: int) -> dict:
-    """In this process: load, prefill, then time `blocks` runs of `steps` decode steps; the median block."""
+    """In this process: load, prefill, then time `blocks` runs of `steps` decode steps, and after each step its
+    products alone by shape; the median block."""
     sys.path.insert(0, str(ROOT))
     import torch
     from PIL import Image
@@ -37,38 +81,59 @@ def measure(model_path: Path, dtype_name: str, steps: int, blocks: int, rows: in
     session = load_session(model_path, torch.device("cpu"), dtype, verbose=False, **extra)
     image = Image.open(ROOT / "test_images" / "cat.jpg").convert("RGB")
     inputs = session.processor(["caption en"] * rows, [image] * rows)
-    spent = defaultdict(lambda: [0, 0.0, 0])  # weight shapes -> [calls, seconds, bytes a call]
+    model = session.model
+    groups = []  # a step's products: (weights, input columns), in the order a step multiplies them
+    for layer in model.language_model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        groups += [([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], attn.q_proj.weight.shape[1]),
+                   ([attn.o_proj.weight], attn.o_proj.weight.shape[1]),
+                   ([mlp.gate_proj.weight, mlp.up_proj.weight], mlp.gate_proj.weight.shape[1]),
+                   ([mlp.down_proj.weight], mlp.down_proj.weight.shape[1])]
+    groups.append(([model.language_model.lm_head.weight], model.language_model.lm_head.weight.shape[1]))
+    half = model.language_model.model.norm.weight.dtype
+    prepared = [product_call(weights, torch.randn(rows, cols).to(half)) for weights, cols in groups]
 
-    def timed(product):
-        def wrapper(weights, x, *rest):
+    def products(spent: dict):
+        """Each group's product once, timed into spent: weight shapes -> [calls, seconds, bytes a call]."""
+        for (weights, _), (function, args, *_buffers) in zip(groups, prepared):
             start = time.perf_counter()
-            ys = product(weights, x, *rest)
+            function(*args)
             entry = spent[" + ".join("x".join(map(str, w.shape)) for w in weights)]
             entry[0] += 1
             entry[1] += time.perf_counter() - start
             entry[2] = sum(w.qweight.nbytes + w.scales.nbytes if hasattr(w, "qweight") else w.nbytes for w in weights)
+
+    lib, head = kernels.library(), [0.0]
+
+    def timed(product):  # the output head's product, which runs outside decode.c's layers
+        def wrapper(*args):
+            start = time.perf_counter()
+            ys = product(*args)
+            head[0] += time.perf_counter() - start
             return ys
         return wrapper
 
     kernels.gemv, kernels.gemv_quantized = timed(kernels.gemv), timed(kernels.gemv_quantized)
     results = []
     with torch.inference_mode():
-        logits = prefill(session.model, inputs, (blocks + 1) * steps)
+        logits = prefill(model, inputs, (blocks + 1) * steps)
         token, position = logits.argmax(-1), torch.tensor([inputs["input_ids"].shape[1]])  # (rows,), (1,)
         for _block in range(blocks + 1):  # the first block warms up and is not counted
-            spent.clear()
-            start = time.perf_counter()
-            for _ in range(steps):
-                token = decode_one_token(session.model, token, position).argmax(-1)
+            step_s, spent, head[0], layers = 0.0, defaultdict(lambda: [0, 0.0, 0]), 0.0, lib.decode_product_seconds()
+            for _ in range(steps):  # a step, then its products alone by shape
+                start = time.perf_counter()
+                token = decode_one_token(model, token, position).float().argmax(-1)
+                step_s += (time.perf_counter() - start) / steps
                 position += 1
-            step_s = (time.perf_counter() - start) / steps
+                products(spent)
+            in_step_s = (lib.decode_product_seconds() - layers + head[0]) / steps
             shapes = {name: {"calls": calls / steps, "ms": s / steps * 1e3, "gb_s": calls * size / s / 1e9}
                       for name, (calls, s, size) in sorted(spent.items(), key=lambda kv: -kv[1][1])}
-            products_s = sum(s for _, s, _ in spent.values()) / steps
             moved = sum(calls * size for calls, _, size in spent.values()) / steps
-            results.append({"step_ms": step_s * 1e3, "products_ms": products_s * 1e3, "products_gb_s":
-                            moved / products_s / 1e9, "rest_ms": (step_s - products_s) * 1e3, "shapes": shapes})
-    return sorted(results[1:], key=lambda r: r["step_ms"])[blocks // 2]
+            results.append({"step_ms": step_s * 1e3, "products_ms": in_step_s * 1e3, "products_gb_s":
+                            moved / in_step_s / 1e9, "rest_ms": (step_s - in_step_s) * 1e3, "shapes": shapes})
+    result = sorted(results[1:], key=lambda r: r["step_ms"])[blocks // 2]
+    return {**result, "copy_gb_s": copy_bandwidth() / 1e9}
 
 
 def main():
@@ -99,17 +164,20 @@ def main():
         if r["dtype"] in one:
             r["vs_one_row"] = r["step_ms"] / one[r["dtype"]]
     print(f"\n{args.model_path.name}, one decode step, median of {args.blocks} blocks of {args.steps}; {cpu_name()}")
-    print("| dtype | rows | step | vs 1 row | weight products | their bandwidth | everything else |\n"
-          "| --- | --- | --- | --- | --- | --- | --- |")
+    print("| dtype | rows | step | vs 1 row | weight products | their bandwidth | of copy | everything else |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         ratio = f"{r['vs_one_row']:.2f}x" if "vs_one_row" in r else ""
         print(f"| {r['dtype']} | {r['rows']} | {r['step_ms']:.1f} ms | {ratio} | {r['products_ms']:.1f} ms "
-              f"| {r['products_gb_s']:.1f} GB/s | {r['rest_ms']:.1f} ms |")
-    print("\n| dtype | rows | weights (rows x cols) | calls a step | ms a step | GB/s |\n"
-          "| --- | --- | --- | --- | --- | --- |")
+              f"| {r['products_gb_s']:.1f} GB/s | {r['products_gb_s'] / r['copy_gb_s']:.0%} | {r['rest_ms']:.1f} ms |")
+    print("\n| dtype | rows | weights (rows x cols) | calls a step | ms a step | GB/s | of copy |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         for name, s in r["shapes"].items():
-            print(f"| {r['dtype']} | {r['rows']} | {name} | {s['calls']:.0f} | {s['ms']:.2f} | {s['gb_s']:.1f} |")
+            print(f"| {r['dtype']} | {r['rows']} | {name} | {s['calls']:.0f} | {s['ms']:.2f} | {s['gb_s']:.1f} "
+                  f"| {s['gb_s'] / r['copy_gb_s']:.0%} |")
+    print("\ncopy bandwidth (1 GiB copied by torch, bytes read and written a second, best of 5, in each run): "
+          + ", ".join(f"{r['copy_gb_s']:.1f}" for r in rows) + " GB/s")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"step-{args.model_path.name}.json"
     path.write_text(json.dumps({"model": args.model_path.name, "cpu": cpu_name(), "steps": args.steps,

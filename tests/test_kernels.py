@@ -199,7 +199,7 @@ def cache_and_mask(B, n_kv, T, hd, dtype, masked_rows=()):
 
 
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("heads", [(8, 1), (4, 2), (2, 2)])
+@pytest.mark.parametrize("heads", [(8, 1), (4, 2), (2, 2), (12, 2)])
 @pytest.mark.parametrize("T, hd", [(1, 256), (37, 12), (300, 256)])
 @pytest.mark.parametrize("softcap", [None, 50.0])
 def test_decode_attention_kernel_equals_attend_within_half_precision(dtype, heads, T, hd, softcap, compiled,
@@ -213,6 +213,41 @@ def test_decode_attention_kernel_equals_attend_within_half_precision(dtype, head
     got = kernels.Attend(hd**-0.5 * 4, softcap)(q, k, v, mask)
     assert got.dtype == dtype and got.shape == expected.shape
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("dtype, quantize", [(torch.float16, None), (torch.bfloat16, None), (torch.float16, "int8"),
+                                             (torch.bfloat16, "int4")])
+@pytest.mark.parametrize("name", ["v1_mqa", "v1_mha", "v2_gqa", "v1_odd", "v2_28bstyle"])
+def test_a_decode_steps_one_call_layers_give_the_modules_logits_bit_for_bit(name, dtype, quantize, checkpoint,
+                                                                            compiled, monkeypatch):
+    model = kernels.accelerate(load_hf_model(checkpoint(name), "cpu", dtype, verbose=False, quantize=quantize)[0])
+    assert type(model.language_model.model) is kernels.Decoder and model.language_model.model.specs(dtype)
+
+    def logits():  # two rows, one left-padded; steps at a shared position, then at each row's own
+        with torch.no_grad():
+            model.setup_caches(2, 16)
+            out = [model(torch.tensor([[0, 2, 40, 41], [2, 43, 44, 45]]), torch.arange(4),
+                         attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))[:, -1]]
+            for step in range(4):
+                positions = torch.tensor([4 + step]) if step < 2 else torch.tensor([[4 + step], [7 + step]])
+                out.append(decode_one_token(model, out[-1].argmax(-1), positions))
+        return torch.stack(out)
+
+    fused = logits()
+    monkeypatch.setattr(kernels.Decoder, "forward", modeling_gemma.GemmaModel.forward)
+    torch.testing.assert_close(logits(), fused, atol=0, rtol=0)
+
+
+def test_a_decode_step_past_the_kv_cache_is_an_error_not_a_write_past_it(checkpoint, compiled):
+    model = kernels.accelerate(load_hf_model(checkpoint("v1_mqa"), "cpu", torch.float16, verbose=False)[0])
+    model.setup_caches(2, 8)
+    decoder = model.language_model.model
+    caches = [layer.self_attn.kv_cache.k_cache.clone() for layer in decoder.layers]
+    T = caches[0].shape[2]
+    x = torch.ones(2, 1, model.config.text_config.hidden_size).half()
+    with torch.no_grad(), pytest.raises(IndexError, match="outside the KV cache"):
+        decoder(x, torch.tensor([[3], [T]]), torch.tensor([[3], [T]]), torch.ones(2, 1, 1, T, dtype=torch.bool))
+    assert all(torch.equal(layer.self_attn.kv_cache.k_cache, cache) for layer, cache in zip(decoder.layers, caches))
 
 
 def gemv_calls(monkeypatch) -> list[int]:
@@ -248,6 +283,8 @@ def assert_fused_and_one_pass_per_group(model, monkeypatch):
         assert all(a is b for a, b in zip(mlp.gate_up.weights, (mlp.gate_proj.weight, mlp.up_proj.weight)))
     for layer in model.vision_tower.vision_model.encoder.layers:
         assert isinstance(layer.self_attn.qkv, kernels.Fused) and len(layer.self_attn.qkv.weights) == 3
+    # the modules' own decode step (decode.c's one-call decoder passes the same groups to the same C functions)
+    monkeypatch.setattr(kernels.Decoder, "forward", modeling_gemma.GemmaModel.forward)
     calls = gemv_calls(monkeypatch)
     with torch.no_grad():
         model.setup_caches(1, 8)
