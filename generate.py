@@ -69,11 +69,15 @@ def pick(logits: torch.Tensor, temperature: float, top_p: float, generator=None,
     model's own distribution, before temperature and top-p, in float32. Logit columns from `vocab` on (embedding
     rows that no token names) are never chosen. Logits that are not finite raise NotFinite."""
     scores = logits.float()  # CPUs find the maximum, softmax or NaNs of 257k half-precision logits far slower
-    low, high = torch.aminmax(scores, dim=-1)  # NaN if any is
-    if not bool((low.isfinite() & high.isfinite()).all()):
+    # a sum is NaN or infinite if any logit is, and 20x faster than the exact check, which only its overflow needs
+    if not bool(scores.sum(-1).isfinite().all()) and not bool(scores.isfinite().all()):
         raise NotFinite()
-    allowed = scores if vocab is None or vocab >= scores.shape[-1] else scores.index_fill(
-        -1, torch.arange(vocab, scores.shape[-1], device=scores.device), float("-inf"))
+    if vocab is None or vocab >= scores.shape[-1]:
+        allowed = scores
+    elif temperature == 0:  # the argmax of the columns that name tokens: a view, no copy
+        allowed = scores[..., :vocab]
+    else:
+        allowed = scores.index_fill(-1, torch.arange(vocab, scores.shape[-1], device=scores.device), float("-inf"))
     return sample(allowed, temperature, top_p, generator), torch.log_softmax(scores, dim=-1)
 
 

@@ -154,3 +154,5 @@ def test_a_logit_that_is_not_finite_in_any_row_stops_generation(dtype, bad, monk
         next(generate(None, {"input_ids": torch.zeros(3, 4, dtype=torch.long)}, 5))
     logits[1, 17] = torch.finfo(dtype).max  # the largest finite value is an answer
     assert next(generate(None, {"input_ids": torch.zeros(3, 4, dtype=torch.long)}, 5))[0].tolist() == [0, 17, 0]
+    logits[1] = torch.finfo(dtype).max  # and so is a row of them (in float32 their sum overflows: pick looks again)
+    assert next(generate(None, {"input_ids": torch.zeros(3, 4, dtype=torch.long)}, 5))[0].tolist() == [0, 0, 0]
