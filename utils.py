@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from paligemma import kernels, quantization
+from paligemma import conversion, kernels, quantization
 from paligemma.checkpoint import (
     HARMLESS_EXTRAS,
     LoadError,
@@ -121,7 +121,7 @@ def stream_tensors(model: torch.nn.Module, plan: list[TensorEntry], to_copy: lis
 
     On the CPU the compiled kernel converts and quantizes a whole shard in one call, without Python's lock (see
     load_hf_model), reading it a block at a time into a buffer: nothing of the file is mapped, and the page cache
-    keeps it. Without the compiled kernel, PyTorch converts and quantizes kernels.PIECE_BYTES at a time straight from
+    keeps it. Without the compiled kernel, PyTorch converts and quantizes conversion.PIECE_BYTES at a time straight from
     the mapped shard, each piece unmapped again, so that its pages do not pile up in this process's memory either.
     """
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
@@ -133,7 +133,7 @@ def stream_tensors(model: torch.nn.Module, plan: list[TensorEntry], to_copy: lis
         for entry in (e for e in plan if e.file == file and e.name not in copied):  # in place: map in, then check
             populate(tensors[entry.name])
             # One thread: the other core loads the tokenizer meanwhile (load_hf_model), so the check costs no time.
-            if entry.torch_dtype.is_floating_point and kernels.count_nonfinite(tensors[entry.name], threads=1):
+            if entry.torch_dtype.is_floating_point and conversion.count_nonfinite(tensors[entry.name], threads=1):
                 raise not_finite(entry, entry.torch_dtype)
             if bar is not None:
                 bar.update(entry.nbytes)
@@ -145,7 +145,8 @@ def stream_tensors(model: torch.nn.Module, plan: list[TensorEntry], to_copy: lis
                 if entry.start + entry.nbytes > len(mapped):
                     raise LoadError(f"{file}: ended early while reading tensor {entry.key!r}")
             dests = [modules[e.name] if e.quantize else tensors[e.name].data.view(-1) for e in entries]
-            converted = kernels.convert_shard(f.fileno(), [(e.start, e.torch_dtype, d) for e, d in zip(entries, dests)])
+            jobs = [(e.start, e.torch_dtype, d) for e, d in zip(entries, dests)]
+            converted = conversion.convert_shard(f.fileno(), jobs)
             if converted is None:
                 for entry, dest in zip(entries, dests):
                     (quantize_tensor if entry.quantize else copy_tensor)(mapped, entry, dest, bar)
@@ -166,7 +167,7 @@ def quantize_tensor(mapped: mmap.mmap, entry: TensorEntry, weight: QuantizedWeig
     rows, cols = entry.shape
     itemsize = entry.torch_dtype.itemsize
     tile = quantization.TILE  # pieces of whole tiles: the last one pads its tile
-    per_piece = max(1, kernels.PIECE_BYTES // (cols * itemsize * tile)) * tile
+    per_piece = max(1, conversion.PIECE_BYTES // (cols * itemsize * tile)) * tile
     advise(mapped, mmap.MADV_WILLNEED, entry.start, min(per_piece, rows) * cols * itemsize)
     for first in range(0, rows, per_piece):
         count = min(per_piece, rows - first)
@@ -232,7 +233,7 @@ def not_finite(entry: TensorEntry, dtype: torch.dtype | str) -> LoadError:
 def copy_tensor(mapped: mmap.mmap, entry: TensorEntry, dest: torch.Tensor, bar=None):
     """One tensor from a mapped shard into dest, converted and checked by PyTorch, a piece at a time."""
     itemsize = entry.torch_dtype.itemsize
-    per_piece = kernels.PIECE_BYTES // itemsize
+    per_piece = conversion.PIECE_BYTES // itemsize
     for first in range(0, dest.numel(), per_piece):
         count = min(per_piece, dest.numel() - first)
         offset = entry.start + first * itemsize

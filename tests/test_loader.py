@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from paligemma import checkpoint as checkpoint_files
-from paligemma import kernels
+from paligemma import conversion, kernels
 from paligemma.checkpoint import LoadError
 from paligemma.modeling_gemma import GemmaRotaryEmbedding
 from paligemma.utils import load_hf_model
@@ -74,7 +74,7 @@ def test_every_layout_loads_exactly_the_values_transformers_loads(name, checkpoi
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_values_equal_the_file_rounded_to_nearest(dtype, compiled, checkpoint, reference, monkeypatch):
     if not compiled:
-        monkeypatch.setattr(kernels, "library", lambda: None)
+        monkeypatch.setattr(conversion, "library", lambda: None)
     ref, _ = reference("v1_mqa")
     model, _ = load_hf_model(checkpoint("v1_mqa"), "cpu", dtype, verbose=False)
     expected = ref.state_dict()
@@ -86,9 +86,9 @@ def test_half_precision_values_equal_the_file_rounded_to_nearest(dtype, compiled
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled converter", "torch converter"])
 def test_tensor_larger_than_the_read_piece_is_streamed_exactly(compiled, checkpoint, monkeypatch):
     if not compiled:
-        monkeypatch.setattr(kernels, "library", lambda: None)
+        monkeypatch.setattr(conversion, "library", lambda: None)
     whole, _ = load_hf_model(checkpoint("v1_mqa"), "cpu", torch.float16, verbose=False)
-    monkeypatch.setattr(kernels, "PIECE_BYTES", 1000)  # smaller than most tensors, and not a multiple of their rows
+    monkeypatch.setattr(conversion, "PIECE_BYTES", 1000)  # smaller than most tensors, and not a multiple of their rows
     pieces, _ = load_hf_model(checkpoint("v1_mqa"), "cpu", torch.float16, verbose=False)
     for (name, a), (_, b) in zip(whole.named_parameters(), pieces.named_parameters()):
         assert torch.equal(a, b), name
@@ -284,9 +284,9 @@ def test_a_shard_that_stops_being_readable_while_converting_is_named(folder, mon
     short = folder / "short.bin"
     short.write_bytes(b"\0" * 100)
     with open(short, "rb") as f:
-        assert kernels.convert_shard(f.fileno(), [(0, torch.float32, torch.empty(1000, dtype=torch.float16))]) == (
+        assert conversion.convert_shard(f.fileno(), [(0, torch.float32, torch.empty(1000, dtype=torch.float16))]) == (
             0, -2)
-    real = kernels.convert_shard
-    monkeypatch.setattr(kernels, "convert_shard", lambda fd, jobs: (real(fd, jobs), (0, -2))[1])
+    real = conversion.convert_shard
+    monkeypatch.setattr(conversion, "convert_shard", lambda fd, jobs: (real(fd, jobs), (0, -2))[1])
     with pytest.raises(LoadError, match=r"cannot be read while converting tensor '.*' \(did the file change"):
         load_hf_model(folder, "cpu", torch.float16, verbose=False)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from test_hostile_input import run
 from test_model import PROMPT, load_ours, reference_inputs, teacher_forced
 
-from paligemma import kernels, quantization
+from paligemma import conversion, kernels, quantization
 from paligemma.checkpoint import LoadError, read_safetensors_header
 from paligemma.generate import generate, prefill
 from paligemma.quantization import QuantizedWeight, Scheme
@@ -77,7 +77,7 @@ def c_quantized(w: torch.Tensor, scheme: Scheme) -> tuple[QuantizedWeight, int]:
     scales that are not finite."""
     target = QuantizedWeight(*w.shape, scheme)
     target.qweight.fill_(0x55), target.scales.fill_(3.0)
-    return target, kernels.quantize_rows(w.data_ptr(), w.dtype, *w.shape, target.qweight, target.scales, scheme)
+    return target, conversion.quantize_rows(w.data_ptr(), w.dtype, *w.shape, target.qweight, target.scales, scheme)
 
 
 def assert_equal_to_the_reference(target: QuantizedWeight, w: torch.Tensor, scheme: Scheme):
@@ -116,10 +116,10 @@ def test_the_c_quantizer_counts_values_and_scales_that_are_not_finite(scheme, so
 
 
 def convert_file(path: Path, destinations: dict) -> tuple[int, int]:
-    """kernels.convert_shard over the named tensors of a safetensors file, into their destinations."""
+    """conversion.convert_shard over the named tensors of a safetensors file, into their destinations."""
     header = {e.key: e for e in read_safetensors_header(path)}
     with open(path, "rb") as f:
-        return kernels.convert_shard(f.fileno(), [(header[k].start, header[k].torch_dtype, dest)
+        return conversion.convert_shard(f.fileno(), [(header[k].start, header[k].torch_dtype, dest)
                                                   for k, dest in destinations.items()])
 
 
@@ -346,8 +346,8 @@ def test_quantized_weights_refuse_cuda_before_any_work(checkpoint):
 def test_a_weight_larger_than_a_piece_is_quantized_exactly(checkpoint, monkeypatch):
     """The compiled loader and PyTorch's, a few rows at a time, quantize alike."""
     whole, _ = load_hf_model(checkpoint("v1_mqa"), "cpu", torch.bfloat16, verbose=False, quantize="int4")
-    monkeypatch.setattr(kernels, "PIECE_BYTES", 300)  # a few rows at a time
-    monkeypatch.setattr(kernels, "library", lambda: None)
+    monkeypatch.setattr(conversion, "PIECE_BYTES", 300)  # a few rows at a time
+    monkeypatch.setattr(conversion, "library", lambda: None)
     pieces, _ = load_hf_model(checkpoint("v1_mqa"), "cpu", torch.bfloat16, verbose=False, quantize="int4")
     a, b = whole.state_dict(), pieces.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
