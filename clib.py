@@ -1,5 +1,5 @@
 """gemv.c, quant.c and decode.c compiled for this CPU, loaded, and their functions declared: the one C library
-that kernels.py (and the loader, through it) calls.
+that kernels.py and conversion.py (the loader's) call.
 
 They are compiled once per machine with the system's C compiler (`-O3 -march=native -fopenmp`, or
 `-march=$PALIGEMMA_MARCH`) into ~/.cache/pytorch-paligemma/, named by a hash of the sources, the CPU and the target,

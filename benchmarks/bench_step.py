@@ -5,9 +5,9 @@ sampling starts from, Python), for each dtype in a fresh process, beside the mac
 layers run in one C call (kernels.Decoder), which counts the seconds its products take
 (`decode_product_seconds`); the output head's product is timed by wrapping kernels.gemv and gemv_quantized; the
 rest of the step is everything else. The table by weight shape times each shape's products alone, right after each
-step (the same weights in the same order, through the same C functions, on inputs of the same shapes). `--rows 1
-4` times steps of 1 and of 4 rows (the same prompt 4 times, as a server decodes 4 requests at once) and the cost
-of a step of 4 rows against one of 1.
+step (the same weights in the same order, through kernels.gemv and gemv_quantized, on inputs of the same shapes).
+`--rows 1 4` times steps of 1 and of 4 rows (the same prompt 4 times, as a server decodes 4 requests at once) and
+the cost of a step of 4 rows against one of 1.
 
     python benchmarks/bench_step.py                      # float16, int8 and int4 on paligemma-3b-pt-224
     python benchmarks/bench_step.py --rows 1 4           # and steps of 4 rows against steps of 1
@@ -42,30 +42,6 @@ def copy_bandwidth(gib: float = 1.0, runs: int = 5) -> float:
     return 2 * src.nbytes / best
 
 
-def product_call(weights: list, x) -> tuple:
-    """The C call (function, arguments, and the buffers they point to) that multiplies x by the weights, as
-    kernels.gemv and gemv_quantized make it, made once: timing it times the kernel, not the Python that builds its
-    arguments (which a one-call decoder layer does not run)."""
-    import ctypes
-
-    import torch
-
-    from paligemma import kernels
-
-    lib, n, pointers = kernels.library(), len(weights), ctypes.c_void_p * len(weights)
-    m, k = x.shape
-    ys = [torch.empty(m, w.shape[0], dtype=x.dtype) for w in weights]
-    rows = (ctypes.c_int64 * n)(*(w.shape[0] for w in weights))
-    outs = pointers(*(y.data_ptr() for y in ys))
-    if hasattr(weights[0], "qweight"):
-        scheme = weights[0].scheme
-        return lib.gemv_quant, (n, pointers(*(w.qweight.data_ptr() for w in weights)),
-                                pointers(*(w.scales.data_ptr() for w in weights)), outs, rows, x.data_ptr(), m, k,
-                                scheme.group, scheme.bits, kernels.KINDS[x.dtype], kernels.KINDS[x.dtype]), ys, x
-    return lib.gemv, (n, pointers(*(w.data_ptr() for w in weights)), outs, rows, x.data_ptr(), m, k,
-                      kernels.KINDS[weights[0].dtype], kernels.KINDS[x.dtype], kernels.KINDS[x.dtype]), ys, x
-
-
 def measure(model_path: Path, dtype_name: str, steps: int, blocks: int, rows: int) -> dict:
     """In this process: load, prefill, then time `blocks` runs of `steps` decode steps, and after each step its
     products alone by shape; the median block."""
@@ -91,13 +67,15 @@ def measure(model_path: Path, dtype_name: str, steps: int, blocks: int, rows: in
                    ([mlp.down_proj.weight], mlp.down_proj.weight.shape[1])]
     groups.append(([model.language_model.lm_head.weight], model.language_model.lm_head.weight.shape[1]))
     half = model.language_model.model.norm.weight.dtype
-    prepared = [product_call(weights, torch.randn(rows, cols).to(half)) for weights, cols in groups]
+    product = kernels.gemv_quantized if hasattr(groups[0][0][0], "qweight") else kernels.gemv
+    xs = {cols: torch.randn(rows, cols).to(half) for _, cols in groups}
 
     def products(spent: dict):
-        """Each group's product once, timed into spent: weight shapes -> [calls, seconds, bytes a call]."""
-        for (weights, _), (function, args, *_buffers) in zip(groups, prepared):
+        """Each group's product once, timed into spent: weight shapes -> [calls, seconds, bytes a call] (with the
+        few microseconds of Python that build a call's arguments, which the one-call decoder does not run)."""
+        for weights, cols in groups:
             start = time.perf_counter()
-            function(*args)
+            product(weights, xs[cols], half)
             entry = spent[" + ".join("x".join(map(str, w.shape)) for w in weights)]
             entry[0] += 1
             entry[1] += time.perf_counter() - start
