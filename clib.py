@@ -84,6 +84,8 @@ def build() -> ctypes.CDLL:
     lib.convert_shard.restype = i64
     lib.nonfinite.argtypes = [pointer, i64, i32, i32]
     lib.nonfinite.restype = i64
+    lib.scan_logits.argtypes = [pointer, i32, i64, i64, i64, pointer, pointer, pointer]
+    lib.scan_logits.restype = i64
     lib.quantize_rows.argtypes = [pointer, i32, i64, i64, i32, i64, pointer, pointer]
     lib.quantize_rows.restype = i64
     lib.dequantize.argtypes = [pointer, pointer, pointer, i64, i64, i32, i64, i32]

@@ -180,10 +180,10 @@ class Engine:
             row.token, row.count = int(token[0]), row.count + 1
             top = []
             if request.top_logprobs:
-                values, ids = logprobs[0, :self.vocab].topk(request.top_logprobs)
-                top = list(zip(ids.tolist(), values.tolist()))
+                values, ids = logprobs.top(request.top_logprobs, self.vocab)
+                top = list(zip(ids[0].tolist(), values[0].tolist()))
             request.times.setdefault("first_token", time.monotonic())
-            request.on_event("token", Token(row.token, float(logprobs[0, row.token]), top))
+            request.on_event("token", Token(row.token, float(logprobs.of(token[:, None])[0, 0]), top))
             if row.token in self.session.stop_ids:
                 ended[i] = ("done", "stop")
             elif row.count >= request.max_tokens:

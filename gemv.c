@@ -262,3 +262,87 @@ int64_t convert_shard(int fd, const convert_job *jobs, int64_t n_jobs, int64_t *
     return -1;
 }
 
+
+// The first lane of x equal to v, or -1.
+static inline int first_equal(vec x, float v) {
+#if defined(__AVX512F__)
+    unsigned mask = _mm512_cmp_ps_mask(x, splat(v), _CMP_EQ_OQ);
+#else
+    unsigned mask = _mm256_movemask_ps(_mm256_cmp_ps(x, splat(v), _CMP_EQ_OQ));
+#endif
+    return mask ? __builtin_ctz(mask) : -1;
+}
+
+// The largest of the values [i, end) of a row of the given kind, or -inf; *bad becomes NaN if one is not finite.
+static float largest(const uint8_t *row, int kind, int64_t i, int64_t end, vec *bad) {
+    vec m = splat(-INFINITY);
+    float tail = -INFINITY;
+    for (; i + WIDTH <= end; i += WIDTH) {
+        vec x = load_kind(row, kind, i);
+        m = vmax(m, x), *bad = vadd(*bad, vmul(x, zero()));  // x * 0 is NaN for NaN and infinities
+    }
+    for (; i < end; i++) {
+        float x = read_kind(row, kind, i);
+        tail = x > tail ? x : tail;
+        *bad = vadd(*bad, splat(x * 0.0f));
+    }
+    float lanes[WIDTH];
+    store_f32(lanes, m);
+    for (int l = 0; l < WIDTH; l++) tail = lanes[l] > tail ? lanes[l] : tail;
+    return tail;
+}
+
+// Sampling's view of logits: for each of n_rows rows of cols values of the given kind at p, the first column of the
+// largest value among its first vocab columns (top), and over all its columns the largest value (peak) and
+// log(sum exp(x - peak)) (logsum): log_softmax(x) = x - peak - logsum, as torch computes it. All threads read a row
+// in pieces of SCAN_PIECE columns whose results are combined in order: the same numbers whatever the threads.
+// Returns how many rows hold a value that is not finite (their outputs are then unspecified).
+#define SCAN_PIECE 8192
+int64_t scan_logits(const void *p, int kind, int64_t n_rows, int64_t cols, int64_t vocab, int64_t *top, float *peak,
+                    float *logsum) {
+    int64_t pieces = (cols + SCAN_PIECE - 1) / SCAN_PIECE, bad_rows = 0, size = kind == F32 ? 4 : 2;
+    float *chosen = malloc(pieces * 3 * sizeof(float)), *high = chosen + pieces, *sums = high + pieces;
+    for (int64_t r = 0; r < n_rows; r++) {
+        const uint8_t *row = (const uint8_t *)p + r * cols * size;
+        int bad = 0;
+#pragma omp parallel for schedule(static) reduction(| : bad)
+        for (int64_t k = 0; k < pieces; k++) {  // each piece's largest value, and that of its columns below vocab
+            int64_t i = k * SCAN_PIECE, end = i + SCAN_PIECE < cols ? i + SCAN_PIECE : cols;
+            int64_t votes = vocab < i ? i : vocab < end ? vocab : end;
+            vec nan = zero();
+            chosen[k] = largest(row, kind, i, votes, &nan);
+            float rest = largest(row, kind, votes, end, &nan);
+            high[k] = chosen[k] > rest ? chosen[k] : rest;
+            bad |= sum(nan) != 0.0f;
+        }
+        float best = -INFINITY, h = -INFINITY;
+        int64_t k_best = 0;
+        for (int64_t k = 0; k < pieces; k++) {
+            if (chosen[k] > best) best = chosen[k], k_best = k;
+            h = high[k] > h ? high[k] : h;
+        }
+        if (bad) {
+            bad_rows++;
+            continue;
+        }
+        int64_t i = k_best * SCAN_PIECE;  // the first column holding the best value
+        for (int lane; i + WIDTH <= cols; i += WIDTH)
+            if ((lane = first_equal(load_kind(row, kind, i), best)) >= 0) break;
+        while (read_kind(row, kind, i) != best) i++;
+        top[r] = i, peak[r] = h;
+#pragma omp parallel for schedule(static)
+        for (int64_t k = 0; k < pieces; k++) {
+            int64_t j = k * SCAN_PIECE, end = j + SCAN_PIECE < cols ? j + SCAN_PIECE : cols;
+            vec s = zero();
+            float tail = 0.0f;
+            for (; j + WIDTH <= end; j += WIDTH) s = vadd(s, exp_approx(vsub(load_kind(row, kind, j), splat(h))));
+            for (; j < end; j++) tail += expf(read_kind(row, kind, j) - h);
+            sums[k] = sum(s) + tail;
+        }
+        double total = 0.0;
+        for (int64_t k = 0; k < pieces; k++) total += sums[k];
+        logsum[r] = (float)log(total);
+    }
+    free(chosen);
+    return bad_rows;
+}

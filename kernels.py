@@ -87,6 +87,21 @@ def gemv_quantized(weights: list[QuantizedWeight], x: torch.Tensor,
     return ys
 
 
+def scan_logits(logits: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(B, V) logits on the CPU -> each row's first column of its largest value among columns :vocab (B,), and over
+    all V columns its largest value and log(sum exp(logits - largest)) in float32 (B,), in one pass of gemv.c; None
+    where a row holds a value that is not finite, or there is no compiled library."""
+    lib, (B, V) = library(), logits.shape
+    if lib is None or logits.device.type != "cpu":
+        return None
+    logits = logits.contiguous()
+    top, peak, logsum = torch.empty(B, dtype=torch.int64), torch.empty(B), torch.empty(B)
+    if lib.scan_logits(logits.data_ptr(), KINDS[logits.dtype], B, V, vocab, top.data_ptr(), peak.data_ptr(),
+                       logsum.data_ptr()):
+        return None
+    return top, peak, logsum
+
+
 _scratch: dict[str, torch.Tensor] = {}
 # A prompt's products widen this much of a weight at a time: a piece that stays in the last-level cache for the
 # product that reads it next (16 MiB pieces ran 4-15% faster than 64 MiB ones, and than float32 weights, here).

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import CHECKPOINTS, ROOT
 
 from paligemma import clib, kernels, modeling_gemma, modeling_siglip
-from paligemma.generate import decode_one_token, prefill
+from paligemma.generate import decode_one_token, pick, prefill
 from paligemma.quantization import SCHEMES, QuantizedWeight, quantize
 from paligemma.utils import load_hf_model
 
@@ -453,3 +453,40 @@ def test_the_vnni_builds_compile_to_vnni_instructions(march, tmp_path, compiled)
                     str(ROOT / "quant.c")], check=True, capture_output=True, timeout=120)
     assembly = out.read_text()
     assert "vpdpbusd" in assembly and "vpdpwssd" in assembly and "vpmaddubsw" not in assembly
+
+
+@pytest.mark.parametrize("dtype", [*HALF, torch.float32])
+@pytest.mark.parametrize("cols, vocab", [(257_216, 257_152), (8_199, 8_195), (40, 40), (20_000, 5)])
+def test_the_logit_scan_gives_the_first_argmax_of_the_token_columns_and_log_softmax_of_all(dtype, cols, vocab,
+                                                                                              compiled):
+    torch.manual_seed(0)
+    logits = (torch.randn(4, cols) * 5).to(dtype)
+    logits[1, :3] = logits[1].max() + 1  # a tie: the first column wins, as torch.argmax
+    logits[2, -1] = 1000  # a padding column above all: never chosen, but in the softmax's sum
+    top, peak, logsum = kernels.scan_logits(logits, vocab)
+    assert torch.equal(top, logits.float()[:, :vocab].argmax(-1)) and top[1] == 0
+    exact = torch.log_softmax(logits.double(), -1)  # float32's log_softmax over 257k logits is 3e-5 off it
+    torch.testing.assert_close((logits.float() - peak[:, None]) - logsum[:, None], exact.float(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_the_logit_scan_hands_a_row_that_is_not_finite_back(bad, compiled):
+    logits = torch.zeros(3, 10_000, dtype=torch.float16)
+    logits[2, 9_999] = bad  # a padding column, in the last piece's tail
+    assert kernels.scan_logits(logits, 9_990) is None
+
+
+@pytest.mark.parametrize("library", ["compiled", "PyTorch"])
+def test_pick_gives_the_same_tokens_and_logprobs_with_or_without_the_compiled_scan(library, monkeypatch):
+    torch.manual_seed(1)
+    logits = (torch.randn(3, 9_000) * 4).half()
+    if library == "PyTorch":
+        monkeypatch.setattr(kernels, "library", lambda: None)
+    tokens, logprobs = pick(logits, 0.0, 1.0, vocab=8_000)
+    assert torch.equal(tokens, logits[:, :8_000].float().argmax(-1))
+    exact = torch.log_softmax(logits.double(), -1).float()
+    torch.testing.assert_close(logprobs.of(tokens[:, None])[:, 0], exact.gather(-1, tokens[:, None])[:, 0],
+                               atol=1e-5, rtol=0)
+    values, ids = logprobs.top(5, 8_000)
+    assert torch.equal(ids[:, 0], tokens) and torch.equal(values[:, 0], logprobs.of(tokens[:, None])[:, 0])
+    torch.testing.assert_close(values, exact.gather(-1, ids), atol=1e-5, rtol=0)

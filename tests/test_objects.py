@@ -37,12 +37,12 @@ def segs(*values: int) -> list[str]:
     return [f"<seg{v:03d}>" for v in values]
 
 
-REAL_PREFILL, REAL_SAMPLE = generate.prefill, generate.sample
+REAL_PREFILL, REAL_PICK = generate.prefill, generate.pick
 
 
 def force(monkeypatch, *rows):
-    """Generation picks these tokens, per row of a batch and step by step, through the real sampler (greedy or
-    sampled), so that the logprobs are still the model's own. A callable picks an id from the step's logprobs."""
+    """Generation picks these tokens, per row of a batch and step by step, in place of the real sampler's choice,
+    whose logprobs (the model's own) it keeps. A callable picks an id from the step's logprobs."""
     step = 0
 
     def prefill(*args, **kwargs):  # a new generation starts at the first token again
@@ -50,17 +50,18 @@ def force(monkeypatch, *rows):
         step = 0
         return REAL_PREFILL(*args, **kwargs)
 
-    def sample(logits, temperature, top_p, generator=None):
+    def pick(logits, *args, **kwargs):
         nonlocal step
-        only = torch.full_like(logits, float("-inf"))
+        tokens, logprobs = REAL_PICK(logits, *args, **kwargs)
+        tokens = tokens.clone()
         for r, row in enumerate(rows):
-            pick = row[min(step, len(row) - 1)]
-            only[r, pick(torch.log_softmax(logits[r].float(), -1)) if callable(pick) else pick] = 0
+            choice = row[min(step, len(row) - 1)]
+            tokens[r] = choice(torch.log_softmax(logits[r].float(), -1)) if callable(choice) else choice
         step += 1
-        return REAL_SAMPLE(only, temperature, top_p, generator)
+        return tokens, logprobs
 
     monkeypatch.setattr(generate, "prefill", prefill)
-    monkeypatch.setattr(generate, "sample", sample)
+    monkeypatch.setattr(generate, "pick", pick)
 
 
 # ---------------------------------------------------------------------------------------------------- scores
