@@ -326,8 +326,8 @@ int64_t scan_logits(const void *p, int kind, int64_t n_rows, int64_t cols, int64
             continue;
         }
         int64_t i = k_best * SCAN_PIECE;  // the first column holding the best value
-        for (int lane; i + WIDTH <= cols; i += WIDTH)
-            if ((lane = first_equal(load_kind(row, kind, i), best)) >= 0) break;
+        for (; i + WIDTH <= cols; i += WIDTH)
+            if (first_equal(load_kind(row, kind, i), best) >= 0) break;
         while (read_kind(row, kind, i) != best) i++;
         top[r] = i, peak[r] = h;
 #pragma omp parallel for schedule(static)
