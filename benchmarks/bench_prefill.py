@@ -6,7 +6,9 @@ The products are every one the prefill multiplies with more rows than a decode s
 patch), the projector's, and the decoder's (one row a prompt token; the last layer multiplies q, k and v for every
 token and the rest for the last one only, a matrix-vector product that is left out). Their time at the faster of
 the two dtypes is the limit; the first token adds the image's preprocessing, attention, norms and the weights'
-widening. Held to AVX2 sets ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+widening. The decoder's products are also timed with torch's own CPU kernels for int8 and int4 weights
+(`torch.ops.aten._weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), the alternative to widening a quantized weight
+for a prompt. Held to AVX2 sets ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 PALIGEMMA_MARCH=haswell, as on the AVX2 laptops most users have.
 
     python benchmarks/make_checkpoint.py       # once
@@ -69,6 +71,19 @@ for (rows, cols, out), count in shapes.items():
             F.linear(x, w)
             runs.append(time.perf_counter() - start)
         times[str(dtype).removeprefix("torch.")] = statistics.median(runs)
+    if rows == L:  # a decoder product: also torch's own kernels for int8 and int4 weights (bfloat16 x)
+        x, w = torch.randn(rows, cols).bfloat16(), torch.randint(-127, 128, (out, cols), dtype=torch.int8)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.int() % 16, 8)
+        scales = torch.rand(cols // 32, out, 2).bfloat16()  # a scale and a zero point per group of 32
+        for name, product in [("int8pack", lambda: torch.ops.aten._weight_int8pack_mm(x, w, scales[0, :, 0])),
+                              ("int4pack", lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, scales))]:
+            product()
+            runs = []
+            for _ in range(3):
+                start = time.perf_counter()
+                product()
+                runs.append(time.perf_counter() - start)
+            times[name] = statistics.median(runs)
     result["products"].append({"shape": [rows, cols, out], "count": count, "seconds": times})
 print(json.dumps(result))
 """
@@ -79,6 +94,9 @@ def products(model: Path, image: Path, prompt: str) -> dict:
     for dtype in ("float32", "bfloat16"):
         result[f"{dtype}_s"] = sum(p["count"] * p["seconds"][dtype] for p in result["products"])
     result["limit_s"] = min(result["float32_s"], result["bfloat16_s"])
+    decoder = [p for p in result["products"] if "int8pack" in p["seconds"]]
+    for kind in ("float32", "bfloat16", "int8pack", "int4pack"):  # the decoder's products alone, by kernel
+        result[f"decoder_{kind}_s"] = sum(p["count"] * p["seconds"][kind] for p in decoder)
     return result
 
 
@@ -135,6 +153,13 @@ def main():
     for name, limit in limits.items():
         print(f"| {name} | {limit['capability']} | {limit['prompt_dtype']} | {limit['prompt_tokens']} "
               f"| {limit['float32_s']:.2f} | {limit['bfloat16_s']:.2f} |")
+    print("\nThe decoder's products alone, by kernel (torch's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` "
+          "take int8 and int4 weights and bfloat16 x):")
+    print("| CPU class | float32 s | bfloat16 s | torch int8pack s | torch int4pack s |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, limit in limits.items():
+        print(f"| {name} | {limit['decoder_float32_s']:.2f} | {limit['decoder_bfloat16_s']:.2f} "
+              f"| {limit['decoder_int8pack_s']:.2f} | {limit['decoder_int4pack_s']:.2f} |")
     print("\n| CPU class | impl | dtype | first token s | products' limit s | first token / limit |")
     print("| --- | --- | --- | --- | --- | --- |")
     for row in rows:
