@@ -90,9 +90,9 @@ def gemv_quantized(weights: list[QuantizedWeight], x: torch.Tensor,
 def scan_logits(logits: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(B, V) logits on the CPU -> each row's first column of its largest value among columns :vocab (B,), and over
     all V columns its largest value and log(sum exp(logits - largest)) in float32 (B,), in one pass of gemv.c; None
-    where a row holds a value that is not finite, or there is no compiled library."""
-    lib, (B, V) = library(), logits.shape
-    if lib is None or logits.device.type != "cpu":
+    where a row holds a value that is not finite, or there is no compiled library (PyTorch's path then runs)."""
+    B, V = logits.shape
+    if logits.device.type != "cpu" or logits.dtype not in KINDS or not 0 < vocab <= V or (lib := library()) is None:
         return None
     logits = logits.contiguous()
     top, peak, logsum = torch.empty(B, dtype=torch.int64), torch.empty(B), torch.empty(B)
