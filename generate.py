@@ -87,7 +87,7 @@ def pick(logits: torch.Tensor, temperature: float, top_p: float, generator=None,
     pass of gemv.c finds the greedy choice, the largest logit and the softmax's sum (kernels.scan_logits): a tenth
     of the time PyTorch's argmax and log_softmax take over 257k logits."""
     vocab = logits.shape[-1] if vocab is None else min(vocab, logits.shape[-1])
-    scanned = kernels.scan_logits(logits, vocab)
+    scanned, scores = kernels.scan_logits(logits, vocab), None
     if scanned is None:  # no compiled library, not on the CPU, or a logit that is not finite
         scores = logits.float()
         # a sum is NaN or infinite if any logit is, and 20x faster than the exact check, which only its overflow needs
@@ -96,11 +96,12 @@ def pick(logits: torch.Tensor, temperature: float, top_p: float, generator=None,
         peak = scores.amax(-1)
         scanned = scores[..., :vocab].argmax(-1), peak, (scores - peak[:, None]).exp().sum(-1).log()
     top, peak, logsum = scanned
+    logprobs = Logprobs(logits, peak, logsum)
     if temperature == 0:
-        return top, Logprobs(logits, peak, logsum)
-    scores = logits.float()
+        return top, logprobs
+    scores = logits.float() if scores is None else scores
     allowed = scores.index_fill(-1, torch.arange(vocab, scores.shape[-1], device=scores.device), float("-inf"))
-    return sample(allowed, temperature, top_p, generator), Logprobs(logits, peak, logsum)
+    return sample(allowed, temperature, top_p, generator), logprobs
 
 
 def compile_decode(device: torch.device, log=lambda msg: print(msg, file=sys.stderr)):
