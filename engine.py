@@ -96,12 +96,17 @@ class Engine:
             self.queue.append(request)
             self.changed.notify()
 
-    def stop(self, timeout: float):
+    def close(self, timeout: float):
         """Take no more requests: the waiting ones end with Closed, the running rows finish, or are cut with Closed
-        after timeout seconds. Returns once the engine has stopped serving."""
+        after timeout seconds (from the first close). Returns at once."""
         with self.changed:
-            self.accepting, self.deadline = False, time.monotonic() + timeout
+            if self.accepting:
+                self.accepting, self.deadline = False, time.monotonic() + timeout
             self.changed.notify()
+
+    def stop(self, timeout: float):
+        """close(timeout), then wait until the engine has stopped serving."""
+        self.close(timeout)
         self.ended.wait()
 
     def serve(self):

@@ -16,6 +16,7 @@ import secrets
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -58,6 +59,7 @@ SERVER_RULES = {
 STRING_FLAGS = ("model_path", "host", "dtype", "quantize", "vae_path", "api_key", "served_model_name", "cors_origins",
                 "allowed_media_domains", "allowed_local_media_path")
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+SHUTDOWN_MARGIN_S = 10  # past --shutdown_timeout: for the step in progress and the cut answers' last events
 disable_created_metrics()  # one series per metric, not a second one of creation times
 
 
@@ -317,6 +319,18 @@ def load_or_fail(state: State):
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server, whose SIGTERM and Ctrl-C also close the engine at once (Engine.close): waiting requests get
+    503, running ones --shutdown_timeout seconds, inside uvicorn's own (longer) wait for open connections."""
+
+    state: State
+
+    def handle_exit(self, sig, frame):
+        super().handle_exit(sig, frame)
+        if self.state.engine is not None:  # a signal handler: the engine's lock is taken on a thread of its own
+            threading.Thread(target=self.state.engine.close, args=(self.state.flags["shutdown_timeout"],)).start()
+
+
 def main(model_path: str, port: int = 8000, host: str = "127.0.0.1", dtype: str | None = None,
          quantize: str = "none", only_cpu: bool = False, vae_path: str | None = None,
          max_image_pixels: int = DEFAULT_MAX_PIXELS, ignore_memory_check: bool = False, api_key: str | None = None,
@@ -334,7 +348,7 @@ def main(model_path: str, port: int = 8000, host: str = "127.0.0.1", dtype: str 
         max_batch: requests decoded together (1 to 16)
         max_queue: requests waiting beyond those; more get 503 with Retry-After
         served_model_name: the model's name in the API (default: the Hub id, or the folder's name)
-        shutdown_timeout: seconds that running answers get to finish on SIGTERM or Ctrl-C
+        shutdown_timeout: seconds that running answers get to finish on SIGTERM or Ctrl-C (waiting ones get 503)
         cors_origins: comma-separated origins that browsers may call from (none by default)
         allowed_media_domains: comma-separated hosts whose https:// images may be fetched (none by default)
         allowed_local_media_path: a folder whose files file:// image URLs may name (none by default)
@@ -364,8 +378,9 @@ def main(model_path: str, port: int = 8000, host: str = "127.0.0.1", dtype: str 
         signal.signal(sig, lambda *_: None)
     log(f"listening on http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]} (loading "
         f"{folder})")
-    server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning", lifespan="on",
-                                           timeout_graceful_shutdown=shutdown_timeout))
+    server = Server(uvicorn.Config(create_app(state), log_level="warning", lifespan="on",
+                                   timeout_graceful_shutdown=shutdown_timeout + SHUTDOWN_MARGIN_S))
+    server.state = state
     server.run(sockets=[sock])
     if state.failed:
         sys.exit(state.failed[1])

@@ -129,3 +129,22 @@ def test_a_full_queue_refuses_and_stopping_ends_the_waiting_and_cuts_the_running
     assert isinstance(ended["waiting"], Closed) and isinstance(ended["running"], Closed)
     with pytest.raises(Closed):
         engine.submit(Request(inputs, 3))
+
+
+def test_closing_ends_the_waiting_at_once_and_lets_the_running_finish_within_the_timeout(session):
+    engine = Engine(session, max_batch=1, max_queue=1)
+    inputs = session.processor(["caption en"], [random_image(30, 30)])
+    started, ended = threading.Event(), {}
+
+    def on_event(name):
+        return lambda kind, value: started.set() if kind == "token" else ended.setdefault(name, value)
+
+    engine.submit(Request(inputs, 30, on_event=on_event("running")))
+    engine.start()
+    assert started.wait(60)
+    engine.submit(Request(inputs, 3, on_event=on_event("waiting")))
+    engine.close(timeout=60)
+    with pytest.raises(Closed):
+        engine.submit(Request(inputs, 3))
+    engine.stop(timeout=0)  # the first close's deadline holds
+    assert isinstance(ended["waiting"], Closed) and ended["running"] in ("stop", "length")

@@ -351,7 +351,7 @@ def test_api_key_cors_queue_local_files_and_sigterm(folder, tmp_path):
     random_image(30, 30).save(tmp_path / "media" / "cat.png")
     server = Server(folder, "--api_key", "sesame", "--cors_origins", "https://app.example", "--max_batch", "1",
                     "--max_queue", "1", "--allowed_local_media_path", str(tmp_path / "media"),
-                    "--allowed_media_domains", "localhost", "--shutdown_timeout", "30").wait_ready()
+                    "--allowed_media_domains", "localhost", "--shutdown_timeout", "2").wait_ready()
     try:
         assert httpx.get(f"{server.url}/health").status_code == 200  # health needs no key
         for headers in ({}, {"Authorization": "Bearer wrong"}):
@@ -370,22 +370,35 @@ def test_api_key_cors_queue_local_files_and_sigterm(folder, tmp_path):
                            ("https://example.com/cat.png", "not in --allowed_media_domains")):
             with pytest.raises(openai.BadRequestError, match=words):
                 client.chat.completions.create(model=folder.name, max_tokens=2, messages=message(url, "caption en"))
-        # One row runs, one request waits, the next is refused; SIGTERM lets the running stream finish.
-        running = client.chat.completions.create(model=folder.name, max_tokens=400, stream=True, messages=message(
+        # One row runs (longer than the test), one request waits, the next is refused. SIGTERM refuses the waiting
+        # one at once and gives the running one --shutdown_timeout seconds, then cuts it with an error event.
+        running = client.chat.completions.create(model=folder.name, max_tokens=5000, stream=True, messages=message(
             data_url(random_image(30, 30)), "caption en"))
         next(iter(running))
-        waiting = threading.Thread(target=lambda: client.chat.completions.create(
-            model=folder.name, max_tokens=2, messages=message(data_url(random_image(30, 30)), "caption en")))
-        waiting.start()
+        waiting = {}
+
+        def wait():
+            try:
+                client.chat.completions.create(model=folder.name, max_tokens=2, messages=message(
+                    data_url(random_image(30, 30)), "caption en"))
+            except openai.APIStatusError as e:
+                waiting["error"] = e
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
         wait_for(lambda: server.metric("paligemma_queue_length", {"Authorization": "Bearer sesame"}) == 1)
         with pytest.raises(openai.APIStatusError) as full:
             client.chat.completions.create(model=folder.name, max_tokens=2, messages=message(
                 data_url(random_image(30, 30)), "caption en"))
         assert full.value.status_code == 503 and full.value.response.headers["retry-after"]
         server.process.send_signal(signal.SIGTERM)
-        finishes = [c.choices[0].finish_reason for c in running if c.choices]
-        assert finishes[-1] in ("stop", "length")
-        waiting.join(DEADLINE_S)
+        signalled = time.monotonic()
+        waiter.join(DEADLINE_S)
+        assert waiting["error"].status_code == 503 and "shutting down" in waiting["error"].message
+        with pytest.raises(openai.APIError, match="shut down before the answer was complete"):
+            for _ in running:
+                pass
+        assert time.monotonic() - signalled >= 2
         assert server.process.wait(DEADLINE_S) == 0
     finally:
         if server.process.poll() is None:
