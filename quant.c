@@ -256,67 +256,59 @@ typedef struct {
     int64_t padded, chunks, row_bytes;
 } Inputs;
 
-// Rounds one block of 32 floats to int8 (wide = 0) or int16 (wide = 1) at q; returns its scale.
-static inline float quantize_block(const float *x, void *q, int wide) {
+// Rounds one block of 32 values v to i32 within [-127, 127] (wide = 0) or [-32767, 32767] (wide = 1); returns its
+// scale (a block of zeros: 0, integers 0; a NaN or an infinity: NaN, integers 0).
+static inline float quantize_block(const __m256 v[4], int wide, __m256i i32[4]) {
     const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-    __m256 v[4], amax = _mm256_setzero_ps(), nan_check = _mm256_setzero_ps();
+    __m256 amax = _mm256_setzero_ps(), nan_check = _mm256_setzero_ps();
     for (int i = 0; i < 4; i++) {
-        v[i] = _mm256_loadu_ps(x + 8 * i);
         amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], magnitude));
         nan_check = _mm256_add_ps(nan_check, _mm256_mul_ps(v[i], _mm256_setzero_ps()));  // NaN if any is not finite
+        i32[i] = _mm256_setzero_si256();
     }
-    if (_mm256_movemask_ps(_mm256_cmp_ps(nan_check, nan_check, _CMP_UNORD_Q))) {
-        memset(q, 0, wide ? 64 : 32);
-        return NAN;
-    }
+    if (_mm256_movemask_ps(_mm256_cmp_ps(nan_check, nan_check, _CMP_UNORD_Q))) return NAN;
     const float levels = wide ? 32767.0f : 127.0f, d = max8(amax) / levels;
-    if (d == 0.0f) {
-        memset(q, 0, wide ? 64 : 32);
-        return 0.0f;
-    }
-    __m256i i32[4];
-    round_block(v, d, levels, i32);
-    if (wide) {  // packs interleaves the 128-bit lanes; the permutes undo it
-        _mm256_storeu_si256((__m256i *)q, _mm256_permute4x64_epi64(_mm256_packs_epi32(i32[0], i32[1]), 0xD8));
-        _mm256_storeu_si256((__m256i *)q + 1, _mm256_permute4x64_epi64(_mm256_packs_epi32(i32[2], i32[3]), 0xD8));
-    } else {
-        _mm256_storeu_si256((__m256i *)q, pack_int8(i32));
-    }
+    if (d != 0.0f) round_block(v, d, levels, i32);
     return d;
 }
 
-static Inputs prepare_x(const void *x, int x_kind, int64_t n_x, int64_t cols, int bits) {
+// Allocates x as a pass reads it, for n_x rows of cols columns (prepare_chunk fills it).
+static Inputs inputs_for(int64_t n_x, int64_t cols, int bits) {
     Inputs in = {.padded = padded_cols(cols, bits)};
     in.chunks = in.padded / chunk_cols(bits);
-    int64_t blocks = in.padded / 32, per_chunk = chunk_cols(bits) / 32;
     in.row_bytes = in.padded * (bits == 8 ? 2 : 1);
     in.xq = malloc(n_x * in.row_bytes);
     in.scale = malloc(n_x * in.chunks * 8 * sizeof(float));
     in.offset = bits == 4 ? malloc(n_x * in.chunks * 8 * sizeof(int32_t)) : NULL;
-    float *row = malloc(in.padded * sizeof(float)), *d = malloc(blocks * sizeof(float));
-    for (int64_t m = 0; m < n_x; m++) {
-        int8_t *xq = (int8_t *)in.xq + m * in.row_bytes;
-        for (int64_t k = 0; k < in.padded; k++) row[k] = k < cols ? read_kind(x, x_kind, m * cols + k) : 0.0f;
-        for (int64_t b = 0; b < blocks; b++)
-            d[b] = quantize_block(row + 32 * b, xq + in.row_bytes / blocks * b, bits == 8);
-        if (bits == 4)
-            for (int64_t c = 0; c < in.chunks; c++) {
-                int8_t ordered[128];
-                for (int k = 0; k < 128; k++) ordered[int4_x_at(k)] = xq[c * 128 + k];
-                memcpy(xq + c * 128, ordered, 128);
-            }
-        for (int64_t c = 0; c < in.chunks; c++) {
-            for (int lane = 0; lane < 8; lane++)
-                in.scale[(m * in.chunks + c) * 8 + lane] = d[c * per_chunk + lane_block(lane, bits)];
-            if (bits == 4) {
-                const __m256i eight = _mm256_set1_epi8(8), u[4] = {eight, eight, eight, eight};
-                _mm256_storeu_si256((__m256i *)(in.offset + (m * in.chunks + c) * 8), int4_sums(u, xq + c * 128));
-            }
+    return in;
+}
+
+// Rounds chunk c of row m of x (n_x rows of cols values of x_kind) into in: its blocks' integers (128 bytes either
+// way), in the order above, its scales in their lanes, and for int4 the offsets.
+static void prepare_chunk(const void *x, int x_kind, int64_t cols, int bits, const Inputs *in, int64_t m, int64_t c) {
+    const uint8_t *row = (const uint8_t *)x + m * cols * (x_kind == F32 ? 4 : 2);
+    int8_t *xq = (int8_t *)in->xq + m * in->row_bytes + c * 128;
+    float d[4];
+    for (int b = 0; b < chunk_cols(bits) / 32; b++) {
+        int64_t k = c * chunk_cols(bits) + 32 * b;
+        __m256 v[4];
+        __m256i i32[4];
+        load_block(row, x_kind, k, cols - k, v);
+        d[b] = quantize_block(v, bits == 8, i32);
+        if (bits == 8) {  // packs interleaves the 128-bit lanes; the permutes undo it
+            _mm256_storeu_si256((__m256i *)(xq + 64 * b), _mm256_permute4x64_epi64(_mm256_packs_epi32(i32[0], i32[1]), 0xD8));
+            _mm256_storeu_si256((__m256i *)(xq + 64 * b + 32), _mm256_permute4x64_epi64(_mm256_packs_epi32(i32[2], i32[3]), 0xD8));
+        } else {  // columns 0-15 and 16-31 of block b where int4_x_at puts them
+            __m256i q8 = pack_int8(i32);
+            _mm_storeu_si128((__m128i *)(xq + int4_x_at(32 * b)), _mm256_castsi256_si128(q8));
+            _mm_storeu_si128((__m128i *)(xq + int4_x_at(32 * b + 16)), _mm256_extracti128_si256(q8, 1));
         }
     }
-    free(row);
-    free(d);
-    return in;
+    for (int lane = 0; lane < 8; lane++) in->scale[(m * in->chunks + c) * 8 + lane] = d[lane_block(lane, bits)];
+    if (bits == 4) {
+        const __m256i eight = _mm256_set1_epi8(8), u[4] = {eight, eight, eight, eight};
+        _mm256_storeu_si256((__m256i *)(in->offset + (m * in->chunks + c) * 8), int4_sums(u, xq));
+    }
 }
 
 // The scales of one row's chunk starting at column k0 (S: the row's scales), in the lanes above.
@@ -405,10 +397,12 @@ void gemv_quant(int64_t n_w, const uint8_t *const *Qs, const uint16_t *const *Ss
                 int y_kind) {
     int64_t total = 0, n_groups = n_scales(cols, bits, group), size = y_kind == F32 ? 4 : 2;
     for (int64_t j = 0; j < n_w; j++) total += (rows[j] + TILE - 1) / TILE;
-    Inputs in = prepare_x(x, x_kind, n_x, cols, bits);
+    Inputs in = inputs_for(n_x, cols, bits);
 #pragma omp parallel
     {
-        int64_t begin, end;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < n_x * in.chunks; i++) prepare_chunk(x, x_kind, cols, bits, &in, i / in.chunks, i % in.chunks);
+        int64_t begin, end;  // (the for's barrier: every row of x is ready)
         share(total, 1, &begin, &end);
         for (int64_t m0 = 0; m0 < n_x; m0 += QMAX_X) {
             int64_t nm = n_x - m0 < QMAX_X ? n_x - m0 : QMAX_X, offset = 0;
