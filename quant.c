@@ -173,8 +173,9 @@ static inline void chunk_values(const uint8_t *p, const uint16_t *S, int64_t row
     }
 }
 
-// dst (n_rows, cols) of dst_kind (bfloat16 or float32) = the dequantized weights, q * scale in float32, rounded
-// once: a prompt multiplies a piece of a matrix at a time in the dtype the CPU is fastest at.
+// dst (n_rows, cols) of dst_kind (float32, bfloat16 or float16) = the dequantized weights, q * scale in float32,
+// rounded once: a prompt multiplies a piece of a matrix at a time in the dtype the CPU is fastest at, and a decode
+// step embeds its tokens a row at a time.
 void dequantize(const uint8_t *q, const uint16_t *scales, void *dst, int64_t n_rows, int64_t cols, int bits,
                 int64_t group, int dst_kind) {
     int64_t n_groups = n_scales(cols, bits, group), width = chunk_cols(bits), row_bytes = padded_cols(cols, bits) * bits / 8;
@@ -296,8 +297,10 @@ static void prepare_chunk(const void *x, int x_kind, int64_t cols, int bits, con
         load_block(row, x_kind, k, cols - k, v);
         d[b] = quantize_block(v, bits == 8, i32);
         if (bits == 8) {  // packs interleaves the 128-bit lanes; the permutes undo it
-            _mm256_storeu_si256((__m256i *)(xq + 64 * b), _mm256_permute4x64_epi64(_mm256_packs_epi32(i32[0], i32[1]), 0xD8));
-            _mm256_storeu_si256((__m256i *)(xq + 64 * b + 32), _mm256_permute4x64_epi64(_mm256_packs_epi32(i32[2], i32[3]), 0xD8));
+            for (int half = 0; half < 2; half++) {
+                __m256i packed = _mm256_packs_epi32(i32[2 * half], i32[2 * half + 1]);
+                _mm256_storeu_si256((__m256i *)(xq + 64 * b + 32 * half), _mm256_permute4x64_epi64(packed, 0xD8));
+            }
         } else {  // columns 0-15 and 16-31 of block b where int4_x_at puts them
             __m256i q8 = pack_int8(i32);
             _mm_storeu_si128((__m128i *)(xq + int4_x_at(32 * b)), _mm256_castsi256_si128(q8));
@@ -401,7 +404,8 @@ void gemv_quant(int64_t n_w, const uint8_t *const *Qs, const uint16_t *const *Ss
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < n_x * in.chunks; i++) prepare_chunk(x, x_kind, cols, bits, &in, i / in.chunks, i % in.chunks);
+        for (int64_t i = 0; i < n_x * in.chunks; i++)
+            prepare_chunk(x, x_kind, cols, bits, &in, i / in.chunks, i % in.chunks);
         int64_t begin, end;  // (the for's barrier: every row of x is ready)
         share(total, 1, &begin, &end);
         for (int64_t m0 = 0; m0 < n_x; m0 += QMAX_X) {

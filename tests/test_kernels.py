@@ -118,6 +118,19 @@ def test_a_half_precision_embedding_gives_a_prompt_the_prompt_dtype_and_a_step_i
     assert embedding(torch.zeros(4, 1, dtype=torch.long)).dtype == dtype
 
 
+@pytest.mark.parametrize("dtype", [*HALF, torch.float32])
+@pytest.mark.parametrize("quantized", ["int8", "int4"])
+def test_a_quantized_embedding_gives_the_rows_pytorch_dequantizes(dtype, quantized, compiled):
+    torch.manual_seed(0)
+    weight = QuantizedWeight(45, 77, SCHEMES[quantized])  # rows in every place of a tile, columns past a chunk
+    weight.qweight, weight.scales = quantize(torch.randn(45, 77) * 3, weight.scheme)
+    ids = torch.tensor([[0, 44, 41], [5, 6, 7]])
+    assert torch.equal(kernels.Embedding(weight, dtype)(ids[:, :1]), weight.rows(ids[:, :1], dtype))
+    assert torch.equal(kernels.quantized_rows(weight, ids, dtype), weight.rows(ids, dtype))
+    with pytest.raises(IndexError):  # out of range: PyTorch's path, which says so
+        kernels.quantized_rows(weight, torch.tensor([48]), dtype)
+
+
 # What torch reports on each CPU class -> the dtype a prompt computes in: (capability, AVX512-BF16, AMX,
 # ONEDNN_MAX_CPU_ISA, expected).
 CPU_CLASSES = {
