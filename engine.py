@@ -110,7 +110,7 @@ class Engine:
         self.ended.wait()
 
     def serve(self):
-        """Answer requests on this thread until stop(). Best on the thread that loaded the model: OpenMP keeps a
+        """Answer requests on this thread until close(). Best on the thread that loaded the model: OpenMP keeps a
         pool of worker threads for each thread that runs parallel work, and with more workers than cores they sleep
         between the hundreds of parallel regions of a step instead of spinning, which cost the server 20 ms a step
         (int4, 2 cores) against the command line, where one thread does everything."""

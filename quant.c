@@ -12,7 +12,7 @@
 //   (int4), rounded to float16; q = round(w / scale), ties to even, as torch.round. Padding is q = 0, scale 0.
 // A decode step multiplies a few rows of x, rounded to int8 or int16 in blocks of 32 columns, by the weights in
 // integers as they stream from memory (`gemv_quant`); a prompt multiplies a piece of a weight matrix dequantized to
-// bfloat16 or float32 (`dequantize`).
+// bfloat16 or float32 (`dequantize`), which also gives a decode step its tokens' embeddings.
 #include <math.h>
 #include <stdlib.h>
 
@@ -180,7 +180,7 @@ void dequantize(const uint8_t *q, const uint16_t *scales, void *dst, int64_t n_r
                 int64_t group, int dst_kind) {
     int64_t n_groups = n_scales(cols, bits, group), width = chunk_cols(bits), row_bytes = padded_cols(cols, bits) * bits / 8;
     int64_t size = dst_kind == F32 ? 4 : 2;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n_rows > 1)
     for (int64_t r = 0; r < n_rows; r++) {
         float values[128], out[128];
         for (int64_t c = 0; c * width < cols; c++) {

@@ -16,7 +16,6 @@ import secrets
 import signal
 import socket
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -320,15 +319,17 @@ def load_or_fail(state: State):
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server, whose SIGTERM and Ctrl-C also close the engine at once (Engine.close): waiting requests get
-    503, running ones --shutdown_timeout seconds, inside uvicorn's own (longer) wait for open connections."""
+    """uvicorn's server, whose shutdown (SIGTERM, Ctrl-C) first closes the engine (Engine.close): waiting requests get
+    503, running ones --shutdown_timeout seconds, inside uvicorn's own, longer wait for open connections."""
 
-    state: State
+    def __init__(self, state: State, config: uvicorn.Config):
+        super().__init__(config)
+        self.state = state
 
-    def handle_exit(self, sig, frame):
-        super().handle_exit(sig, frame)
-        if self.state.engine is not None:  # a signal handler: the engine's lock is taken on a thread of its own
-            threading.Thread(target=self.state.engine.close, args=(self.state.flags["shutdown_timeout"],)).start()
+    async def shutdown(self, sockets=None):
+        if self.state.engine is not None:
+            self.state.engine.close(self.state.flags["shutdown_timeout"])
+        await super().shutdown(sockets)
 
 
 def main(model_path: str, port: int = 8000, host: str = "127.0.0.1", dtype: str | None = None,
@@ -348,7 +349,8 @@ def main(model_path: str, port: int = 8000, host: str = "127.0.0.1", dtype: str 
         max_batch: requests decoded together (1 to 16)
         max_queue: requests waiting beyond those; more get 503 with Retry-After
         served_model_name: the model's name in the API (default: the Hub id, or the folder's name)
-        shutdown_timeout: seconds that running answers get to finish on SIGTERM or Ctrl-C (waiting ones get 503)
+        shutdown_timeout: seconds that running answers get to finish on SIGTERM or Ctrl-C (waiting ones get 503);
+            the server exits within 10 s more
         cors_origins: comma-separated origins that browsers may call from (none by default)
         allowed_media_domains: comma-separated hosts whose https:// images may be fetched (none by default)
         allowed_local_media_path: a folder whose files file:// image URLs may name (none by default)
@@ -378,9 +380,8 @@ def main(model_path: str, port: int = 8000, host: str = "127.0.0.1", dtype: str 
         signal.signal(sig, lambda *_: None)
     log(f"listening on http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]} (loading "
         f"{folder})")
-    server = Server(uvicorn.Config(create_app(state), log_level="warning", lifespan="on",
-                                   timeout_graceful_shutdown=shutdown_timeout + SHUTDOWN_MARGIN_S))
-    server.state = state
+    server = Server(state, uvicorn.Config(create_app(state), log_level="warning", lifespan="on",
+                                          timeout_graceful_shutdown=shutdown_timeout + SHUTDOWN_MARGIN_S))
     server.run(sockets=[sock])
     if state.failed:
         sys.exit(state.failed[1])

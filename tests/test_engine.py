@@ -143,6 +143,7 @@ def test_closing_ends_the_waiting_at_once_and_lets_the_running_finish_within_the
     engine.start()
     assert started.wait(60)
     engine.submit(Request(inputs, 3, on_event=on_event("waiting")))
+    assert not ended  # the tiny model's answer runs on past its first token: "waiting" still waits
     engine.close(timeout=60)
     with pytest.raises(Closed):
         engine.submit(Request(inputs, 3))

@@ -386,6 +386,7 @@ def test_api_key_cors_queue_local_files_and_sigterm(folder, tmp_path):
 
         waiter = threading.Thread(target=wait)
         waiter.start()
+        # (The tiny model's greedy answer has no end-of-text in 5000 tokens: the row runs until it is cut.)
         wait_for(lambda: server.metric("paligemma_queue_length", {"Authorization": "Bearer sesame"}) == 1)
         with pytest.raises(openai.APIStatusError) as full:
             client.chat.completions.create(model=folder.name, max_tokens=2, messages=message(
