@@ -111,7 +111,8 @@ def test_cancelled_rows_leave_before_the_next_step_and_the_others_go_on(session)
     assert other[-1] == "done" and not engine.rows
 
 
-def test_a_full_queue_refuses_and_stopping_ends_the_waiting_and_cuts_the_running_at_the_timeout(session):
+@pytest.mark.parametrize("tokens, timeout", [(10_000, 0), (200, 60)])
+def test_closing_ends_the_waiting_at_once_and_cuts_the_running_only_past_the_timeout(session, tokens, timeout):
     engine = Engine(session, max_batch=1, max_queue=1)
     inputs = session.processor(["caption en"], [random_image(30, 30)])
     started, ended = threading.Event(), {}
@@ -119,33 +120,16 @@ def test_a_full_queue_refuses_and_stopping_ends_the_waiting_and_cuts_the_running
     def on_event(name):
         return lambda kind, value: started.set() if kind == "token" else ended.setdefault(name, value)
 
-    engine.submit(Request(inputs, 10_000, on_event=on_event("running")))
+    engine.submit(Request(inputs, tokens, on_event=on_event("running")))
     engine.start()
     assert started.wait(60)
     engine.submit(Request(inputs, 3, on_event=on_event("waiting")))  # the one row is taken: it waits
     with pytest.raises(QueueFull):
         engine.submit(Request(inputs, 3))
-    engine.stop(timeout=0)
-    assert isinstance(ended["waiting"], Closed) and isinstance(ended["running"], Closed)
-    with pytest.raises(Closed):
-        engine.submit(Request(inputs, 3))
-
-
-def test_closing_ends_the_waiting_at_once_and_lets_the_running_finish_within_the_timeout(session):
-    engine = Engine(session, max_batch=1, max_queue=1)
-    inputs = session.processor(["caption en"], [random_image(30, 30)])
-    started, ended = threading.Event(), {}
-
-    def on_event(name):
-        return lambda kind, value: started.set() if kind == "token" else ended.setdefault(name, value)
-
-    engine.submit(Request(inputs, 30, on_event=on_event("running")))
-    engine.start()
-    assert started.wait(60)
-    engine.submit(Request(inputs, 3, on_event=on_event("waiting")))
-    assert not ended  # the tiny model's answer runs on past its first token: "waiting" still waits
-    engine.close(timeout=60)
+    assert not ended  # the tiny model's answer runs on past its first token
+    engine.close(timeout)
     with pytest.raises(Closed):
         engine.submit(Request(inputs, 3))
     engine.stop(timeout=0)  # the first close's deadline holds
-    assert isinstance(ended["waiting"], Closed) and ended["running"] in ("stop", "length")
+    assert isinstance(ended["waiting"], Closed)
+    assert isinstance(ended["running"], Closed) if timeout == 0 else ended["running"] in ("stop", "length")
