@@ -75,8 +75,15 @@ class Logprobs:
         return self.logits.gather(-1, ids).float() - self.peak[:, None] - self.logsum[:, None]
 
     def top(self, k: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The k likeliest of the first vocab tokens: their logprobs and ids (B, k), likeliest first."""
-        ids = self.logits[:, :vocab].topk(k, dim=-1).indices
+        """The k likeliest of the first vocab tokens: their logprobs and ids (B, k), likeliest first and, among equal
+        logits, the lower id first, as argmax (the greedy choice) orders them: topk orders ties as it likes."""
+        logits = self.logits[:, :vocab]
+        floor = logits.topk(k, dim=-1).values[:, -1:]  # (B, 1): the k-th largest
+        ids = []
+        for row, at_least in zip(logits, floor):
+            candidates = (row >= at_least).nonzero().squeeze(-1)  # ids in ascending order, k or a few more
+            ids.append(candidates[row[candidates].sort(descending=True, stable=True).indices[:k]])
+        ids = torch.stack(ids)
         return self.of(ids), ids
 
 

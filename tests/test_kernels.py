@@ -503,3 +503,14 @@ def test_pick_gives_the_same_tokens_and_logprobs_with_or_without_the_compiled_sc
     values, ids = logprobs.top(5, 8_000)
     assert torch.equal(ids[:, 0], tokens) and torch.equal(values[:, 0], logprobs.of(tokens[:, None])[:, 0])
     torch.testing.assert_close(values, exact.gather(-1, ids), atol=1e-5, rtol=0)
+
+
+def test_top_logprobs_order_equal_logits_by_id_so_the_greedy_choice_comes_first():
+    logits = torch.zeros(2, 40_000, dtype=torch.float16)
+    logits[:, [9, 30_000, 7, 25_000, 8]] = torch.tensor([5.0, 5.0, 5.0, 4.0, 4.0], dtype=torch.float16)
+    logits[1, 7] = 6.0
+    tokens, logprobs = pick(logits, 0.0, 1.0, vocab=39_000)
+    values, ids = logprobs.top(4, 39_000)
+    assert tokens.tolist() == [7, 7]
+    assert ids.tolist() == [[7, 9, 30_000, 8], [7, 9, 30_000, 8]]  # then 25_000: the k-th place's ties by id too
+    assert torch.equal(values, logprobs.of(ids)) and bool((values[:, :-1] >= values[:, 1:]).all())
