@@ -351,8 +351,9 @@ def quantized_rows(weight: QuantizedWeight, ids: torch.Tensor, dtype: torch.dtyp
     token instead of PyTorch's dozen operations (0.5 ms a step)."""
     rows, cols = weight.shape
     flat = ids.reshape(-1).tolist()
-    if (lib := library()) is None or len(flat) > MAX_GEMV_ROWS or dtype not in KINDS or \
-            not weight.qweight.is_contiguous() or not all(0 <= r < rows for r in flat):
+    contiguous = weight.qweight.is_contiguous() and weight.scales.is_contiguous()
+    if (lib := library()) is None or len(flat) > MAX_GEMV_ROWS or dtype not in KINDS or not contiguous or \
+            not all(0 <= r < rows for r in flat):
         return weight.rows(ids, dtype)
     out = torch.empty(len(flat), cols, dtype=dtype)
     q, tile_bytes, scales = weight.qweight.data_ptr(), weight.qweight.stride(0), weight.scales
