@@ -125,12 +125,19 @@ def widened(weight: torch.Tensor | QuantizedWeight, dtype: torch.dtype, first: i
         out.copy_(weight.rows(torch.arange(first, first + count), dtype) if quantized
                   else weight[first:first + count])
     elif quantized:
-        q, scales = weight.qweight[first // TILE:], weight.scales[first:]
-        lib.dequantize(q.data_ptr(), scales.data_ptr(), out.data_ptr(), count, cols, weight.scheme.bits,
-                       weight.scheme.group, KINDS[dtype])
+        dequantize_rows(weight, first, count, out)
     else:
         lib.convert(weight[first:].data_ptr(), KINDS[weight.dtype], out.data_ptr(), KINDS[dtype], n)
     return out
+
+
+def dequantize_rows(weight: QuantizedWeight, first: int, count: int, out: torch.Tensor):
+    """Rows first .. first + count of a quantized weight (with contiguous tiles and scales) into out (count, cols), of
+    a dtype in KINDS, by quant.c: any one row, or rows from a multiple of TILE. Row r of a tile is the tile's row 0
+    shifted by r % TILE chunks."""
+    q = weight.qweight.data_ptr() + first // TILE * weight.qweight.stride(0) + first % TILE * CHUNK
+    library().dequantize(q, weight.scales[first].data_ptr(), out.data_ptr(), count, weight.shape[1],
+                         weight.scheme.bits, weight.scheme.group, KINDS[out.dtype])
 
 
 def widened_product(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> torch.Tensor:
@@ -347,20 +354,16 @@ class Embedding(nn.Module):
 
 
 def quantized_rows(weight: QuantizedWeight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """weight.rows(ids, dtype), the same numbers; a decode step's few rows each by quant.c's dequantize, one call a
-    token instead of PyTorch's dozen operations (0.5 ms a step)."""
-    rows, cols = weight.shape
+    """weight.rows(ids, dtype), the same numbers; a decode step's few tokens by dequantize_rows, one call each
+    instead of PyTorch's dozen operations (0.5 ms a step)."""
     flat = ids.reshape(-1).tolist()
-    contiguous = weight.qweight.is_contiguous() and weight.scales.is_contiguous()
-    if (lib := library()) is None or len(flat) > MAX_GEMV_ROWS or dtype not in KINDS or not contiguous or \
-            not all(0 <= r < rows for r in flat):
+    if library() is None or len(flat) > MAX_GEMV_ROWS or dtype not in KINDS or not weight.qweight.is_contiguous() \
+            or not weight.scales.is_contiguous() or not all(0 <= r < weight.shape[0] for r in flat):
         return weight.rows(ids, dtype)
-    out = torch.empty(len(flat), cols, dtype=dtype)
-    q, tile_bytes, scales = weight.qweight.data_ptr(), weight.qweight.stride(0), weight.scales
-    for i, r in enumerate(flat):  # row r of its tile: the tile's row 0 shifted by r % TILE chunks of 64 bytes
-        lib.dequantize(q + r // TILE * tile_bytes + r % TILE * CHUNK, scales[r].data_ptr(), out[i].data_ptr(), 1,
-                       cols, weight.scheme.bits, weight.scheme.group, KINDS[dtype])
-    return out.view(*ids.shape, cols)
+    out = torch.empty(len(flat), weight.shape[1], dtype=dtype)
+    for i, r in enumerate(flat):
+        dequantize_rows(weight, r, 1, out[i])
+    return out.view(*ids.shape, weight.shape[1])
 
 
 def fast_module(name: str, module: nn.Module) -> nn.Module | None:
