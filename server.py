@@ -1,13 +1,13 @@
 """An OpenAI-compatible HTTP server for PaliGemma, with a web page at /: `python server.py --model_path DIR`.
 
 It listens at once and loads the model in the background (GET /health answers 503 until it is ready); engine.py then
-answers every request, decoding the running ones together. This file is the HTTP layer: flags, routes, the guard in
-front of them (Host header, API key, body size), errors in OpenAI's shape, streaming and metrics. Chat requests are
-parsed in chat.py, image URLs read in media.py. Safe by default: loopback only, no remote images, no CORS.
+answers every request, decoding the running ones together. This file is the HTTP layer: flags, routes, errors in
+OpenAI's shape, streaming and metrics. The guard in front of the routes (Host header, API key, body size) is in
+guard.py, chat requests are parsed in chat.py, image URLs read in media.py. Safe by default: loopback only, no remote
+images, no CORS.
 """
 
 import asyncio
-import hmac
 import inspect
 import io
 import json
@@ -23,7 +23,7 @@ from pathlib import Path
 import fire
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -37,6 +37,7 @@ from paligemma.console import UserError, kind_of, log, require_file
 from paligemma.engine import Engine
 from paligemma.flags import FLAG_RULES, check_flag_names, check_flags, quote_string_flags
 from paligemma.generate import choose_device, load_session
+from paligemma.guard import Guard, error_response
 from paligemma.inference import failure
 from paligemma.media import MediaError, read_media
 from paligemma.processing_paligemma import DEFAULT_MAX_PIXELS, check_tokenizer, decode_image
@@ -57,7 +58,6 @@ SERVER_RULES = {
 }
 STRING_FLAGS = ("model_path", "host", "dtype", "quantize", "vae_path", "api_key", "served_model_name", "cors_origins",
                 "allowed_media_domains", "allowed_local_media_path")
-LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 SHUTDOWN_MARGIN_S = 10  # past --shutdown_timeout: for the step in progress and the cut answers' last events
 disable_created_metrics()  # one series per metric, not a second one of creation times
 
@@ -127,79 +127,6 @@ class State:
         except UserError as e:
             raise ApiError(400, str(e).replace("--max_tokens_to_generate", "max_tokens"), param="messages") from None
         return inputs, budget
-
-
-class Guard:
-    """In front of every route: the Host header on a loopback bind (DNS rebinding), the API key (but for /health and
-    the page's files), the body's size (refused from Content-Length before it is read, or once a streamed body passes
-    it); and the metrics' count."""
-
-    def __init__(self, app, state: State):
-        self.app, self.state = app, state
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        status = [500]
-
-        async def counted(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            self.check(scope)
-            receive = await self.buffered(scope, receive)
-        except ApiError as e:
-            await error_response(e)(scope, receive, counted)
-        else:
-            await self.app(scope, receive, counted)
-        finally:
-            route = scope["path"] if scope["path"] in ROUTES + PUBLIC else "other"
-            self.state.requests.labels(route, str(status[0])).inc()
-
-    def check(self, scope):
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        host = headers.get("host")
-        if self.state.flags["host"] in LOOPBACK_NAMES and host is not None:
-            name = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0]
-            if name.lower() not in LOOPBACK_NAMES:
-                raise ApiError(400, f"the Host header {host[:100]!r} is not this loopback server's name (DNS "
-                                    "rebinding?); use localhost or 127.0.0.1")
-        key = self.state.flags["api_key"]
-        if key and scope["path"] not in PUBLIC:
-            scheme, _, given = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
-                raise ApiError(401, "a valid API key is needed: Authorization: Bearer KEY", code="invalid_api_key")
-        limit = self.state.flags["max_body_bytes"]
-        length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            raise ApiError(413, f"the body is over the limit of {limit} bytes (--max_body_bytes)")
-
-    async def buffered(self, scope, receive):
-        """The body read up to the limit, handed to the route as if it came in now; later messages (a client that
-        disconnects) pass through."""
-        body, limit = [], self.state.flags["max_body_bytes"]
-        size, more = 0, scope["method"] in ("POST", "PUT", "PATCH")
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return receive
-            size += len(message.get("body", b""))
-            if size > limit:
-                raise ApiError(413, f"the body is over the limit of {limit} bytes (--max_body_bytes)")
-            body.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        replay = [{"type": "http.request", "body": b"".join(body), "more_body": False}]
-
-        async def again():
-            return replay.pop() if replay else await receive()
-
-        return again
-
-
-def error_response(e: ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), e.status, headers=e.headers)
 
 
 ROUTES = ("/v1/chat/completions", "/v1/paligemma", "/v1/models", "/health", "/metrics")
@@ -297,9 +224,10 @@ def create_app(state: State) -> FastAPI:
     for path, (name, media_type) in PAGE.items():  # a route each, taking no parameter: no request picks the file
         app.get(path)(page_route(name, media_type))
 
-    return CORSMiddleware(Guard(app, state), allow_origins=state.flags["cors_origins"].split(","),
+    guarded = Guard(app, state, ROUTES, PUBLIC)
+    return CORSMiddleware(guarded, allow_origins=state.flags["cors_origins"].split(","),
                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"]) \
-        if state.flags["cors_origins"] else Guard(app, state)
+        if state.flags["cors_origins"] else guarded
 
 
 async def read_json(request: Request):

@@ -2,7 +2,7 @@
 weight shape) against everything else (norms, attention, rotary angles, the KV cache, the logits' float32 copy that
 sampling starts from, Python), for each dtype in a fresh process, beside the machine's copy bandwidth. The step is
 `generate.decode_one_token` on the accelerated model, after a prefill of `caption en` on test_images/cat.jpg. Its
-layers run in one C call (kernels.Decoder), which counts the seconds its products take
+layers run in one C call (decoder.Decoder), which counts the seconds its products take
 (`decode_product_seconds`); the output head's product is timed by wrapping kernels.gemv and gemv_quantized; the
 rest of the step is everything else. The table by weight shape times each shape's products alone, right after each
 step (the same weights in the same order, through kernels.gemv and gemv_quantized, on inputs of the same shapes).

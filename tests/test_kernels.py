@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import CHECKPOINTS, ROOT
 
-from paligemma import clib, kernels, modeling_gemma, modeling_siglip
+from paligemma import clib, decoder, kernels, modeling_gemma, modeling_siglip
 from paligemma.generate import decode_one_token, pick, prefill
 from paligemma.quantization import SCHEMES, QuantizedWeight, quantize
 from paligemma.utils import load_hf_model
@@ -234,7 +234,7 @@ def test_decode_attention_kernel_equals_attend_within_half_precision(dtype, head
 def test_a_decode_steps_one_call_layers_give_the_modules_logits_bit_for_bit(name, dtype, quantize, checkpoint,
                                                                             compiled, monkeypatch):
     model = kernels.accelerate(load_hf_model(checkpoint(name), "cpu", dtype, verbose=False, quantize=quantize)[0])
-    assert type(model.language_model.model) is kernels.Decoder and model.language_model.model.specs(dtype)
+    assert type(model.language_model.model) is decoder.Decoder and model.language_model.model.specs(dtype)
 
     def logits():  # two rows, one left-padded; steps at a shared position, then at each row's own
         with torch.no_grad():
@@ -247,7 +247,7 @@ def test_a_decode_steps_one_call_layers_give_the_modules_logits_bit_for_bit(name
         return torch.stack(out)
 
     fused = logits()
-    monkeypatch.setattr(kernels.Decoder, "forward", modeling_gemma.GemmaModel.forward)
+    monkeypatch.setattr(decoder.Decoder, "forward", modeling_gemma.GemmaModel.forward)
     torch.testing.assert_close(logits(), fused, atol=0, rtol=0)
 
 
@@ -297,7 +297,7 @@ def assert_fused_and_one_pass_per_group(model, monkeypatch):
     for layer in model.vision_tower.vision_model.encoder.layers:
         assert isinstance(layer.self_attn.qkv, kernels.Fused) and len(layer.self_attn.qkv.weights) == 3
     # the modules' own decode step (decode.c's one-call decoder passes the same groups to the same C functions)
-    monkeypatch.setattr(kernels.Decoder, "forward", modeling_gemma.GemmaModel.forward)
+    monkeypatch.setattr(decoder.Decoder, "forward", modeling_gemma.GemmaModel.forward)
     calls = gemv_calls(monkeypatch)
     with torch.no_grad():
         model.setup_caches(1, 8)
