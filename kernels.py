@@ -29,6 +29,7 @@ model as it is.
 
 import ctypes
 import functools
+import math
 import os
 
 import torch
@@ -59,6 +60,13 @@ def prompt_dtype() -> torch.dtype:
     capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ONEDNN_WITHOUT_BF16
     avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
     return torch.bfloat16 if native and avx512 and not capped else torch.float32
+
+
+def is_prompt(shape: torch.Size) -> bool:
+    """Whether rows of this shape (all but the last dimension of x, or token ids) are a prompt, which computes in
+    prompt_dtype() by matrix products: more than one position, or more rows than a decode step streams. By positions,
+    not only rows, so that a row of a batch computes as it would alone."""
+    return math.prod(shape) > MAX_GEMV_ROWS or (len(shape) > 1 and shape[-1] > 1)
 
 
 def gemv(weights: list[torch.Tensor], x: torch.Tensor, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
@@ -156,20 +164,21 @@ def products(x: torch.Tensor, weights: list, biases: list) -> list[torch.Tensor]
     dtype of x (which may differ from the weights'); equal to F.linear with the dequantized weights up to the order
     of float32 additions and half-precision rounding, and for gemv_quantized up to x's rounding in blocks
     (quantization.round_activations). Which path runs where (the one table of it):
-    - up to MAX_GEMV_ROWS rows: gemv / gemv_quantized (one pass over the weights, float32 sums); without the
-      compiled kernels, F.linear in the weights' dtype, or of the weights dequantized to x's dtype;
-    - more rows (a prompt): widened_product in x's dtype where the weights are quantized or of another dtype (float32
-      or bfloat16; float16 x in prompt_dtype()), else F.linear.
+    - a decode step (not is_prompt: up to MAX_GEMV_ROWS rows of one position): gemv / gemv_quantized (one pass
+      over the weights, float32 sums); without the compiled kernels, F.linear in the weights' dtype, or of the
+      weights dequantized to x's dtype;
+    - a prompt: widened_product in x's dtype where the weights are quantized or of another dtype, or x is float16
+      (float32 or bfloat16; float16 x in prompt_dtype()), else F.linear.
     """
-    rows = x.numel() // x.shape[-1]
+    rows, prompt = x.numel() // x.shape[-1], is_prompt(x.shape[:-1])
     flat = x.reshape(rows, -1)
     quantized = isinstance(weights[0], QuantizedWeight)
     streamable = quantized or weights[0].dtype in KINDS and all(
         w.is_contiguous() and w.dtype == weights[0].dtype for w in weights)
-    if rows <= MAX_GEMV_ROWS and library() is not None and x.dtype in KINDS and streamable:
+    if not prompt and library() is not None and x.dtype in KINDS and streamable:
         dtype = x.dtype if all(b is None for b in biases) else torch.float32  # float32 sums, one rounding
         ys = (gemv_quantized if quantized else gemv)(weights, flat.contiguous(), dtype)
-    elif rows > MAX_GEMV_ROWS and (quantized or weights[0].dtype != flat.dtype):
+    elif prompt and (quantized or weights[0].dtype != flat.dtype or flat.dtype == torch.float16):
         dtype = flat.dtype if flat.dtype in (torch.float32, torch.bfloat16) else prompt_dtype()
         ys = [widened_product(flat.to(dtype), w) for w in weights]
     elif quantized:  # a few rows without the compiled kernels: dequantize, then multiply
@@ -266,7 +275,7 @@ class Embedding(nn.Module):
         self.weight, self.dtype = weight, dtype
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        dtype = prompt_dtype() if input_ids.numel() > MAX_GEMV_ROWS else self.dtype
+        dtype = prompt_dtype() if is_prompt(input_ids.shape) else self.dtype
         if isinstance(self.weight, QuantizedWeight):
             return quantized_rows(self.weight, input_ids, dtype)
         return F.embedding(input_ids, self.weight).to(dtype)
