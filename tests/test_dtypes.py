@@ -22,12 +22,13 @@ def shard_with(folder: Path, part: str) -> tuple[Path, str]:
     return folder / index["weight_map"][key], key
 
 
-def set_value(folder: Path, part: str, value: float, dtype=None):
-    """Put value into the first element of the tensor whose key holds part (kept in the file's dtype unless given)."""
+def set_value(folder: Path, part: str, value: float, dtype=None, everywhere: bool = False):
+    """Put value into the first element (or every element) of the tensor whose key holds part (kept in the file's
+    dtype unless given)."""
     path, key = shard_with(folder, part)
     tensors = load_file(path)
     tensor = tensors[key].clone().to(dtype or tensors[key].dtype)
-    tensor.view(-1)[0] = value
+    tensor.view(-1)[:None if everywhere else 1] = value
     tensors[key] = tensor
     save_file(tensors, path, metadata={"format": "pt"})
     return key
@@ -102,7 +103,9 @@ def test_float16_on_a_gemma2_decoder_warns(checkpoint, capsys):
 
 
 def test_logits_that_overflow_stop_the_run_naming_the_dtype_and_the_fix(folder, tmp_path, capsys, monkeypatch):
-    set_value(folder, "language_model.model.norm", 60000.0)  # finite in float16; the final norm then overflows it
+    # Finite in float16; the final norm then overflows it (a prompt in bfloat16 or float32 does not: the first decode
+    # step does)
+    set_value(folder, "language_model.model.norm", 60000.0, everywhere=True)
     photo = tmp_path / "photo.png"
     random_image(30, 20).save(photo)
     code, out, err = run(cli_args(folder, photo, "--dtype", "float16", "--output_format", "json"), capsys,

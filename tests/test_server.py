@@ -289,9 +289,11 @@ def test_routes_methods_hosts_and_body_sizes_are_refused_in_openai_errors(server
 
 def endless(session, tokens: int = 300):
     """An image whose greedy caption runs tokens long without a stop token, so that its row stays busy."""
-    return next(image for image in (random_image(30, 30, seed=seed) for seed in range(100))
-                if len(cli_answer(session, image, "caption en", tokens)[0]) == tokens and
-                not set(cli_answer(session, image, "caption en", tokens)[0]) & set(session.stop_ids))
+    for image in (random_image(30, 30, seed=seed) for seed in range(100)):
+        ids = cli_answer(session, image, "caption en", tokens)[0]
+        if len(ids) == tokens and not set(ids) & set(session.stop_ids):
+            return image
+    raise AssertionError("no image of 100 has an answer without a stop token")
 
 
 def test_a_client_that_leaves_frees_its_row_within_a_step(server, session):
@@ -346,7 +348,7 @@ def test_bad_flags_and_checkpoints_get_one_line_before_anything_listens(folder, 
         assert "listening" not in done.stderr
 
 
-def test_api_key_cors_queue_local_files_and_sigterm(folder, tmp_path):
+def test_api_key_cors_queue_local_files_and_sigterm(folder, session, tmp_path):
     (tmp_path / "media").mkdir()
     random_image(30, 30).save(tmp_path / "media" / "cat.png")
     server = Server(folder, "--api_key", "sesame", "--cors_origins", "https://app.example", "--max_batch", "1",
@@ -373,7 +375,7 @@ def test_api_key_cors_queue_local_files_and_sigterm(folder, tmp_path):
         # One row runs (longer than the test), one request waits, the next is refused. SIGTERM refuses the waiting
         # one at once and gives the running one --shutdown_timeout seconds, then cuts it with an error event.
         running = client.chat.completions.create(model=folder.name, max_tokens=5000, stream=True, messages=message(
-            data_url(random_image(30, 30)), "caption en"))
+            data_url(endless(session, 5000)), "caption en"))
         next(iter(running))
         waiting = {}
 
@@ -386,7 +388,7 @@ def test_api_key_cors_queue_local_files_and_sigterm(folder, tmp_path):
 
         waiter = threading.Thread(target=wait)
         waiter.start()
-        # (The tiny model's greedy answer has no end-of-text in 5000 tokens: the row runs until it is cut.)
+        # (Its greedy answer has no end-of-text in 5000 tokens: the row runs until it is cut.)
         wait_for(lambda: server.metric("paligemma_queue_length", {"Authorization": "Bearer sesame"}) == 1)
         with pytest.raises(openai.APIStatusError) as full:
             client.chat.completions.create(model=folder.name, max_tokens=2, messages=message(
