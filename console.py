@@ -97,7 +97,7 @@ def guard_start():
 
 
 def interrupted(*_):
-    os.write(2, b"interrupted\n")
+    os.write(2, b"\ninterrupted\n")  # on a line of its own, whatever line (a progress bar, ^C) it cuts short
     os._exit(130)
 
 

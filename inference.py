@@ -286,6 +286,8 @@ def cli():
         message, code = failure(e, debug)
         if debug:
             traceback.print_exc()
+        if isinstance(e, KeyboardInterrupt):
+            log("")  # ends whatever line (a progress bar, ^C) the interrupt cut short
         log(message)
         sys.exit(code)
 
