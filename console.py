@@ -96,8 +96,12 @@ def guard_start():
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115
 
 
+# Ctrl-C's one line, after a line break: on a line of its own, whatever line (a progress bar, ^C) it cut short.
+INTERRUPTED = "\ninterrupted"
+
+
 def interrupted(*_):
-    os.write(2, b"\ninterrupted\n")  # on a line of its own, whatever line (a progress bar, ^C) it cuts short
+    os.write(2, f"{INTERRUPTED}\n".encode())
     os._exit(130)
 
 

@@ -35,7 +35,7 @@ from paligemma.checkpoint import (  # noqa: E402
     stop_tokens,
     warn_about_dtype,
 )
-from paligemma.console import UserError, kind_of, log, one_line, peak_rss_gib, require_file  # noqa: E402
+from paligemma.console import INTERRUPTED, UserError, kind_of, log, one_line, peak_rss_gib, require_file  # noqa: E402
 from paligemma.flags import check_flag_names, check_flags, quote_string_flags  # noqa: E402
 from paligemma.generate import Stopwatch, choose_device, load_session  # noqa: E402
 from paligemma.processing_paligemma import (  # noqa: E402
@@ -265,7 +265,7 @@ def writes_rgb(image_format: str | None) -> bool:
 def failure(e: BaseException, debug: bool) -> tuple[str, int]:
     """The one line, and the exit status, for a run that ended in e."""
     if isinstance(e, KeyboardInterrupt):
-        return "interrupted", 130
+        return INTERRUPTED, 130
     if isinstance(e, UserError):
         return f"error: {one_line(e)}", 1
     if isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)):
@@ -286,8 +286,6 @@ def cli():
         message, code = failure(e, debug)
         if debug:
             traceback.print_exc()
-        if isinstance(e, KeyboardInterrupt):
-            log("")  # ends whatever line (a progress bar, ^C) the interrupt cut short
         log(message)
         sys.exit(code)
 

@@ -112,7 +112,7 @@ def test_many_rows_multiply_in_their_own_dtype_or_the_prompts_and_keep_it(weight
 def test_a_short_prompt_computes_as_a_long_one_so_a_row_answers_alone_as_in_a_batch(prompt_dtype, monkeypatch):
     monkeypatch.setattr(kernels, "prompt_dtype", lambda: prompt_dtype)
     torch.manual_seed(0)
-    weight, x = torch.randn(24, 40).half(), torch.randn(3, 5, 40)  # 5 positions: 5 rows alone, 15 or more together
+    weight, x = torch.randn(24, 40).half(), torch.randn(3, 5, 40)  # 5 positions: 5 rows alone, 15 together
     embedding = kernels.Embedding(torch.nn.Parameter(weight), torch.float16)
     assert embedding(torch.zeros(1, 5, dtype=torch.long)).dtype == prompt_dtype
     assert embedding(torch.zeros(3, 1, dtype=torch.long)).dtype == torch.float16  # a decode step of 3 rows
