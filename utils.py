@@ -9,6 +9,7 @@ float32 copy of a large tensor, sit in memory; a tensor the file already holds i
 import ctypes
 import math
 import mmap
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -328,15 +329,21 @@ def load_hf_model(model_path: str | Path, device: str | torch.device, dtype: tor
                    disable=not verbose)
     with torch.no_grad(), bar, ThreadPoolExecutor(1) as background:
         # The tokenizer (about a second of Python) is read while the weights stream, which runs without the GIL.
-        stop = threading.Event()
-        streaming = background.submit(stream_tensors, model, plan, to_copy, bar, stop)
+        stop, streaming = threading.Event(), None
         try:
+            # Ctrl-C is held while the thread starts: inside submit it would leave a thread the executor does not
+            # know of, streaming on while the interpreter exits (a C++ abort); here it stops the weights.
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                streaming = background.submit(stream_tensors, model, plan, to_copy, bar, stop)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
             tokenizer = tokenizer or load_tokenizer(folder)
         except BaseException:
             stop.set()  # the weights are of no use without it
             raise
-        finally:
-            failure = streaming.exception()  # waits for the weights, whatever happened to the tokenizer
+        finally:  # waits for the weights, whatever happened to the tokenizer
+            failure = streaming.exception() if streaming is not None else None
         if failure:
             raise failure
     model.eval().requires_grad_(False)
