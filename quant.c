@@ -224,37 +224,41 @@ static inline __m256i load_i256(const void *p) { return _mm256_loadu_si256((cons
 
 // A chunk's sums land in 8 int32 lanes, each lane the sum of some columns of one block, so that one vector of
 // scales (x's and the weight's, laid out alike) scales them all.
-// - int4 (4 blocks of 32 columns a chunk): a 32-byte load holds two blocks, bytes j = columns j (low nibbles) and
-//   16 + j (high); x is stored in the same order (per pair of blocks: columns 0-15 of both, then 16-31 of both), so
-//   that the low and the high nibbles multiply x as they are. Lanes: blocks 0, 0, 2, 2, 1, 1, 3, 3.
+// - int4 (4 blocks of 32 columns a chunk): the chunk's two 32-byte halves (blocks 0-1, then 2-3) are interleaved by
+//   8 bytes (unpacklo/hi_epi64), so that each of the 4 vectors of nibbles (the low nibbles of the first interleave,
+//   its high ones, then the second's) holds 8 columns of every block, in the same lanes: blocks 0, 0, 2, 2, 1, 1,
+//   3, 3. Their 4 products then sum into one accumulator. x is stored in the matching order (int4_x_at).
 // - int8 (2 blocks a chunk), x in column order, 16 columns a vector: lanes 0, 0, 1, 1, 0, 0, 1, 1.
 static inline int lane_block(int lane, int bits) { return bits == 4 ? lane % 4 / 2 * 2 + lane / 4 : lane % 4 / 2; }
-// Where column k of a chunk's x is stored in the int4 order above.
-static inline int int4_x_at(int k) { return k / 64 * 64 + k % 32 / 16 * 32 + k % 64 / 32 * 16 + k % 16; }
-
-// The sums of an int4 chunk (u: its low and high nibbles of blocks 0-1, then of 2-3) times x in the int4 order. The
-// pairs of products of a low and a high nibble's add in int16 (at most 4 x 15 x 127) before one madd on AVX2.
-static inline __m256i int4_sums(const __m256i u[4], const int8_t *x) {
-#ifdef DPBUSD
-    __m256i s01 = DPBUSD(DPBUSD(_mm256_setzero_si256(), u[0], load_i256(x)), u[1], load_i256(x + 32));
-    __m256i s23 = DPBUSD(DPBUSD(_mm256_setzero_si256(), u[2], load_i256(x + 64)), u[3], load_i256(x + 96));
-#else
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i s01 = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u[0], load_i256(x)),
-                                                     _mm256_maddubs_epi16(u[1], load_i256(x + 32))), ones);
-    __m256i s23 = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u[2], load_i256(x + 64)),
-                                                     _mm256_maddubs_epi16(u[3], load_i256(x + 96))), ones);
-#endif
-    return _mm256_hadd_epi32(s01, s23);
+// Where column k of a chunk's x is stored in the int4 order above: the vector of nibbles that holds it (columns
+// 0-7 of a block: low nibbles of the first interleave, 16-23 its high ones, 8-15 and 24-31 the second's), then
+// its byte there (block b at 16 (b % 2) + 8 (b / 2)).
+static inline int int4_x_at(int k) {
+    int b = k / 32, c = k % 32;
+    return 32 * (c / 16 + c % 16 / 8 * 2) + 16 * (b % 2) + 8 * (b / 2) + c % 8;
 }
 
-// x as a pass reads it: the blocks' integers (rows padded with zeros to whole chunks), and per row and chunk the
-// x scales in the lanes above, and for int4, whose weights are stored as u = q + 8, the lanes' 8 sum x to take off.
+// start + the sums of an int4 chunk (u: its 4 vectors of nibbles) times x (its 4 vectors in the int4 order). On AVX2
+// the 4 products add in int16 (at most 4 x 2 x 15 x 127) before one madd.
+static inline __m256i int4_sums(__m256i start, const __m256i u[4], const __m256i x[4]) {
+#ifdef DPBUSD
+    for (int v = 0; v < 4; v++) start = DPBUSD(start, u[v], x[v]);
+    return start;
+#else
+    __m256i s = _mm256_add_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u[0], x[0]), _mm256_maddubs_epi16(u[1], x[1])),
+                                 _mm256_add_epi16(_mm256_maddubs_epi16(u[2], x[2]), _mm256_maddubs_epi16(u[3], x[3])));
+    return _mm256_add_epi32(start, _mm256_madd_epi16(s, _mm256_set1_epi16(1)));
+#endif
+}
+
+// x as a pass reads it, chunk by chunk (all rows of a chunk side by side, so that a pass steps through x with one
+// stride): the blocks' integers (rows padded with zeros to whole chunks), the x scales in the lanes above, and for
+// int4, whose weights are stored as u = q + 8, minus the lanes' 8 sum x: the sums start from it.
 typedef struct {
-    uint8_t *xq;  // int8 (int4 weights) or int16 (int8 weights), row_bytes a row
-    float *scale;
-    int32_t *offset;
-    int64_t padded, chunks, row_bytes;
+    uint8_t *xq;  // chunk c of row m at (c n_x + m) 128: 128 int8 (int4 weights) or 64 int16 (int8 weights)
+    float *scale;  // at (c n_x + m) 8
+    int32_t *offset;  // at (c n_x + m) 8
+    int64_t n_x, chunks;
 } Inputs;
 
 // Rounds one block of 32 values v to i32 within [-127, 127] (wide = 0) or [-32767, 32767] (wide = 1); returns its
@@ -273,14 +277,15 @@ static inline float quantize_block(const __m256 v[4], int wide, __m256i i32[4]) 
     return d;
 }
 
+// bytes of memory from the start of a cache line, so that no 32-byte load of it straddles two lines.
+static void *on_lines(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
+
 // Allocates x as a pass reads it, for n_x rows of cols columns (prepare_chunk fills it).
 static Inputs inputs_for(int64_t n_x, int64_t cols, int bits) {
-    Inputs in = {.padded = padded_cols(cols, bits)};
-    in.chunks = in.padded / chunk_cols(bits);
-    in.row_bytes = in.padded * (bits == 8 ? 2 : 1);
-    in.xq = malloc(n_x * in.row_bytes);
-    in.scale = malloc(n_x * in.chunks * 8 * sizeof(float));
-    in.offset = bits == 4 ? malloc(n_x * in.chunks * 8 * sizeof(int32_t)) : NULL;
+    Inputs in = {.n_x = n_x, .chunks = padded_cols(cols, bits) / chunk_cols(bits)};
+    in.xq = on_lines(n_x * in.chunks * 128);
+    in.scale = on_lines(n_x * in.chunks * 8 * sizeof(float));
+    in.offset = bits == 4 ? on_lines(n_x * in.chunks * 8 * sizeof(int32_t)) : NULL;
     return in;
 }
 
@@ -288,7 +293,8 @@ static Inputs inputs_for(int64_t n_x, int64_t cols, int bits) {
 // way), in the order above, its scales in their lanes, and for int4 the offsets.
 static void prepare_chunk(const void *x, int x_kind, int64_t cols, int bits, const Inputs *in, int64_t m, int64_t c) {
     const uint8_t *row = (const uint8_t *)x + m * cols * (x_kind == F32 ? 4 : 2);
-    int8_t *xq = (int8_t *)in->xq + m * in->row_bytes + c * 128;
+    int64_t at = c * in->n_x + m;
+    int8_t *xq = (int8_t *)in->xq + at * 128;
     float d[4];
     for (int b = 0; b < chunk_cols(bits) / 32; b++) {
         int64_t k = c * chunk_cols(bits) + 32 * b;
@@ -301,16 +307,22 @@ static void prepare_chunk(const void *x, int x_kind, int64_t cols, int bits, con
                 __m256i packed = _mm256_packs_epi32(i32[2 * half], i32[2 * half + 1]);
                 _mm256_storeu_si256((__m256i *)(xq + 64 * b + 32 * half), _mm256_permute4x64_epi64(packed, 0xD8));
             }
-        } else {  // columns 0-15 and 16-31 of block b where int4_x_at puts them
+        } else {  // columns 0-7, 8-15, 16-23 and 24-31 of block b where int4_x_at puts them
             __m256i q8 = pack_int8(i32);
-            _mm_storeu_si128((__m128i *)(xq + int4_x_at(32 * b)), _mm256_castsi256_si128(q8));
-            _mm_storeu_si128((__m128i *)(xq + int4_x_at(32 * b + 16)), _mm256_extracti128_si256(q8, 1));
+            __m128i low = _mm256_castsi256_si128(q8), high = _mm256_extracti128_si256(q8, 1);
+            _mm_storel_epi64((__m128i *)(xq + int4_x_at(32 * b)), low);
+            _mm_storel_epi64((__m128i *)(xq + int4_x_at(32 * b + 8)), _mm_unpackhi_epi64(low, low));
+            _mm_storel_epi64((__m128i *)(xq + int4_x_at(32 * b + 16)), high);
+            _mm_storel_epi64((__m128i *)(xq + int4_x_at(32 * b + 24)), _mm_unpackhi_epi64(high, high));
         }
     }
-    for (int lane = 0; lane < 8; lane++) in->scale[(m * in->chunks + c) * 8 + lane] = d[lane_block(lane, bits)];
+    for (int lane = 0; lane < 8; lane++) in->scale[at * 8 + lane] = d[lane_block(lane, bits)];
     if (bits == 4) {
         const __m256i eight = _mm256_set1_epi8(8), u[4] = {eight, eight, eight, eight};
-        _mm256_storeu_si256((__m256i *)(in->offset + (m * in->chunks + c) * 8), int4_sums(u, xq));
+        __m256i xv[4];
+        for (int v = 0; v < 4; v++) xv[v] = load_i256(xq + 32 * v);
+        _mm256_storeu_si256((__m256i *)(in->offset + at * 8),
+                            _mm256_sub_epi32(_mm256_setzero_si256(), int4_sums(_mm256_setzero_si256(), u, xv)));
     }
 }
 
@@ -332,63 +344,86 @@ static inline __m256 weight_scales(const uint16_t *S, int64_t k0, int64_t group,
         _mm_setr_epi16(S[at[0]], S[at[1]], S[at[2]], S[at[3]], S[at[4]], S[at[5]], S[at[6]], S[at[7]]));
 }
 
-// total + a chunk's integer sums s (lanes as above) times the weight's scales ws and x's xs, in float32.
-static inline __m256 add_scaled(__m256 total, __m256i s, __m256 ws, const float *xs) {
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(ws, _mm256_loadu_ps(xs)), total);
-}
-
-// Adds the products of one weight row's chunk c (its 64 bytes at p, the row's scales at S) with nm rows of x into
-// total[0 .. nm - 1].
-static inline __attribute__((always_inline)) void chunk_products(const uint8_t *p, const uint16_t *S, int64_t c,
-                                                                 int64_t group, int bits, const Inputs *in,
-                                                                 const int nm, __m256 *total) {
-    const __m256 ws = weight_scales(S, c * chunk_cols(bits), group, bits);
-    const float *xs = in->scale + c * 8;
+// A row's chunk of weights as integer vectors, ready to multiply x: int4, its 4 vectors of nibbles (as above); int8,
+// its 64 weights as int16, 16 a vector.
+static inline void chunk_weights(const uint8_t *p, const int bits, __m256i w[4]) {
     if (bits == 8) {
-        __m256i w[4];  // the chunk's 64 weights as int16, 16 a vector
         for (int v = 0; v < 4; v++) w[v] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 16 * v)));
-        for (int m = 0; m < nm; m++) {
-            const int16_t *xw = (const int16_t *)(in->xq + m * in->row_bytes) + c * 64;
-            __m256i b0 = madd16_add(_mm256_madd_epi16(w[0], load_i256(xw)), w[1], load_i256(xw + 16));
-            __m256i b1 = madd16_add(_mm256_madd_epi16(w[2], load_i256(xw + 32)), w[3], load_i256(xw + 48));
-            __m256i s = _mm256_hadd_epi32(b0, b1);
-            total[m] = add_scaled(total[m], s, ws, xs + m * in->chunks * 8);
-        }
         return;
     }
-    const __m256i nibble = _mm256_set1_epi8(15);
-    __m256i u[4];
-    for (int pair = 0; pair < 2; pair++) {  // blocks 0-1, then 2-3: their low nibbles, then their high ones
-        __m256i v = load_i256(p + 32 * pair);
-        u[2 * pair] = _mm256_and_si256(v, nibble);
-        u[2 * pair + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-    }
-    for (int m = 0; m < nm; m++) {
-        __m256i s = _mm256_sub_epi32(int4_sums(u, (const int8_t *)in->xq + m * in->row_bytes + c * 128),
-                                     load_i256(in->offset + (m * in->chunks + c) * 8));
-        total[m] = add_scaled(total[m], s, ws, xs + m * in->chunks * 8);
-    }
+    const __m256i nibble = _mm256_set1_epi8(15), a = load_i256(p), b = load_i256(p + 32);
+    const __m256i first = _mm256_unpacklo_epi64(a, b), second = _mm256_unpackhi_epi64(a, b);
+    w[0] = _mm256_and_si256(first, nibble), w[1] = _mm256_and_si256(_mm256_srli_epi16(first, 4), nibble);
+    w[2] = _mm256_and_si256(second, nibble), w[3] = _mm256_and_si256(_mm256_srli_epi16(second, 4), nibble);
 }
 
-// One pass over tile t of a weight (rows rows, its tiles at Q, scales at S) for nm rows of x, into y (nm, rows): the
-// tile's 4 rows a chunk at a time, one straight line of memory. (Fewer rows at a time, to keep the 4 x nm
-// accumulators from spilling at nm = 4, measured slower: the extra passes over a tile cost more than the spills.)
+// The integer sums of a chunk of weights w times a row's chunk of x (its 4 vectors; int4: start = less its offset),
+// lanes as above.
+static inline __m256i chunk_sums(const __m256i w[4], const int bits, const __m256i x[4], __m256i start) {
+    if (bits == 4) return int4_sums(start, w, x);
+    __m256i b0 = madd16_add(_mm256_madd_epi16(w[0], x[0]), w[1], x[1]);
+    __m256i b1 = madd16_add(_mm256_madd_epi16(w[2], x[2]), w[3], x[3]);
+    return _mm256_hadd_epi32(b0, b1);
+}
+
+// Two rows' sums s0 and s1 in one vector, each lane's pair (2j, 2j + 1) of the same block added: lane 2j of row 0,
+// lane 2j + 1 of row 1. The float work after it then serves two weight rows at once.
+static inline __m256i pair_sums(__m256i s0, __m256i s1) {
+#ifdef __AVX512VL__
+    __m256i a = _mm256_mask_shuffle_epi32(s0, 0xAA, s1, _MM_PERM_CDAB);  // s0[2j], s1[2j]
+    __m256i b = _mm256_mask_shuffle_epi32(s1, 0x55, s0, _MM_PERM_CDAB);  // s0[2j + 1], s1[2j + 1]
+#else
+    __m256i a = _mm256_blend_epi32(s0, _mm256_shuffle_epi32(s1, 0xB1), 0xAA);
+    __m256i b = _mm256_blend_epi32(_mm256_shuffle_epi32(s0, 0xB1), s1, 0xAA);
+#endif
+    return _mm256_add_epi32(a, b);
+}
+
+// One pass over tile t of a weight (rows rows, its tiles at Q, scales at S) for nm rows of x from row m0 on, into y
+// (nm, rows): the tile's 4 rows a chunk at a time, one straight line of memory, two rows' sums scaled and added in
+// float32 together (pair_sums). by_block: the weight has a scale a block (group 32), which the compiler then reads
+// without a branch. (Fewer rows at a time measured slower: the extra passes over a tile cost more than the
+// accumulators' registers.)
 static inline __attribute__((always_inline)) void tile_pass(const uint8_t *Q, const uint16_t *S, void *y,
-                                                            int y_kind, int64_t rows, int64_t n_groups, int64_t group, int bits,
-                                                            const Inputs *in, int64_t t, const int nm) {
+                                                            int y_kind, int64_t rows, int64_t n_groups, int64_t group,
+                                                            const int by_block, const int bits, const Inputs *in,
+                                                            int64_t m0, int64_t t, const int nm) {
     const uint8_t *tile = Q + t * TILE * in->chunks * CHUNK;
-    __m256 total[TILE][QMAX_X];
-    for (int i = 0; i < TILE; i++)
-        for (int m = 0; m < nm; m++) total[i][m] = _mm256_setzero_ps();
+    const uint16_t *S0 = S + t * TILE * n_groups;
+    __m256 total[TILE / 2][QMAX_X];  // lanes 2j: the pair's first row, 2j + 1: its second
+    for (int pair = 0; pair < TILE / 2; pair++)
+        for (int m = 0; m < nm; m++) total[pair][m] = _mm256_setzero_ps();
     for (int64_t c = 0; c < in->chunks; c++) {
-        const uint8_t *p = tile + c * TILE * CHUNK;
-        for (int i = 0; i < TILE; i++) {
-            _mm_prefetch((const char *)p + i * CHUNK + QPREFETCH, _MM_HINT_T0);
-            chunk_products(p + i * CHUNK, S + (t * TILE + i) * n_groups, c, group, bits, in, nm, total[i]);
+        const int64_t at = c * in->n_x + m0;  // x's chunk c from row m0 on
+        const uint8_t *xq = in->xq + at * 128, *p = tile + c * TILE * CHUNK;
+        const float *xs = in->scale + at * 8;
+        const int32_t *offset = bits == 4 ? in->offset + at * 8 : NULL;
+        for (int i = 0; i < TILE; i++) _mm_prefetch((const char *)p + i * CHUNK + QPREFETCH, _MM_HINT_T0);
+#pragma GCC unroll 2
+        for (int pair = 0; pair < TILE / 2; pair++) {
+            const int64_t k0 = c * chunk_cols(bits), g = by_block ? 32 : group;
+            const __m256 ws = _mm256_blend_ps(weight_scales(S0 + 2 * pair * n_groups, k0, g, bits),
+                                              weight_scales(S0 + (2 * pair + 1) * n_groups, k0, g, bits), 0xAA);
+            __m256i w0[4], w1[4];
+            chunk_weights(p + 2 * pair * CHUNK, bits, w0);
+            chunk_weights(p + (2 * pair + 1) * CHUNK, bits, w1);
+            for (int m = 0; m < nm; m++) {  // x's vectors read once for both rows
+                __m256i x[4], start = bits == 4 ? load_i256(offset + 8 * m) : _mm256_setzero_si256();
+                for (int v = 0; v < 4; v++) x[v] = load_i256(xq + 128 * m + 32 * v);
+                __m256i s = pair_sums(chunk_sums(w0, bits, x, start), chunk_sums(w1, bits, x, start));
+                total[pair][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(ws, _mm256_loadu_ps(xs + 8 * m)),
+                                                 total[pair][m]);
+            }
         }
     }
-    for (int i = 0; i < TILE && t * TILE + i < rows; i++)
-        for (int m = 0; m < nm; m++) write_kind(y, y_kind, m * rows + t * TILE + i, sum8(total[i][m]));
+    for (int pair = 0; pair < TILE / 2; pair++)
+        for (int m = 0; m < nm; m++) {  // the even lanes' sum, then the odd ones'
+            __m128 four = _mm_add_ps(_mm256_castps256_ps128(total[pair][m]), _mm256_extractf128_ps(total[pair][m], 1));
+            __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+            int64_t r = t * TILE + 2 * pair;
+            if (r < rows) write_kind(y, y_kind, m * rows + r, _mm_cvtss_f32(two));
+            if (r + 1 < rows) write_kind(y, y_kind, m * rows + r + 1, _mm_cvtss_f32(_mm_movehdup_ps(two)));
+        }
 }
 
 // ys[j][m, r] = sum_k x[m, k] * w_j[r, k] for each of the n_w quantized weights (tiles Qs[j], scales Ss[j], rows[j]
@@ -410,22 +445,23 @@ void gemv_quant(int64_t n_w, const uint8_t *const *Qs, const uint16_t *const *Ss
         share(total, 1, &begin, &end);
         for (int64_t m0 = 0; m0 < n_x; m0 += QMAX_X) {
             int64_t nm = n_x - m0 < QMAX_X ? n_x - m0 : QMAX_X, offset = 0;
-            Inputs at = in;  // x from row m0 on
-            at.xq += m0 * in.row_bytes, at.scale += m0 * in.chunks * 8;
-            if (at.offset) at.offset += m0 * in.chunks * 8;
             for (int64_t j = 0; j < n_w; offset += (rows[j++] + TILE - 1) / TILE) {
                 int64_t tiles = (rows[j] + TILE - 1) / TILE;
                 int64_t t = begin > offset ? begin - offset : 0, t1 = end - offset < tiles ? end - offset : tiles;
                 void *ym = (uint8_t *)ys[j] + m0 * rows[j] * size;
-#define QPASS(NM)                                                                                                 \
-    for (; t < t1; t++)                                                                                           \
-        if (bits == 8) tile_pass(Qs[j], Ss[j], ym, y_kind, rows[j], n_groups, group, 8, &at, t, NM);   \
-        else tile_pass(Qs[j], Ss[j], ym, y_kind, rows[j], n_groups, group, 4, &at, t, NM);
-                switch (nm) {
-                    case 1: QPASS(1) break;
-                    case 2: QPASS(2) break;
-                    case 3: QPASS(3) break;
-                    default: QPASS(4)
+#define QPASS(BY_BLOCK, BITS, NM) \
+    for (; t < t1; t++) tile_pass(Qs[j], Ss[j], ym, y_kind, rows[j], n_groups, group, BY_BLOCK, BITS, &in, m0, t, NM);
+#define QPASS_NM(BY_BLOCK, BITS)          \
+    switch (nm) {                         \
+        case 1: QPASS(BY_BLOCK, BITS, 1) break; \
+        case 2: QPASS(BY_BLOCK, BITS, 2) break; \
+        case 3: QPASS(BY_BLOCK, BITS, 3) break; \
+        default: QPASS(BY_BLOCK, BITS, 4)       \
+    }
+                if (bits == 8) {
+                    if (group == 32) QPASS_NM(1, 8) else QPASS_NM(0, 8)
+                } else {
+                    if (group == 32) QPASS_NM(1, 4) else QPASS_NM(0, 4)
                 }
             }
         }
