@@ -7,7 +7,9 @@ layers run in one C call (decoder.Decoder), which counts the seconds its product
 rest of the step is everything else. The table by weight shape times each shape's products alone, right after each
 step (the same weights in the same order, through kernels.gemv and gemv_quantized, on inputs of the same shapes).
 `--rows 1 4` times steps of 1 and of 4 rows (the same prompt 4 times, as a server decodes 4 requests at once) and
-the cost of a step of 4 rows against one of 1.
+the cost of a step of 4 rows against one of 1, in the same process, their blocks taking turns (1 row decodes the
+first of the 4 cache rows): this machine's copy bandwidth moves by half from process to process, which a ratio
+across processes would measure instead.
 
     python benchmarks/bench_step.py                      # float16, int8 and int4 on paligemma-3b-pt-224
     python benchmarks/bench_step.py --rows 1 4           # and steps of 4 rows against steps of 1
@@ -15,6 +17,7 @@ the cost of a step of 4 rows against one of 1.
 """
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -42,9 +45,9 @@ def copy_bandwidth(gib: float = 1.0, runs: int = 5) -> float:
     return 2 * src.nbytes / best
 
 
-def measure(model_path: Path, dtype_name: str, steps: int, blocks: int, rows: int) -> dict:
-    """In this process: load, prefill, then time `blocks` runs of `steps` decode steps, and after each step its
-    products alone by shape; the median block."""
+def measure(model_path: Path, dtype_name: str, steps: int, blocks: int, counts: list[int]) -> list[dict]:
+    """In this process: load, prefill max(counts) rows, then time `blocks` runs of `steps` decode steps of each count
+    of rows in turn, and after each step its products alone by shape; the median block of each count."""
     sys.path.insert(0, str(ROOT))
     import torch
     from PIL import Image
@@ -56,7 +59,7 @@ def measure(model_path: Path, dtype_name: str, steps: int, blocks: int, rows: in
     extra = {"quantize": dtype_name} if dtype_name in QUANTIZED else {}
     session = load_session(model_path, torch.device("cpu"), dtype, verbose=False, **extra)
     image = Image.open(ROOT / "test_images" / "cat.jpg").convert("RGB")
-    inputs = session.processor(["caption en"] * rows, [image] * rows)
+    inputs = session.processor(["caption en"] * max(counts), [image] * max(counts))
     model = session.model
     groups = []  # a step's products: (weights, input columns), in the order a step multiplies them
     for layer in model.language_model.model.layers:
@@ -68,9 +71,7 @@ def measure(model_path: Path, dtype_name: str, steps: int, blocks: int, rows: in
     groups.append(([model.language_model.lm_head.weight], model.language_model.lm_head.weight.shape[1]))
     half = model.language_model.model.norm.weight.dtype
     product = kernels.gemv_quantized if hasattr(groups[0][0][0], "qweight") else kernels.gemv
-    xs = {cols: torch.randn(rows, cols).to(half) for _, cols in groups}
-
-    def products(spent: dict):
+    def products(spent: dict, xs: dict):
         """Each group's product once, timed into spent: weight shapes -> [calls, seconds, bytes a call] (with the
         few microseconds of Python that build a call's arguments, which the one-call decoder does not run)."""
         for weights, cols in groups:
@@ -92,26 +93,29 @@ def measure(model_path: Path, dtype_name: str, steps: int, blocks: int, rows: in
         return wrapper
 
     kernels.gemv, kernels.gemv_quantized = timed(kernels.gemv), timed(kernels.gemv_quantized)
-    results = []
+    results = {rows: [] for rows in counts}
     with torch.inference_mode():
-        logits = prefill(model, inputs, (blocks + 1) * steps)
-        token, position = logits.argmax(-1), torch.tensor([inputs["input_ids"].shape[1]])  # (rows,), (1,)
-        for _block in range(blocks + 1):  # the first block warms up and is not counted
+        logits = prefill(model, inputs, (blocks + 1) * steps * len(counts))
+        token = logits.argmax(-1)  # (max rows,)
+        position = torch.full((len(token), 1), inputs["input_ids"].shape[1])  # each row's own
+        for _block, rows in itertools.product(range(blocks + 1), counts):  # the first round warms up, not counted
+            xs = {cols: torch.randn(rows, cols).to(half) for _, cols in groups}
             step_s, spent, head[0], layers = 0.0, defaultdict(lambda: [0, 0.0, 0]), 0.0, lib.decode_product_seconds()
             for _ in range(steps):  # a step, then its products alone by shape
                 start = time.perf_counter()
-                token = decode_one_token(model, token, position).float().argmax(-1)
+                token[:rows] = decode_one_token(model, token[:rows], position[:rows]).float().argmax(-1)
                 step_s += (time.perf_counter() - start) / steps
-                position += 1
-                products(spent)
+                position[:rows] += 1
+                products(spent, xs)
             in_step_s = (lib.decode_product_seconds() - layers + head[0]) / steps
             shapes = {name: {"calls": calls / steps, "ms": s / steps * 1e3, "gb_s": calls * size / s / 1e9}
                       for name, (calls, s, size) in sorted(spent.items(), key=lambda kv: -kv[1][1])}
             moved = sum(calls * size for calls, _, size in spent.values()) / steps
-            results.append({"step_ms": step_s * 1e3, "products_ms": in_step_s * 1e3, "products_gb_s":
-                            moved / in_step_s / 1e9, "rest_ms": (step_s - in_step_s) * 1e3, "shapes": shapes})
-    result = sorted(results[1:], key=lambda r: r["step_ms"])[blocks // 2]
-    return {**result, "copy_gb_s": copy_bandwidth() / 1e9}
+            results[rows].append({"step_ms": step_s * 1e3, "products_ms": in_step_s * 1e3, "products_gb_s":
+                                  moved / in_step_s / 1e9, "rest_ms": (step_s - in_step_s) * 1e3, "shapes": shapes})
+    copy = copy_bandwidth() / 1e9
+    return [{"rows": rows, **sorted(runs[1:], key=lambda r: r["step_ms"])[blocks // 2], "copy_gb_s": copy}
+            for rows, runs in results.items()]
 
 
 def main():
@@ -125,18 +129,17 @@ def main():
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.model_path, args.child, args.steps, args.blocks, args.rows[0])))
+        print(json.dumps(measure(args.model_path, args.child, args.steps, args.blocks, args.rows)))
         return
     rows = []
     for dtype in args.dtypes:
-        for count in args.rows:
-            print(f"{dtype}, {count} rows ...", file=sys.stderr)
-            proc = subprocess.run([sys.executable, __file__, "--model_path", str(args.model_path), "--child", dtype,
-                                   "--steps", str(args.steps), "--blocks", str(args.blocks), "--rows", str(count)],
-                                  capture_output=True, text=True)
-            if proc.returncode:
-                sys.exit(f"the {dtype} run failed:\n{proc.stderr[-2000:]}")
-            rows.append({"dtype": dtype, "rows": count, **json.loads(proc.stdout.strip().splitlines()[-1])})
+        print(f"{dtype}, {' and '.join(map(str, args.rows))} rows ...", file=sys.stderr)
+        proc = subprocess.run([sys.executable, __file__, "--model_path", str(args.model_path), "--child", dtype,
+                               "--steps", str(args.steps), "--blocks", str(args.blocks),
+                               "--rows", *map(str, args.rows)], capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"the {dtype} run failed:\n{proc.stderr[-2000:]}")
+        rows += [{"dtype": dtype, **r} for r in json.loads(proc.stdout.strip().splitlines()[-1])]
     one = {r["dtype"]: r["step_ms"] for r in rows if r["rows"] == 1}
     for r in rows:
         if r["dtype"] in one:
@@ -154,8 +157,9 @@ def main():
         for name, s in r["shapes"].items():
             print(f"| {r['dtype']} | {r['rows']} | {name} | {s['calls']:.0f} | {s['ms']:.2f} | {s['gb_s']:.1f} "
                   f"| {s['gb_s'] / r['copy_gb_s']:.0%} |")
-    print("\ncopy bandwidth (1 GiB copied by torch, bytes read and written a second, best of 5, in each run): "
-          + ", ".join(f"{r['copy_gb_s']:.1f}" for r in rows) + " GB/s")
+    print("\ncopy bandwidth (1 GiB copied by torch, bytes read and written a second, best of 5, in each dtype's "
+          "process): " + ", ".join(f"{r['dtype']} {r['copy_gb_s']:.1f}" for r in rows if r["rows"] == args.rows[0])
+          + " GB/s")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"step-{args.model_path.name}.json"
     path.write_text(json.dumps({"model": args.model_path.name, "cpu": cpu_name(), "steps": args.steps,
