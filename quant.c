@@ -379,6 +379,18 @@ static inline __m256i pair_sums(__m256i s0, __m256i s1) {
     return _mm256_add_epi32(a, b);
 }
 
+// The scales of two rows' chunks from column k0 on (S0, S1: the rows' scales) in the lanes of pair_sums: lane 2j,
+// the first row's scale for lane j's block, lane 2j + 1 the second's.
+static inline __m256 pair_scales(const uint16_t *S0, const uint16_t *S1, int64_t k0, int64_t group, int bits) {
+    if (group != 32) return _mm256_blend_ps(weight_scales(S0, k0, group, bits), weight_scales(S1, k0, group, bits), 0xAA);
+    __m128i r0, r1;  // a scale a block: the rows' 4 (int4) or 2 (int8), interleaved, then moved into their lanes
+    if (bits == 4) r0 = _mm_loadl_epi64((const __m128i *)(S0 + k0 / 32)), r1 = _mm_loadl_epi64((const __m128i *)(S1 + k0 / 32));
+    else r0 = _mm_cvtsi32_si128(S0[k0 / 32] | (int32_t)S0[k0 / 32 + 1] << 16),
+         r1 = _mm_cvtsi32_si128(S1[k0 / 32] | (int32_t)S1[k0 / 32 + 1] << 16);
+    __m128i both = _mm_unpacklo_epi16(r0, r1);  // 32 bits a block: the first row's scale, then the second's
+    return _mm256_cvtph_ps(bits == 4 ? _mm_shuffle_epi32(both, 0xD8) : _mm_shuffle_epi32(both, 0x44));
+}
+
 // One pass over tile t of a weight (rows rows, its tiles at Q, scales at S) for nm rows of x from row m0 on, into y
 // (nm, rows): the tile's 4 rows a chunk at a time, one straight line of memory, two rows' sums scaled and added in
 // float32 together (pair_sums). by_block: the weight has a scale a block (group 32), which the compiler then reads
@@ -401,9 +413,8 @@ static inline __attribute__((always_inline)) void tile_pass(const uint8_t *Q, co
         for (int i = 0; i < TILE; i++) _mm_prefetch((const char *)p + i * CHUNK + QPREFETCH, _MM_HINT_T0);
 #pragma GCC unroll 2
         for (int pair = 0; pair < TILE / 2; pair++) {
-            const int64_t k0 = c * chunk_cols(bits), g = by_block ? 32 : group;
-            const __m256 ws = _mm256_blend_ps(weight_scales(S0 + 2 * pair * n_groups, k0, g, bits),
-                                              weight_scales(S0 + (2 * pair + 1) * n_groups, k0, g, bits), 0xAA);
+            const __m256 ws = pair_scales(S0 + 2 * pair * n_groups, S0 + (2 * pair + 1) * n_groups,
+                                          c * chunk_cols(bits), by_block ? 32 : group, bits);
             __m256i w0[4], w1[4];
             chunk_weights(p + 2 * pair * CHUNK, bits, w0);
             chunk_weights(p + (2 * pair + 1) * CHUNK, bits, w1);
