@@ -198,13 +198,14 @@ void dequantize(const uint8_t *q, const uint16_t *scales, void *dst, int64_t n_r
 // each block rounded to integers with one float32 scale: int8 (its largest |x| / 127) for int4 weights, int16 (/ 32767)
 // for int8 weights, whose products cost the same either way (ties to even; a block of zeros has scale 0, one holding
 // a NaN or an infinity scale NaN). A block of weights times a block of x is then summed as integers, in partial sums
-// of 8 or 16 columns that are exact in int32, and those are converted to float32 (exactly for int4), scaled by the
-// weight's and x's scales and summed in float32. Each row of x is rounded and summed alone: its result never
-// depends on its neighbours.
+// of 32 (int4: the whole block) or 16 columns (int8) that are exact in int32, and those are converted to float32
+// (exactly for int4), scaled by the weight's and x's scales and summed in float32. Each row of x is rounded and
+// summed alone: its result never depends on its neighbours.
 //
 // VNNI (AVX512-VNNI with VL, or AVX-VNNI) does a 4-byte (u8 x s8) or 2-word (s16 x s16) dot product and its
-// accumulation in one instruction; AVX2 takes maddubs (pairs to int16, which 15 x 127 x 2 never saturates) or madd,
-// then an add. The integers are the same either way: nothing here saturates or wraps.
+// accumulation in one instruction; AVX2 takes maddubs (pairs to int16, 4 of which add to at most 4 x 2 x 15 x 127,
+// short of int16's limit) or madd, then an add. The integers are the same either way: nothing here saturates or
+// wraps.
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define DPBUSD _mm256_dpbusd_epi32
 #define DPWSSD _mm256_dpwssd_epi32
@@ -326,18 +327,10 @@ static void prepare_chunk(const void *x, int x_kind, int64_t cols, int bits, con
     }
 }
 
-// The scales of one row's chunk starting at column k0 (S: the row's scales), in the lanes above.
+// The scales of one row's chunk starting at column k0 (S: the row's scales), in the lanes above (pair_scales reads
+// a scale a block, group 32, faster).
 static inline __m256 weight_scales(const uint16_t *S, int64_t k0, int64_t group, int bits) {
     if (group % chunk_cols(bits) == 0) return _mm256_set1_ps(scalar_f16(S[k0 / group]));  // one group a chunk
-    if (group == 32) {  // a scale a block: the chunk's 4 (int4) or 2 (int8) scales, moved into their lanes
-        if (bits == 4)
-            return _mm256_cvtph_ps(_mm_shuffle_epi8(_mm_loadl_epi64((const __m128i *)(S + k0 / 32)),
-                                                    _mm_setr_epi8(0, 1, 0, 1, 4, 5, 4, 5, 2, 3, 2, 3, 6, 7, 6, 7)));
-        int32_t two;
-        memcpy(&two, S + k0 / 32, 4);
-        return _mm256_cvtph_ps(_mm_shuffle_epi8(_mm_cvtsi32_si128(two),
-                                                _mm_setr_epi8(0, 1, 0, 1, 2, 3, 2, 3, 0, 1, 0, 1, 2, 3, 2, 3)));
-    }
     int64_t at[8];
     for (int lane = 0; lane < 8; lane++) at[lane] = (k0 + 32 * lane_block(lane, bits)) / group;
     return _mm256_cvtph_ps(
@@ -382,11 +375,12 @@ static inline __m256i pair_sums(__m256i s0, __m256i s1) {
 // The scales of two rows' chunks from column k0 on (S0, S1: the rows' scales) in the lanes of pair_sums: lane 2j,
 // the first row's scale for lane j's block, lane 2j + 1 the second's.
 static inline __m256 pair_scales(const uint16_t *S0, const uint16_t *S1, int64_t k0, int64_t group, int bits) {
-    if (group != 32) return _mm256_blend_ps(weight_scales(S0, k0, group, bits), weight_scales(S1, k0, group, bits), 0xAA);
+    if (group != 32)
+        return _mm256_blend_ps(weight_scales(S0, k0, group, bits), weight_scales(S1, k0, group, bits), 0xAA);
     __m128i r0, r1;  // a scale a block: the rows' 4 (int4) or 2 (int8), interleaved, then moved into their lanes
-    if (bits == 4) r0 = _mm_loadl_epi64((const __m128i *)(S0 + k0 / 32)), r1 = _mm_loadl_epi64((const __m128i *)(S1 + k0 / 32));
-    else r0 = _mm_cvtsi32_si128(S0[k0 / 32] | (int32_t)S0[k0 / 32 + 1] << 16),
-         r1 = _mm_cvtsi32_si128(S1[k0 / 32] | (int32_t)S1[k0 / 32 + 1] << 16);
+    const uint16_t *s0 = S0 + k0 / 32, *s1 = S1 + k0 / 32;
+    if (bits == 4) r0 = _mm_loadl_epi64((const __m128i *)s0), r1 = _mm_loadl_epi64((const __m128i *)s1);
+    else r0 = _mm_cvtsi32_si128(s0[0] | (int32_t)s0[1] << 16), r1 = _mm_cvtsi32_si128(s1[0] | (int32_t)s1[1] << 16);
     __m128i both = _mm_unpacklo_epi16(r0, r1);  // 32 bits a block: the first row's scale, then the second's
     return _mm256_cvtph_ps(bits == 4 ? _mm_shuffle_epi32(both, 0xD8) : _mm_shuffle_epi32(both, 0x44));
 }
