@@ -377,10 +377,10 @@ static inline __m256i pair_sums(__m256i s0, __m256i s1) {
 static inline __m256 pair_scales(const uint16_t *S0, const uint16_t *S1, int64_t k0, int64_t group, int bits) {
     if (group != 32)
         return _mm256_blend_ps(weight_scales(S0, k0, group, bits), weight_scales(S1, k0, group, bits), 0xAA);
-    __m128i r0, r1;  // a scale a block: the rows' 4 (int4) or 2 (int8), interleaved, then moved into their lanes
-    const uint16_t *s0 = S0 + k0 / 32, *s1 = S1 + k0 / 32;
-    if (bits == 4) r0 = _mm_loadl_epi64((const __m128i *)s0), r1 = _mm_loadl_epi64((const __m128i *)s1);
-    else r0 = _mm_cvtsi32_si128(s0[0] | (int32_t)s0[1] << 16), r1 = _mm_cvtsi32_si128(s1[0] | (int32_t)s1[1] << 16);
+    // A scale a block: each row's 4 (int4) or 2 (int8) side by side, interleaved, then moved into their lanes.
+    __m128i r0 = _mm_setzero_si128(), r1 = r0;
+    memcpy(&r0, S0 + k0 / 32, bits == 4 ? 8 : 4);
+    memcpy(&r1, S1 + k0 / 32, bits == 4 ? 8 : 4);
     __m128i both = _mm_unpacklo_epi16(r0, r1);  // 32 bits a block: the first row's scale, then the second's
     return _mm256_cvtph_ps(bits == 4 ? _mm_shuffle_epi32(both, 0xD8) : _mm_shuffle_epi32(both, 0x44));
 }
