@@ -71,6 +71,8 @@ def measure(model_path: Path, dtype_name: str, steps: int, blocks: int, counts: 
     groups.append(([model.language_model.lm_head.weight], model.language_model.lm_head.weight.shape[1]))
     half = model.language_model.model.norm.weight.dtype
     product = kernels.gemv_quantized if hasattr(groups[0][0][0], "qweight") else kernels.gemv
+    xs = {rows: {cols: torch.randn(rows, cols).to(half) for _, cols in groups} for rows in counts}
+
     def products(spent: dict, xs: dict):
         """Each group's product once, timed into spent: weight shapes -> [calls, seconds, bytes a call] (with the
         few microseconds of Python that build a call's arguments, which the one-call decoder does not run)."""
@@ -99,14 +101,13 @@ def measure(model_path: Path, dtype_name: str, steps: int, blocks: int, counts: 
         token = logits.argmax(-1)  # (max rows,)
         position = torch.full((len(token), 1), inputs["input_ids"].shape[1])  # each row's own
         for _block, rows in itertools.product(range(blocks + 1), counts):  # the first round warms up, not counted
-            xs = {cols: torch.randn(rows, cols).to(half) for _, cols in groups}
             step_s, spent, head[0], layers = 0.0, defaultdict(lambda: [0, 0.0, 0]), 0.0, lib.decode_product_seconds()
             for _ in range(steps):  # a step, then its products alone by shape
                 start = time.perf_counter()
                 token[:rows] = decode_one_token(model, token[:rows], position[:rows]).float().argmax(-1)
                 step_s += (time.perf_counter() - start) / steps
                 position[:rows] += 1
-                products(spent, xs)
+                products(spent, xs[rows])
             in_step_s = (lib.decode_product_seconds() - layers + head[0]) / steps
             shapes = {name: {"calls": calls / steps, "ms": s / steps * 1e3, "gb_s": calls * size / s / 1e9}
                       for name, (calls, s, size) in sorted(spent.items(), key=lambda kv: -kv[1][1])}
